@@ -1,0 +1,347 @@
+//! Loading a LLaMA-family checkpoint from a GGUF file or a HF folder into one shape: a
+//! [`Config`], f32 [`Weights`] in HF names and layout, and a tokenizer.
+//!
+//! GGUF tensors of any type candle reads are dequantized to f32 here. llama.cpp's converter
+//! permutes the rows of q/k projections for its interleaved rotary layout; we undo that so the
+//! model runs rotate-half rotary embeddings on HF-layout weights whatever the source, and a
+//! PEFT adapter (trained on HF layout) applies to GGUF weights unchanged.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use tokenizers::Tokenizer;
+
+use crate::error::{BackendError, Result};
+use crate::gguf_tokenizer;
+use crate::llama::Config;
+use crate::weights::Weights;
+
+/// Everything needed to build the model and talk to it.
+pub struct Checkpoint {
+    pub config: Config,
+    pub weights: Weights,
+    pub tokenizer: Tokenizer,
+    /// Token ids that end generation.
+    pub eos: Vec<u32>,
+    pub name: String,
+    pub architecture: String,
+    pub parameters: u64,
+}
+
+/// Loads `path`: a folder is read as a HF checkpoint, a file as GGUF.
+pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
+    if path.is_dir() {
+        load_hf(path, device)
+    } else if path.exists() {
+        load_gguf(path, device)
+    } else {
+        Err(BackendError::Io {
+            path: path.to_path_buf(),
+            cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+        })
+    }
+}
+
+fn corrupt(path: &Path, cause: impl ToString) -> BackendError {
+    BackendError::Corrupt {
+        path: path.to_path_buf(),
+        cause: cause.to_string(),
+    }
+}
+
+fn load_gguf(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let io = |cause| BackendError::Io {
+        path: path.to_path_buf(),
+        cause,
+    };
+    let mut file = BufReader::new(File::open(path).map_err(io)?);
+    let mut magic = [0u8; 4];
+    file.read_exact(&mut magic)
+        .map_err(|_| corrupt(path, "the file is shorter than a GGUF header"))?;
+    if &magic != b"GGUF" {
+        return Err(corrupt(
+            path,
+            "not a GGUF file (a model is a .gguf file or a folder with config.json, tokenizer.json and *.safetensors)",
+        ));
+    }
+    let mut file = BufReader::new(File::open(path).map_err(io)?);
+    let content = gguf_file::Content::read(&mut file).map_err(|e| corrupt(path, e))?;
+    let md = &content.metadata;
+    let get = |key: &str| md.get(key);
+    let arch = get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_else(|| "llama".into());
+    if arch != "llama" {
+        return Err(BackendError::Checkpoint(format!(
+            "architecture `{arch}` is not supported; the candle backend runs LLaMA-family models"
+        )));
+    }
+    let num = |key: &str| -> Result<usize> {
+        let v = get(&format!("{arch}.{key}")).ok_or_else(|| {
+            corrupt(path, format!("metadata `{arch}.{key}` is missing"))
+        })?;
+        v.to_u64()
+            .or_else(|_| v.to_u32().map(u64::from))
+            .map(|x| x as usize)
+            .map_err(|e| corrupt(path, format!("metadata `{arch}.{key}`: {e}")))
+    };
+    let float = |key: &str, default: f64| -> f64 {
+        get(&format!("{arch}.{key}"))
+            .and_then(|v| v.to_f32().ok())
+            .map(f64::from)
+            .unwrap_or(default)
+    };
+    let num_heads = num("attention.head_count")?;
+    let num_kv_heads = num("attention.head_count_kv").unwrap_or(num_heads);
+    let hidden_size = num("embedding_length")?;
+
+    let mut tensors = HashMap::new();
+    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    for gguf_name in names {
+        let Some(hf_name) = hf_name(&gguf_name) else {
+            continue;
+        };
+        let q = content
+            .tensor(&mut file, &gguf_name, device)
+            .map_err(|e| corrupt(path, format!("tensor `{gguf_name}`: {e}")))?;
+        let mut t = q
+            .dequantize(device)
+            .map_err(|e| corrupt(path, format!("tensor `{gguf_name}`: {e}")))?;
+        if gguf_name.ends_with("attn_q.weight") {
+            t = unpermute(&t, num_heads)?;
+        } else if gguf_name.ends_with("attn_k.weight") {
+            t = unpermute(&t, num_kv_heads)?;
+        }
+        tensors.insert(hf_name, t);
+    }
+    let weights = Weights::new(tensors);
+    let parameters = weights.parameter_count();
+    let vocab_size = {
+        let info = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| corrupt(path, "tensor `token_embd.weight` is missing"))?;
+        info.shape.dims()[0]
+    };
+    let config = Config {
+        hidden_size,
+        intermediate_size: num("feed_forward_length")?,
+        num_layers: num("block_count")?,
+        num_heads,
+        num_kv_heads,
+        vocab_size,
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta: float("rope.freq_base", 10_000.0),
+        max_position_embeddings: num("context_length").unwrap_or(2048),
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+    };
+    let (tokenizer, eos) = gguf_tokenizer::from_metadata(md)?;
+    let name = get("general.name")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_else(|| file_stem(path));
+    Ok(Checkpoint {
+        config,
+        weights,
+        tokenizer,
+        eos,
+        name,
+        architecture: arch,
+        parameters,
+    })
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+/// The HF name of a GGUF tensor, or `None` for tensors the model does not use.
+fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undoes llama.cpp's q/k row permutation: rows grouped as (heads, 2, head_dim/2) in HF become
+/// (heads, head_dim/2, 2) in GGUF.
+fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let half = out / heads / 2;
+    Ok(w.reshape((heads, half, 2, inp))?
+        .transpose(1, 2)?
+        .reshape((out, inp))?
+        .contiguous()?)
+}
+
+/// `config.json` of a HF LLaMA checkpoint (the fields we use).
+#[derive(serde::Deserialize)]
+struct HfConfig {
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    vocab_size: usize,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    rope_theta: f64,
+    #[serde(default = "default_positions")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    eos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    model_type: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_positions() -> usize {
+    2048
+}
+
+fn load_hf(dir: &Path, device: &Device) -> Result<Checkpoint> {
+    let read = |name: &str| -> Result<(PathBuf, String)> {
+        let p = dir.join(name);
+        let text = std::fs::read_to_string(&p).map_err(|cause| BackendError::Io {
+            path: p.clone(),
+            cause,
+        })?;
+        Ok((p, text))
+    };
+    let (cfg_path, cfg_text) = read("config.json")?;
+    let hf: HfConfig = serde_json::from_str(&cfg_text).map_err(|e| corrupt(&cfg_path, e))?;
+    let arch = hf.model_type.clone().unwrap_or_else(|| "llama".into());
+    if !matches!(arch.as_str(), "llama" | "mistral") {
+        return Err(BackendError::Checkpoint(format!(
+            "architecture `{arch}` is not supported; the candle backend runs LLaMA-family models"
+        )));
+    }
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| corrupt(&tok_path, e))?;
+
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|cause| BackendError::Io {
+            path: dir.to_path_buf(),
+            cause,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(corrupt(dir, "the folder has no *.safetensors file"));
+    }
+    let mut tensors = HashMap::new();
+    for f in &files {
+        let loaded = candle_core::safetensors::load(f, device).map_err(|e| corrupt(f, e))?;
+        for (name, t) in loaded {
+            tensors.insert(name, t.to_dtype(DType::F32)?);
+        }
+    }
+    let weights = Weights::new(tensors);
+    let parameters = weights.parameter_count();
+    let eos = match &hf.eos_token_id {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64().map(|x| x as u32))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let num_heads = hf.num_attention_heads;
+    let config = Config {
+        hidden_size: hf.hidden_size,
+        intermediate_size: hf.intermediate_size,
+        num_layers: hf.num_hidden_layers,
+        num_heads,
+        num_kv_heads: hf.num_key_value_heads.unwrap_or(num_heads),
+        vocab_size: hf.vocab_size,
+        rms_norm_eps: hf.rms_norm_eps,
+        rope_theta: hf.rope_theta,
+        max_position_embeddings: hf.max_position_embeddings,
+        tie_word_embeddings: hf.tie_word_embeddings,
+    };
+    Ok(Checkpoint {
+        config,
+        weights,
+        tokenizer,
+        eos,
+        name: dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
+        architecture: arch,
+        parameters,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_map_to_hf_names() {
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").as_deref(),
+            Some("model.layers.12.self_attn.q_proj.weight")
+        );
+        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp: w.reshape(heads, 2, half, in).swapaxes(1, 2).reshape(out, in)
+        let (heads, half, inp) = (3usize, 2usize, 4usize);
+        let out = heads * 2 * half;
+        let hf = Tensor::arange(0f32, (out * inp) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((out, inp))
+            .unwrap();
+        let gguf = hf
+            .reshape((heads, 2, half, inp))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((out, inp))
+            .unwrap();
+        let back = unpermute(&gguf, heads).unwrap();
+        assert_eq!(
+            back.to_vec2::<f32>().unwrap(),
+            hf.to_vec2::<f32>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,307 @@
+//! Answering requests with a loaded model: greedy generation (batched decoding with a KV
+//! cache, stop strings, token limit) and log-likelihood scoring of continuations.
+//!
+//! Prompts that share a prefix with the previous one (the instruction and few-shot examples of
+//! an eval) reuse its cached keys and values instead of recomputing them: the engine keeps the
+//! cache of the last prompt it ran and starts each new prompt after their common prefix.
+//! Logits are computed only for the positions that are read (the last prompt token, the
+//! continuation tokens), never for the whole prompt.
+
+use std::time::Instant;
+
+use candle_core::{IndexOp, Tensor, D};
+use harness_abi::{BackendStats, ChoiceScore, Generation};
+use tokenizers::Tokenizer;
+
+use crate::error::{BackendError, Result};
+use crate::llama::{KvCache, Llama};
+
+pub struct Engine {
+    model: Llama,
+    tokenizer: Tokenizer,
+    eos: Vec<u32>,
+    /// Token ids and cache of the last prompt run, for prefix reuse.
+    last: Option<(Vec<u32>, KvCache)>,
+    stats: BackendStats,
+    max_batch: usize,
+}
+
+/// One row of a decoding batch.
+struct Row {
+    /// Index of the request in the caller's list.
+    index: usize,
+    prompt_len: usize,
+    generated: Vec<u32>,
+    text: String,
+    max_new: usize,
+    stop: Vec<String>,
+}
+
+impl Engine {
+    pub fn new(model: Llama, tokenizer: Tokenizer, eos: Vec<u32>, max_batch: usize) -> Self {
+        Engine {
+            model,
+            tokenizer,
+            eos,
+            last: None,
+            stats: BackendStats::default(),
+            max_batch: max_batch.max(1),
+        }
+    }
+
+    pub fn stats(&self) -> BackendStats {
+        self.stats
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids of `text`, without special tokens added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| BackendError::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| BackendError::Tokenizer(e.to_string()))
+    }
+
+    /// Runs `ids` from scratch or after the longest reusable cached prefix and returns the
+    /// sequence's cache and the logits of positions `from..to`, shape (to - from, vocab).
+    pub fn prefill(&mut self, ids: &[u32], from: usize, to: usize) -> Result<(KvCache, Tensor)> {
+        debug_assert!(from < to && to <= ids.len());
+        let start = Instant::now();
+        let (reuse, mut cache) = match &self.last {
+            Some((prev, cache)) => {
+                let common = prev.iter().zip(ids).take_while(|(a, b)| a == b).count();
+                let reuse = common.min(from);
+                (reuse, cache.truncated(reuse)?)
+            }
+            None => (0, KvCache::default()),
+        };
+        let hidden = self
+            .model
+            .forward(&[ids[reuse..].to_vec()], &[reuse], None, &mut cache)?;
+        let rows = hidden.i((0, from - reuse..to - reuse))?;
+        let logits = self.model.logits(&rows.contiguous()?)?;
+        self.last = Some((ids.to_vec(), cache.clone()));
+        self.stats.prompt_tokens += (ids.len() - reuse) as u64;
+        self.stats.reused_prefix_tokens += reuse as u64;
+        self.stats.prompt_seconds += start.elapsed().as_secs_f64();
+        Ok((cache, logits))
+    }
+
+    /// Greedy generation for every request, in request order.
+    pub fn generate(&mut self, requests: &[harness_abi::GenerateRequest]) -> Result<Vec<Generation>> {
+        let mut out: Vec<Option<Generation>> = vec![None; requests.len()];
+        let indices: Vec<usize> = (0..requests.len()).collect();
+        for chunk in indices.chunks(self.max_batch) {
+            for (i, g) in self.generate_batch(requests, chunk)? {
+                out[i] = Some(g);
+            }
+        }
+        Ok(out.into_iter().map(|g| g.expect("every request answered")).collect())
+    }
+
+    fn generate_batch(
+        &mut self,
+        requests: &[harness_abi::GenerateRequest],
+        chunk: &[usize],
+    ) -> Result<Vec<(usize, Generation)>> {
+        let limit = self.model.config().max_position_embeddings;
+        let mut rows = Vec::new();
+        let mut caches = Vec::new();
+        let mut next = Vec::new();
+        let mut done = Vec::new();
+        for &i in chunk {
+            let r = &requests[i];
+            let ids = self.encode(r.prompt.as_str())?;
+            if ids.is_empty() {
+                return Err(BackendError::Options(format!(
+                    "request {i} has an empty prompt; a prompt needs at least one token"
+                )));
+            }
+            if ids.len() >= limit {
+                return Err(BackendError::TooLong {
+                    tokens: ids.len(),
+                    limit,
+                });
+            }
+            let (cache, logits) = self.prefill(&ids, ids.len() - 1, ids.len())?;
+            let mut row = Row {
+                index: i,
+                prompt_len: ids.len(),
+                generated: Vec::new(),
+                text: String::new(),
+                max_new: (r.max_new_tokens as usize).min(limit - ids.len()),
+                stop: r.stop.iter().map(|s| s.to_string()).collect(),
+            };
+            if row.max_new == 0 {
+                done.push(row);
+                continue;
+            }
+            let token = argmax(&logits.i(0)?)?;
+            if self.push(&mut row, token)? {
+                done.push(row);
+            } else {
+                next.push(token);
+                rows.push(row);
+                caches.push(cache);
+            }
+        }
+
+        let start = Instant::now();
+        let mut generated_here = 0u64;
+        if !rows.is_empty() {
+            let mut cache = KvCache::stack(&caches)?;
+            // valid[r][j]: whether cached position j of row r is real, not padding.
+            let longest = cache.len();
+            let mut valid: Vec<Vec<bool>> = rows
+                .iter()
+                .map(|r| (0..longest).map(|j| j < r.prompt_len).collect())
+                .collect();
+            drop(caches);
+            while !rows.is_empty() {
+                let tokens: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+                let positions: Vec<usize> =
+                    rows.iter().map(|r| r.prompt_len + r.generated.len() - 1).collect();
+                let padded = valid.iter().any(|v| v.iter().any(|ok| !ok));
+                let hidden = self.model.forward(
+                    &tokens,
+                    &positions,
+                    padded.then_some(valid.as_slice()),
+                    &mut cache,
+                )?;
+                let (b, _, h) = hidden.dims3()?;
+                let logits = self.model.logits(&hidden.reshape((b, h))?)?;
+                let best = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                generated_here += rows.len() as u64;
+                for v in valid.iter_mut() {
+                    v.push(true);
+                }
+                let mut keep = Vec::new();
+                let mut kept_rows = Vec::new();
+                let mut kept_valid = Vec::new();
+                let mut kept_next = Vec::new();
+                for (r, (mut row, v)) in rows.drain(..).zip(valid.drain(..)).enumerate() {
+                    if self.push(&mut row, best[r])? {
+                        done.push(row);
+                    } else {
+                        keep.push(r as u32);
+                        kept_next.push(best[r]);
+                        kept_rows.push(row);
+                        kept_valid.push(v);
+                    }
+                }
+                if kept_rows.len() < b && !kept_rows.is_empty() {
+                    cache = cache.select_rows(&keep)?;
+                }
+                rows = kept_rows;
+                valid = kept_valid;
+                next = kept_next;
+            }
+        }
+        self.stats.generated_tokens += generated_here;
+        self.stats.generate_seconds += start.elapsed().as_secs_f64();
+
+        done.into_iter()
+            .map(|row| {
+                Ok((
+                    row.index,
+                    Generation {
+                        text: row.text.into(),
+                        prompt_tokens: row.prompt_len as u32,
+                        generated_tokens: row.generated.len() as u32,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Appends `token` to `row`; returns whether the row is finished.
+    fn push(&self, row: &mut Row, token: u32) -> Result<bool> {
+        if self.eos.contains(&token) {
+            return Ok(true);
+        }
+        row.generated.push(token);
+        row.text = self.decode(&row.generated)?;
+        if let Some(cut) = row.stop.iter().filter_map(|s| row.text.find(s.as_str())).min() {
+            row.text.truncate(cut);
+            return Ok(true);
+        }
+        Ok(row.generated.len() >= row.max_new)
+    }
+
+    /// Log-likelihood of each option after `context`.
+    pub fn score_choices(&mut self, context: &str, options: &[String]) -> Result<Vec<ChoiceScore>> {
+        let ctx = self.encode(context)?;
+        if ctx.is_empty() {
+            return Err(BackendError::Options(
+                "a multiple-choice request has an empty context".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(options.len());
+        for option in options {
+            let opt = self.encode(option)?;
+            if opt.is_empty() {
+                return Err(BackendError::Options(format!(
+                    "option {option:?} has no tokens"
+                )));
+            }
+            let ids: Vec<u32> = ctx.iter().chain(&opt).copied().collect();
+            let (_, logits) = self.prefill(&ids, ctx.len() - 1, ids.len() - 1)?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let targets = Tensor::new(opt.as_slice(), logp.device())?.unsqueeze(1)?;
+            let picked = logp.gather(&targets, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+            let greedy = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            out.push(ChoiceScore {
+                logprob: picked.iter().map(|&x| f64::from(x)).sum(),
+                n_tokens: opt.len() as u32,
+                is_greedy: greedy == opt,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The `top` most likely next tokens after `text`, with log-probabilities.
+    pub fn next_token_logprobs(&mut self, text: &str, top: usize) -> Result<Vec<(u32, f64)>> {
+        let ids = self.encode(text)?;
+        if ids.is_empty() {
+            return Err(BackendError::Options("the text has no tokens".into()));
+        }
+        let (_, logits) = self.prefill(&ids, ids.len() - 1, ids.len())?;
+        let logp = candle_nn::ops::log_softmax(&logits.i(0)?, D::Minus1)?.to_vec1::<f32>()?;
+        let mut order: Vec<usize> = (0..logp.len()).collect();
+        order.sort_by(|&a, &b| logp[b].total_cmp(&logp[a]).then(a.cmp(&b)));
+        Ok(order
+            .into_iter()
+            .take(top)
+            .map(|i| (i as u32, f64::from(logp[i])))
+            .collect())
+    }
+
+    /// Raw logits of the next token after `ids` (for tests against reference logits).
+    pub fn next_token_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let (_, logits) = self.prefill(ids, ids.len() - 1, ids.len())?;
+        Ok(logits.i(0)?.to_vec1::<f32>()?)
+    }
+
+    /// Log p(ids[i+1] | ids[..=i]) for every i (for tests against reference log-probs).
+    pub fn token_logprobs(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let (_, logits) = self.prefill(ids, 0, ids.len() - 1)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = Tensor::new(&ids[1..], logp.device())?.unsqueeze(1)?;
+        Ok(logp.gather(&targets, 1)?.squeeze(1)?.to_vec1::<f32>()?)
+    }
+}
+
+fn argmax(logits: &Tensor) -> Result<u32> {
+    Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
+}

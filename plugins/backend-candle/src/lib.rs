@@ -1,0 +1,222 @@
+//! Backend plugin `candle`: LLaMA-family models on candle, loaded from a GGUF file or a HF
+//! folder, answering generation and multiple-choice requests.
+//!
+//! Key decision: one llama implementation of our own ([`llama`]) rather than
+//! candle-transformers', because we need logits at chosen positions, batched decoding with
+//! per-row positions and (next) LoRA on every projection. Weights are dequantized to f32 at load,
+//! which is what the reference logits in `shared/fixtures/` were computed with.
+
+pub mod checkpoint;
+pub mod engine;
+pub mod error;
+pub mod gguf_tokenizer;
+pub mod llama;
+pub mod weights;
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use harness_abi::{
+    abi_stable::{
+        prefix_type::PrefixTypeTrait,
+        std_types::{RResult, RStr, RString, RVec},
+    },
+    guard, not_provided,
+    options::Options,
+    Backend, BackendBox, BackendStats, Backend_TO, ChoiceRequest, ChoiceScore, GenerateRequest,
+    Generation, MetricBox, ModelInfo, PluginInfo, PluginKind, PluginLib, PluginLibRef, TaskBox,
+    TokenLogprob, TD_Opaque,
+};
+
+use crate::engine::Engine;
+use crate::error::{BackendError, Result};
+
+const NAME: &str = "candle";
+const OPTIONS: &[&str] = &["model", "max_batch", "device"];
+
+/// The validated options of the backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// A `.gguf` file or a HF folder.
+    pub model: PathBuf,
+    /// Requests decoded together.
+    pub max_batch: usize,
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let o = Options::parse(NAME, text, OPTIONS).map_err(BackendError::Options)?;
+        let model = o
+            .string("model")
+            .map_err(BackendError::Options)?
+            .map(PathBuf::from)
+            .unwrap_or_else(harness_abi::paths::default_model);
+        let max_batch = o.u64("max_batch").map_err(BackendError::Options)?.unwrap_or(8) as usize;
+        if max_batch == 0 {
+            return Err(BackendError::Options("`max_batch` must be at least 1".into()));
+        }
+        match o.string("device").map_err(BackendError::Options)?.as_deref() {
+            None | Some("cpu") => {}
+            Some(other) => {
+                return Err(BackendError::Options(format!(
+                    "device `{other}` is not available in this build; use `cpu`"
+                )))
+            }
+        }
+        Ok(Config { model, max_batch })
+    }
+}
+
+/// A loaded model behind the [`Backend`] interface.
+pub struct CandleBackend {
+    engine: Engine,
+    info: ModelInfo,
+}
+
+impl CandleBackend {
+    pub fn load(config: &Config) -> Result<Self> {
+        let device = Device::Cpu;
+        let mut ckpt = checkpoint::load(&config.model, &device)?;
+        let model = llama::Llama::new(ckpt.config.clone(), &mut ckpt.weights, &device)?;
+        let info = ModelInfo {
+            name: ckpt.name.clone().into(),
+            path: config.model.display().to_string().into(),
+            architecture: ckpt.architecture.clone().into(),
+            parameters: ckpt.parameters,
+            device: "cpu".into(),
+            resolved_options: format!(
+                "model = {:?}\nmax_batch = {}\ndevice = \"cpu\"\n",
+                config.model.display().to_string(),
+                config.max_batch
+            )
+            .into(),
+        };
+        Ok(CandleBackend {
+            engine: Engine::new(model, ckpt.tokenizer, ckpt.eos, config.max_batch),
+            info,
+        })
+    }
+
+    pub fn engine(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+}
+
+fn text(e: BackendError) -> String {
+    e.to_string()
+}
+
+impl Backend for CandleBackend {
+    fn info(&self) -> ModelInfo {
+        self.info.clone()
+    }
+
+    fn tokenize(&self, text_in: RStr<'_>) -> RResult<RVec<u32>, RString> {
+        guard(NAME, || {
+            self.engine
+                .encode(text_in.as_str())
+                .map(RVec::from)
+                .map_err(text)
+        })
+    }
+
+    fn generate(&mut self, requests: RVec<GenerateRequest>) -> RResult<RVec<Generation>, RString> {
+        guard(NAME, || {
+            self.engine
+                .generate(&requests)
+                .map(RVec::from)
+                .map_err(text)
+        })
+    }
+
+    fn score_choices(
+        &mut self,
+        requests: RVec<ChoiceRequest>,
+    ) -> RResult<RVec<RVec<ChoiceScore>>, RString> {
+        guard(NAME, || {
+            let mut out = RVec::with_capacity(requests.len());
+            for r in requests.iter() {
+                let options: Vec<String> = r.options.iter().map(|o| o.to_string()).collect();
+                let scores = self
+                    .engine
+                    .score_choices(r.context.as_str(), &options)
+                    .map_err(text)?;
+                out.push(RVec::from(scores));
+            }
+            Ok(out)
+        })
+    }
+
+    fn next_token_logprobs(
+        &mut self,
+        text_in: RStr<'_>,
+        top: u32,
+    ) -> RResult<RVec<TokenLogprob>, RString> {
+        guard(NAME, || {
+            let top = self
+                .engine
+                .next_token_logprobs(text_in.as_str(), top as usize)
+                .map_err(text)?;
+            top.into_iter()
+                .map(|(id, logprob)| {
+                    let piece = self
+                        .engine
+                        .tokenizer()
+                        .decode(&[id], false)
+                        .map_err(|e| e.to_string())?;
+                    Ok(TokenLogprob {
+                        id,
+                        text: piece.into(),
+                        logprob,
+                    })
+                })
+                .collect::<std::result::Result<Vec<_>, String>>()
+                .map(RVec::from)
+        })
+    }
+
+    fn stats(&self) -> BackendStats {
+        self.engine.stats()
+    }
+}
+
+extern "C" fn manifest() -> RVec<PluginInfo> {
+    RVec::from(vec![PluginInfo {
+        kind: PluginKind::Backend,
+        name: NAME.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        description: "LLaMA-family models (GGUF or HF safetensors) on candle, CPU (options: model, max_batch, device)".into(),
+    }])
+}
+
+extern "C" fn new_backend(name: RStr<'_>, options: RStr<'_>) -> RResult<BackendBox, RString> {
+    if name.as_str() != NAME {
+        return not_provided(PluginKind::Backend, name);
+    }
+    guard(NAME, || {
+        let config = Config::from_toml(options.as_str()).map_err(text)?;
+        let backend = CandleBackend::load(&config).map_err(text)?;
+        Ok(Backend_TO::from_value(backend, TD_Opaque))
+    })
+}
+
+extern "C" fn new_task(name: RStr<'_>, _options: RStr<'_>) -> RResult<TaskBox, RString> {
+    not_provided(PluginKind::Task, name)
+}
+
+extern "C" fn new_metric(name: RStr<'_>, _options: RStr<'_>) -> RResult<MetricBox, RString> {
+    not_provided(PluginKind::Metric, name)
+}
+
+/// The root module the host loads.
+pub fn plugin_lib() -> PluginLibRef {
+    PluginLib {
+        manifest,
+        new_task,
+        new_metric,
+        new_backend,
+    }
+    .leak_into_prefix()
+}
+
+harness_abi::export_plugin!(plugin_lib);

@@ -1,0 +1,108 @@
+//! Checks the backend against reference outputs of other implementations, in
+//! `shared/fixtures/smollm2/` (token ids, next-token logits, greedy continuations), on the real
+//! SmolLM2-135M-Instruct fetched by `harness fetch`.
+
+use std::path::PathBuf;
+
+use backend_candle::{CandleBackend, Config};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = here.join("../../../shared/fixtures/smollm2");
+    assert!(
+        dir.is_dir(),
+        "reference fixtures not found at {}; they ship beside the repository in shared/",
+        dir.display()
+    );
+    dir
+}
+
+fn lines(name: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(fixtures().join(name)).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn backend() -> CandleBackend {
+    let model = harness_abi::paths::default_model();
+    assert!(
+        model.is_file(),
+        "the default model is missing at {}; run `harness fetch` first",
+        model.display()
+    );
+    CandleBackend::load(&Config::from_toml("").unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn smollm2_reference_outputs() {
+    let mut b = backend();
+    let e = b.engine();
+
+    // Token ids equal exactly.
+    for case in lines("tokenizer.jsonl") {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(e.encode(text).unwrap(), ids(&case["ids"]), "tokens of {text:?}");
+    }
+
+    // Logits, logsumexp and token log-probs within 5e-3; same top-20 order up to near-ties.
+    let tol = 5e-3;
+    for case in lines("logits.jsonl") {
+        let prompt = case["prompt"].as_str().unwrap();
+        let prompt_ids = ids(&case["ids"]);
+        assert_eq!(e.encode(prompt).unwrap(), prompt_ids);
+        let logits = e.next_token_logits(&prompt_ids).unwrap();
+        let want_ids = ids(&case["top_ids"]);
+        let want = floats(&case["top_logits"]);
+        for (i, (&id, &l)) in want_ids.iter().zip(&want).enumerate() {
+            let got = logits[id as usize];
+            assert!((got - l).abs() < tol, "{prompt:?}: logit of {id}: {got} vs {l}");
+            // Our rank of the token must match, unless a near-tie swapped neighbours.
+            let higher = logits.iter().filter(|&&x| x > got + 1e-3).count();
+            assert!(higher <= i, "{prompt:?}: token {id} ranks below {i}");
+        }
+        let max = logits.iter().cloned().fold(f32::MIN, f32::max);
+        let lse = max + logits.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+        let want_lse = case["logsumexp"].as_f64().unwrap() as f32;
+        assert!((lse - want_lse).abs() < tol, "{prompt:?}: logsumexp {lse} vs {want_lse}");
+        let lp = e.token_logprobs(&prompt_ids).unwrap();
+        for (got, want) in lp.iter().zip(floats(&case["token_logprobs"])) {
+            assert!((got - want).abs() < tol, "{prompt:?}: token logprob {got} vs {want}");
+        }
+    }
+
+    // Greedy continuations: the first 8 new tokens equal.
+    let cases = lines("greedy.jsonl");
+    let requests: Vec<harness_abi::GenerateRequest> = cases
+        .iter()
+        .map(|c| harness_abi::GenerateRequest {
+            prompt: c["prompt"].as_str().unwrap().into(),
+            stop: Default::default(),
+            max_new_tokens: 8,
+        })
+        .collect();
+    let out = e.generate(&requests).unwrap();
+    for (c, g) in cases.iter().zip(out) {
+        let want: Vec<u32> = ids(&c["new_ids"]).into_iter().take(8).collect();
+        // Generation ends at the end-of-sequence token, which is not part of the text.
+        let eos = want.iter().position(|&t| t == 2).unwrap_or(want.len());
+        let want_text = e.tokenizer().decode(&want[..eos], true).unwrap();
+        assert_eq!(g.text.as_str(), want_text, "greedy continuation of {:?}", c["prompt"]);
+        assert_eq!(g.generated_tokens as usize, eos, "{:?}", c["prompt"]);
+    }
+}
