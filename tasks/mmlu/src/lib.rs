@@ -1,0 +1,390 @@
+//! Task plugin `mmlu`: multiple-choice questions of one or more MMLU subjects, as in section 4.1
+//! of the paper, with the prompt of its Listing 1.
+//!
+//! Each question is a multiple-choice request the backend answers by log-likelihood: of each
+//! option letter (`scoring = "letter"`, the paper's way) or of each option's text, normalised
+//! by its length (`scoring = "cloze"`, the way small models get above chance). The group of an
+//! instance is its subject, so results come per subject; the host reports both the micro
+//! average (over questions) and the macro average (over subjects).
+
+pub mod data;
+
+use std::path::PathBuf;
+
+use harness_abi::{
+    abi_stable::{
+        prefix_type::PrefixTypeTrait,
+        std_types::{RResult, RStr, RString, RVec},
+    },
+    guard, not_provided,
+    options::Options,
+    BackendBox, ChoiceRequest, Instance, MetricBox, PluginInfo, PluginKind, PluginLib,
+    PluginLibRef, Request, Task, TaskBox, Task_TO, TrainExample, TD_Opaque,
+};
+use rand::{seq::index::sample, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::{Dataset, Question};
+
+const NAME: &str = "mmlu";
+const OPTIONS: &[&str] = &["subject", "data", "shots", "scoring", "seed", "limit"];
+const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
+
+/// How an answer is read off the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// Log-likelihood of " A", " B", " C", " D" after the lettered options.
+    Letter,
+    /// Log-likelihood per byte of each option's text after the question.
+    Cloze,
+}
+
+/// The validated options of the task.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub subjects: Vec<String>,
+    pub data: PathBuf,
+    pub shots: usize,
+    pub scoring: Scoring,
+    pub seed: u64,
+    pub limit: Option<usize>,
+}
+
+/// The task with its data loaded.
+pub struct Mmlu {
+    config: Config,
+    data: Dataset,
+}
+
+impl Mmlu {
+    /// Parses the options, loads the data and checks the subjects exist.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let o = Options::parse(NAME, text, OPTIONS)?;
+        let spec = o.string("subject")?.ok_or_else(|| {
+            "mmlu: choose a subject with --subject NAME (e.g. machine_learning, a comma-separated list, or `all`)".to_string()
+        })?;
+        let data_path = o
+            .string("data")?
+            .map(PathBuf::from)
+            .unwrap_or_else(harness_abi::paths::default_mmlu);
+        let scoring = match o.string("scoring")?.as_deref() {
+            None | Some("letter") => Scoring::Letter,
+            Some("cloze") => Scoring::Cloze,
+            Some(other) => {
+                return Err(format!(
+                    "mmlu: option `scoring` must be `letter` or `cloze`, got `{other}`"
+                ))
+            }
+        };
+        let data = data::load(&data_path)?;
+        let subjects = resolve_subjects(&spec, &data)?;
+        let config = Config {
+            subjects,
+            data: data_path,
+            shots: o.u64("shots")?.unwrap_or(0) as usize,
+            scoring,
+            seed: o.u64("seed")?.unwrap_or(1234),
+            limit: o.u64("limit")?.map(|l| l as usize),
+        };
+        Ok(Mmlu { config, data })
+    }
+
+    fn header(subject: &str) -> String {
+        format!(
+            "You are an expert in {}. You will be presented with a question and four possible answers. Choose the correct answer. Do not output any explanation, only choose the correct option.\n\n",
+            subject.replace('_', " ")
+        )
+    }
+
+    /// A question block; with `answer`, the solved form used for few-shot examples.
+    fn block(&self, q: &Question, answer: bool) -> String {
+        let mut s = format!("Question: {}\n", q.question.trim());
+        if self.config.scoring == Scoring::Letter {
+            for (letter, choice) in LETTERS.iter().zip(&q.choices) {
+                s.push_str(&format!("{letter}. {}\n", choice.trim()));
+            }
+        }
+        s.push_str("\nAnswer:");
+        if answer {
+            s.push_str(&format!(" {}\n\n", self.answer_text(q, q.answer)));
+        }
+        s
+    }
+
+    fn answer_text(&self, q: &Question, i: usize) -> String {
+        match self.config.scoring {
+            Scoring::Letter => LETTERS[i].to_string(),
+            Scoring::Cloze => q.choices[i].trim().to_string(),
+        }
+    }
+
+    /// Few-shot examples for question `index` of `subject`: the dev split when there is one,
+    /// else other questions of the same subject, drawn with the seed.
+    fn shots(&self, subject: &str, index: usize, rng: &mut ChaCha8Rng) -> Result<Vec<&Question>, String> {
+        let k = self.config.shots;
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        if let Some(dev) = self.data.dev.get(subject) {
+            if dev.len() < k {
+                return Err(format!("mmlu: {subject} has {} dev questions, fewer than --shots {k}", dev.len()));
+            }
+            return Ok(dev.iter().take(k).collect());
+        }
+        let test = &self.data.test[subject];
+        if test.len() <= k {
+            return Err(format!(
+                "mmlu: {subject} has {} questions, too few for {k} few-shot examples besides the question",
+                test.len()
+            ));
+        }
+        Ok(sample(rng, test.len() - 1, k)
+            .into_iter()
+            .map(|j| if j >= index { j + 1 } else { j })
+            .map(|j| &test[j])
+            .collect())
+    }
+
+    fn instances(&self) -> Result<Vec<Instance>, String> {
+        let mut out = Vec::new();
+        for subject in &self.config.subjects {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
+            rng.set_stream(fnv1a(subject));
+            let questions = &self.data.test[subject];
+            let n = self.config.limit.unwrap_or(questions.len()).min(questions.len());
+            for (i, q) in questions.iter().take(n).enumerate() {
+                let mut context = Self::header(subject);
+                for shot in self.shots(subject, i, &mut rng)? {
+                    context.push_str(&self.block(shot, true));
+                }
+                context.push_str(&self.block(q, false));
+                let options = (0..4)
+                    .map(|c| RString::from(format!(" {}", self.answer_text(q, c))))
+                    .collect();
+                out.push(Instance {
+                    id: format!("{subject}-{i}").into(),
+                    group: subject.as_str().into(),
+                    request: Request::Choice(ChoiceRequest {
+                        context: context.into(),
+                        options,
+                        labels: LETTERS.iter().map(|l| RString::from(*l)).collect(),
+                        length_normalize: self.config.scoring == Scoring::Cloze,
+                    }),
+                    target: LETTERS[q.answer].into(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn to_toml(&self) -> String {
+        let c = &self.config;
+        format!(
+            "subject = {:?}\ndata = {:?}\nshots = {}\nscoring = \"{}\"\nseed = {}\n{}",
+            c.subjects.join(","),
+            c.data.display().to_string(),
+            c.shots,
+            match c.scoring {
+                Scoring::Letter => "letter",
+                Scoring::Cloze => "cloze",
+            },
+            c.seed,
+            c.limit.map(|l| format!("limit = {l}\n")).unwrap_or_default()
+        )
+    }
+}
+
+/// `all`, one subject, or a comma-separated list; unknown names get the nearest suggestion.
+fn resolve_subjects(spec: &str, data: &Dataset) -> Result<Vec<String>, String> {
+    if spec.trim() == "all" {
+        return Ok(data.test.keys().cloned().collect());
+    }
+    let mut out = Vec::new();
+    for name in spec.split(',').map(|s| data::subject_key(s)) {
+        if name.is_empty() {
+            continue;
+        }
+        if !data.test.contains_key(&name) {
+            let nearest = data
+                .test
+                .keys()
+                .min_by_key(|k| edit_distance(k, &name))
+                .map(|k| format!(" (did you mean `{k}`?)"))
+                .unwrap_or_default();
+            return Err(format!(
+                "mmlu: unknown subject `{name}`{nearest}; the data has {} subjects, `harness eval --task mmlu --subject all` runs them all",
+                data.test.len()
+            ));
+        }
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    if out.is_empty() {
+        return Err("mmlu: --subject names no subject".into());
+    }
+    Ok(out)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// A stable 64-bit hash of a subject name, to give each subject its own random stream.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+impl Task for Mmlu {
+    fn eval_instances(&self) -> RResult<RVec<Instance>, RString> {
+        guard(NAME, || self.instances().map(RVec::from))
+    }
+
+    fn default_metrics(&self) -> RVec<RString> {
+        RVec::from(vec![RString::from("exact-match")])
+    }
+
+    fn resolved_options(&self) -> RString {
+        self.to_toml().into()
+    }
+
+    fn train_examples(&self, _count: u64) -> RResult<RVec<TrainExample>, RString> {
+        RResult::RErr(
+            "mmlu: training data comes from a file of prompt/completion pairs (teacher generation), not from the task".into(),
+        )
+    }
+}
+
+extern "C" fn manifest() -> RVec<PluginInfo> {
+    RVec::from(vec![PluginInfo {
+        kind: PluginKind::Task,
+        name: NAME.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        description: "MMLU subjects, prompt of the paper's Listing 1 (options: subject, data, shots, scoring, seed, limit)".into(),
+    }])
+}
+
+extern "C" fn new_task(name: RStr<'_>, options: RStr<'_>) -> RResult<TaskBox, RString> {
+    if name.as_str() != NAME {
+        return not_provided(PluginKind::Task, name);
+    }
+    guard(NAME, || {
+        Ok(Task_TO::from_value(Mmlu::from_toml(options.as_str())?, TD_Opaque))
+    })
+}
+
+extern "C" fn new_metric(name: RStr<'_>, _options: RStr<'_>) -> RResult<MetricBox, RString> {
+    not_provided(PluginKind::Metric, name)
+}
+
+extern "C" fn new_backend(name: RStr<'_>, _options: RStr<'_>) -> RResult<BackendBox, RString> {
+    not_provided(PluginKind::Backend, name)
+}
+
+/// The root module the host loads.
+pub fn plugin_lib() -> PluginLibRef {
+    PluginLib {
+        manifest,
+        new_task,
+        new_metric,
+        new_backend,
+    }
+    .leak_into_prefix()
+}
+
+harness_abi::export_plugin!(plugin_lib);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small data file; each caller gets its own, since tests run in parallel.
+    fn dataset_file() -> PathBuf {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!("mmlu-lib-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(format!("m{}.jsonl", NEXT.fetch_add(1, Ordering::SeqCst)));
+        let mut text = String::new();
+        for (topic, n) in [("machine learning", 5), ("virology", 3)] {
+            for i in 0..n {
+                text.push_str(&format!(
+                    "{{\"question\":\"{topic} q{i}\",\"answer_a\":\"a{i}\",\"answer_b\":\"b{i}\",\"answer_c\":\"c{i}\",\"answer_d\":\"d{i}\",\"correct_answer\":\"{}\",\"topic\":\"{topic}\"}}\n",
+                    LETTERS[i % 4]
+                ));
+            }
+        }
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn task(extra: &str) -> Mmlu {
+        Mmlu::from_toml(&format!("data = {:?}\n{extra}", dataset_file().display().to_string())).unwrap()
+    }
+
+    #[test]
+    fn zero_shot_letter_prompt_follows_listing_1() {
+        let t = task("subject = \"machine_learning\"");
+        let inst = t.instances().unwrap();
+        assert_eq!(inst.len(), 5);
+        let Request::Choice(c) = &inst[1].request else { panic!() };
+        assert_eq!(
+            c.context.as_str(),
+            "You are an expert in machine learning. You will be presented with a question and four possible answers. Choose the correct answer. Do not output any explanation, only choose the correct option.\n\nQuestion: machine learning q1\nA. a1\nB. b1\nC. c1\nD. d1\n\nAnswer:"
+        );
+        assert_eq!(c.options.iter().map(|o| o.as_str()).collect::<Vec<_>>(), [" A", " B", " C", " D"]);
+        assert_eq!(inst[1].target.as_str(), "B");
+        assert_eq!(inst[1].group.as_str(), "machine_learning");
+    }
+
+    #[test]
+    fn cloze_scores_option_texts_normalised() {
+        let t = task("subject = \"virology\"\nscoring = \"cloze\"");
+        let inst = t.instances().unwrap();
+        let Request::Choice(c) = &inst[0].request else { panic!() };
+        assert!(c.length_normalize);
+        assert_eq!(c.options[2].as_str(), " c0");
+        assert!(!c.context.contains("A. a0"));
+    }
+
+    #[test]
+    fn few_shot_never_includes_the_question() {
+        let t = task("subject = \"machine_learning,virology\"\nshots = 2");
+        for inst in t.instances().unwrap() {
+            let Request::Choice(c) = &inst.request else { panic!() };
+            let blocks: Vec<&str> = c.context.split("Question: ").skip(1).collect();
+            assert_eq!(blocks.len(), 3);
+            let own = blocks[2].lines().next().unwrap();
+            assert!(blocks[..2].iter().all(|b| b.lines().next().unwrap() != own));
+        }
+    }
+
+    #[test]
+    fn all_subjects_and_unknown_subject_suggestion() {
+        assert_eq!(task("subject = \"all\"").instances().unwrap().len(), 8);
+        let e = Mmlu::from_toml(&format!(
+            "data = {:?}\nsubject = \"machine_learnin\"",
+            dataset_file().display().to_string()
+        ))
+        .err()
+        .unwrap();
+        assert!(e.contains("unknown subject `machine_learnin` (did you mean `machine_learning`?)"), "{e}");
+    }
+
+    #[test]
+    fn too_many_shots_is_an_error() {
+        let t = task("subject = \"virology\"\nshots = 3");
+        assert!(t.instances().unwrap_err().contains("too few"));
+    }
+}
