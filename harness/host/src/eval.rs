@@ -1,0 +1,367 @@
+//! The eval loop: the task makes instances, the host batches their requests, the backend
+//! answers, the metrics score each answer, samples are appended to the run folder as they
+//! finish, and the aggregate goes to results.csv.
+//!
+//! Results are computed from samples.jsonl as read back from disk, in instance order, so an
+//! interrupted and resumed run gives a results.csv byte-identical to an uninterrupted one.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use harness_abi::abi_stable::std_types::{RResult, RStr, RVec};
+use harness_abi::{BackendBox, Instance, MetricBox, PluginKind, Request, TaskBox};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::plan::EvalPlan;
+use crate::registry::{Entry, Registry};
+use crate::run_dir::{self, Component, ModelRecord, RunRecord, SampleWriter};
+use crate::stats::{self, MetricScores};
+
+fn plugin_result<T>(entry: &Entry, r: RResult<T, harness_abi::abi_stable::std_types::RString>) -> Result<T> {
+    r.into_result().map_err(|e| {
+        let msg = e.to_string();
+        // Plugins usually prefix their own name; add it when they did not.
+        if msg.starts_with(entry.info.name.as_str()) || msg.starts_with("plugin `") {
+            anyhow!(msg)
+        } else {
+            anyhow!("{}: {msg}", entry.info.name)
+        }
+    })
+}
+
+fn component(entry: &Entry, options: String) -> Result<Component> {
+    Ok(Component {
+        name: entry.info.name.to_string(),
+        version: entry.info.version.to_string(),
+        library: entry.library.display().to_string(),
+        library_sha256: run_dir::sha256_path(&entry.library)?,
+        options,
+    })
+}
+
+struct Loaded {
+    metrics: Vec<(String, MetricBox, bool)>,
+}
+
+/// Runs the plan; prints the summary table and where the run folder is.
+pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
+    // Everything a user can get wrong is checked before the model is loaded.
+    let task_entry = reg.get(PluginKind::Task, &plan.task)?;
+    let task: TaskBox = plugin_result(
+        task_entry,
+        (task_entry.lib.new_task())(RStr::from(plan.task.as_str()), RStr::from(plan.task_options.as_str())),
+    )?;
+    let metric_names: Vec<String> = if plan.metrics.is_empty() {
+        task.default_metrics().iter().map(|m| m.to_string()).collect()
+    } else {
+        plan.metrics.clone()
+    };
+    let mut metric_entries = Vec::new();
+    let mut loaded = Loaded { metrics: Vec::new() };
+    for name in &metric_names {
+        if loaded.metrics.iter().any(|(n, _, _)| n == name) {
+            continue;
+        }
+        let entry = reg.get(PluginKind::Metric, name)?;
+        let m: MetricBox = plugin_result(entry, (entry.lib.new_metric())(RStr::from(name.as_str()), RStr::from("")))?;
+        let binary = m.is_binary();
+        loaded.metrics.push((name.clone(), m, binary));
+        metric_entries.push(entry);
+    }
+    let backend_entry = reg.get(PluginKind::Backend, &plan.backend)?;
+    let instances: Vec<Instance> =
+        plugin_result(task_entry, task.eval_instances())?.into_iter().collect();
+    if instances.is_empty() {
+        bail!("task `{}` produced no instances with these options", plan.task);
+    }
+    let index = check_ids(&instances)?;
+
+    std::fs::create_dir_all(&plan.run_dir)
+        .with_context(|| format!("cannot create run folder {}", plan.run_dir.display()))?;
+    let done = run_dir::read_samples(&plan.run_dir)?;
+    for id in done.keys() {
+        if !index.contains_key(id.as_str()) {
+            bail!(
+                "{} holds a sample `{id}` that this task does not produce; the run folder does not match its run.toml",
+                plan.run_dir.join(run_dir::SAMPLES).display()
+            );
+        }
+    }
+    let todo: Vec<usize> = (0..instances.len())
+        .filter(|&i| !done.contains_key(instances[i].id.as_str()))
+        .collect();
+
+    println!(
+        "eval {} on {} instances ({} to do) -> {}",
+        plan.task,
+        instances.len(),
+        todo.len(),
+        plan.run_dir.display()
+    );
+    if !todo.is_empty() {
+        let load_start = Instant::now();
+        let mut backend: BackendBox = plugin_result(
+            backend_entry,
+            (backend_entry.lib.new_backend())(
+                RStr::from(plan.backend.as_str()),
+                RStr::from(plan.backend_options.as_str()),
+            ),
+        )?;
+        let info = backend.info();
+        println!(
+            "model {} ({} parameters, {}) loaded in {:.1} s",
+            info.name,
+            info.parameters,
+            info.device,
+            load_start.elapsed().as_secs_f64()
+        );
+        if plan.resumed.is_none() {
+            let (_, created) = run_dir::utc_now();
+            let record = RunRecord {
+                harness_version: env!("CARGO_PKG_VERSION").to_string(),
+                created_utc: created,
+                command: command_line,
+                batch: plan.batch as u64,
+                task: component(task_entry, task.resolved_options().to_string())?,
+                backend: component(backend_entry, info.resolved_options.to_string())?,
+                model: ModelRecord {
+                    name: info.name.to_string(),
+                    path: info.path.to_string(),
+                    sha256: run_dir::sha256_path(Path::new(info.path.as_str()))?,
+                    architecture: info.architecture.to_string(),
+                    parameters: info.parameters,
+                    device: info.device.to_string(),
+                },
+                metrics: metric_entries
+                    .iter()
+                    .zip(&loaded.metrics)
+                    .map(|(e, (name, _, _))| {
+                        let mut c = component(e, String::new())?;
+                        c.name = name.clone();
+                        Ok(c)
+                    })
+                    .collect::<Result<_>>()?,
+            };
+            record.write(&plan.run_dir)?;
+        } else {
+            println!("resuming: {} instances already done", done.len());
+        }
+        answer(&plan, backend_entry, &mut backend, &instances, &todo, &loaded, done.len())?;
+    }
+
+    let rows = results(&plan, &instances, &loaded)?;
+    let mut csv = Vec::new();
+    reports::write_csv(&rows, &mut csv)?;
+    run_dir::write_atomic(&plan.run_dir.join(run_dir::RESULTS), &csv)?;
+    println!();
+    print!("{}", reports::summary_table(&rows));
+    println!("\nresults: {}", plan.run_dir.join(run_dir::RESULTS).display());
+    Ok(())
+}
+
+fn check_ids(instances: &[Instance]) -> Result<std::collections::HashMap<&str, usize>> {
+    let mut index = std::collections::HashMap::new();
+    for (i, inst) in instances.iter().enumerate() {
+        if index.insert(inst.id.as_str(), i).is_some() {
+            bail!("the task produced the instance id `{}` twice; ids must be unique", inst.id);
+        }
+    }
+    Ok(index)
+}
+
+fn progress(total: u64, done: u64) -> ProgressBar {
+    if !std::io::stdout().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} instances  {per_sec}  ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_position(done);
+    pb.reset_eta();
+    pb
+}
+
+/// Whether two instances can go to the backend in the same call.
+fn same_kind(a: &Instance, b: &Instance) -> bool {
+    matches!(
+        (&a.request, &b.request),
+        (Request::Generate(_), Request::Generate(_)) | (Request::Choice(_), Request::Choice(_))
+    )
+}
+
+fn answer(
+    plan: &EvalPlan,
+    backend_entry: &Entry,
+    backend: &mut BackendBox,
+    instances: &[Instance],
+    todo: &[usize],
+    loaded: &Loaded,
+    already: usize,
+) -> Result<()> {
+    let mut writer = SampleWriter::open(&plan.run_dir)?;
+    let pb = progress(instances.len() as u64, already as u64);
+    let start = Instant::now();
+    let before = backend.stats();
+    let mut i = 0;
+    while i < todo.len() {
+        let first = &instances[todo[i]];
+        let mut j = i + 1;
+        while j < todo.len() && j - i < plan.batch && same_kind(first, &instances[todo[j]]) {
+            j += 1;
+        }
+        let chunk: Vec<&Instance> = todo[i..j].iter().map(|&k| &instances[k]).collect();
+        let lines = match &first.request {
+            Request::Generate(_) => {
+                let reqs: RVec<_> = chunk
+                    .iter()
+                    .map(|inst| match &inst.request {
+                        Request::Generate(g) => g.clone(),
+                        Request::Choice(_) => unreachable!("chunks hold one kind"),
+                    })
+                    .collect();
+                let out = plugin_result(backend_entry, backend.generate(reqs))?;
+                if out.len() != chunk.len() {
+                    bail!("backend `{}` answered {} of {} requests", plan.backend, out.len(), chunk.len());
+                }
+                chunk
+                    .iter()
+                    .zip(out.iter())
+                    .map(|(inst, g)| {
+                        let Request::Generate(req) = &inst.request else { unreachable!() };
+                        let prediction = g.text.as_str();
+                        json!({
+                            "id": inst.id.as_str(),
+                            "group": inst.group.as_str(),
+                            "prompt": req.prompt.as_str(),
+                            "prediction": prediction,
+                            "target": inst.target.as_str(),
+                            "scores": scores(loaded, prediction, inst.target.as_str()),
+                            "prompt_tokens": g.prompt_tokens,
+                            "generated_tokens": g.generated_tokens,
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            }
+            Request::Choice(_) => {
+                let reqs: RVec<_> = chunk
+                    .iter()
+                    .map(|inst| match &inst.request {
+                        Request::Choice(c) => c.clone(),
+                        Request::Generate(_) => unreachable!("chunks hold one kind"),
+                    })
+                    .collect();
+                let out = plugin_result(backend_entry, backend.score_choices(reqs))?;
+                if out.len() != chunk.len() {
+                    bail!("backend `{}` answered {} of {} requests", plan.backend, out.len(), chunk.len());
+                }
+                let mut lines = Vec::new();
+                for (inst, scored) in chunk.iter().zip(out.iter()) {
+                    let Request::Choice(req) = &inst.request else { unreachable!() };
+                    if scored.len() != req.options.len() {
+                        bail!("backend `{}` scored {} of {} options", plan.backend, scored.len(), req.options.len());
+                    }
+                    let ranked: Vec<f64> = scored
+                        .iter()
+                        .zip(req.options.iter())
+                        .map(|(s, o)| {
+                            if req.length_normalize {
+                                s.logprob / (o.len().max(1) as f64)
+                            } else {
+                                s.logprob
+                            }
+                        })
+                        .collect();
+                    let best = (0..ranked.len())
+                        .fold(0, |b, k| if ranked[k] > ranked[b] { k } else { b });
+                    let prediction = req
+                        .labels
+                        .get(best)
+                        .map(|l| l.as_str())
+                        .unwrap_or_else(|| req.options[best].as_str());
+                    lines.push(json!({
+                        "id": inst.id.as_str(),
+                        "group": inst.group.as_str(),
+                        "prompt": req.context.as_str(),
+                        "options": req.options.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+                        "option_logprobs": scored.iter().map(|s| s.logprob).collect::<Vec<_>>(),
+                        "prediction": prediction,
+                        "target": inst.target.as_str(),
+                        "scores": scores(loaded, prediction, inst.target.as_str()),
+                    }));
+                }
+                lines
+            }
+        };
+        writer.append(&lines)?;
+        pb.inc(chunk.len() as u64);
+        i = j;
+    }
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let after = backend.stats();
+    let prompt = after.prompt_tokens - before.prompt_tokens;
+    let prompt_s = after.prompt_seconds - before.prompt_seconds;
+    let generated = after.generated_tokens - before.generated_tokens;
+    let generated_s = after.generate_seconds - before.generate_seconds;
+    let reused = after.reused_prefix_tokens - before.reused_prefix_tokens;
+    println!(
+        "{} instances in {:.1} s ({:.2}/s); prompt {} tokens at {:.0} tok/s ({} more reused from a cached prefix); generated {} tokens at {:.1} tok/s",
+        todo.len(),
+        secs,
+        todo.len() as f64 / secs.max(1e-9),
+        prompt,
+        prompt as f64 / prompt_s.max(1e-9),
+        reused,
+        generated,
+        generated as f64 / generated_s.max(1e-9),
+    );
+    Ok(())
+}
+
+fn scores(loaded: &Loaded, prediction: &str, target: &str) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = loaded
+        .metrics
+        .iter()
+        .map(|(name, m, _)| {
+            (
+                name.clone(),
+                json!(m.score(RStr::from(prediction), RStr::from(target))),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+/// Aggregates the samples on disk, in instance order.
+fn results(plan: &EvalPlan, instances: &[Instance], loaded: &Loaded) -> Result<Vec<reports::ResultRow>> {
+    let samples = run_dir::read_samples(&plan.run_dir)?;
+    let mut per_metric: Vec<MetricScores<'_>> = loaded
+        .metrics
+        .iter()
+        .map(|(name, _, binary)| MetricScores {
+            metric: name,
+            binary: *binary,
+            scores: Vec::with_capacity(instances.len()),
+        })
+        .collect();
+    for inst in instances {
+        let s = samples
+            .get(inst.id.as_str())
+            .ok_or_else(|| anyhow!("instance `{}` has no sample; rerun with --resume {}", inst.id, plan.run_dir.display()))?;
+        for m in per_metric.iter_mut() {
+            let x = s["scores"][m.metric]
+                .as_f64()
+                .ok_or_else(|| anyhow!("sample `{}` has no `{}` score", inst.id, m.metric))?;
+            m.scores.push((inst.group.as_str(), x));
+        }
+    }
+    Ok(stats::aggregate(&plan.task, &per_metric))
+}

@@ -1,0 +1,109 @@
+//! `harness`: evaluate a language model, fine-tune it, and see what changed.
+//!
+//! The binary is a thin host: tasks, metrics and model backends are plugins loaded at run time
+//! ([`registry`]). Arguments are parsed by clap ([`cli`]) and validated into a plan
+//! ([`plan`]) before any model is loaded; [`eval`] runs the plan into a run folder
+//! ([`run_dir`]).
+
+mod cli;
+mod eval;
+mod fetch;
+mod plan;
+mod registry;
+mod run_dir;
+mod stats;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser;
+use harness_abi::PluginKind;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let causes: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", causes.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_registry(cli: &Cli) -> Result<registry::Registry> {
+    let dirs = registry::search_path(&cli.plugin_dirs);
+    let reg = registry::load(&dirs)?;
+    for w in &reg.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(reg)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::List => {
+            let reg = load_registry(&cli)?;
+            list(&reg);
+            Ok(())
+        }
+        Command::Eval(args) => {
+            let plan = plan::from_args(args)?;
+            let reg = load_registry(&cli)?;
+            let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+            eval::run(&reg, plan, command_line)
+        }
+        Command::Fetch(args) => fetch::run(args.force),
+    }
+}
+
+fn list(reg: &registry::Registry) {
+    let mut rows = vec![[
+        "KIND".to_string(),
+        "NAME".to_string(),
+        "VERSION".to_string(),
+        "LIBRARY".to_string(),
+        "DESCRIPTION".to_string(),
+    ]];
+    for kind in [PluginKind::Task, PluginKind::Metric, PluginKind::Backend] {
+        for name in reg.names(kind) {
+            let e = &reg.entries[&(kind, name.clone())];
+            rows.push([
+                kind.as_str().to_string(),
+                name,
+                e.info.version.to_string(),
+                e.library.display().to_string(),
+                e.info.description.to_string(),
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..4)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        println!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3]
+        );
+    }
+    if rows.len() == 1 {
+        println!(
+            "(no plugins found; searched {})",
+            reg.searched
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+}

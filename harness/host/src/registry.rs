@@ -1,0 +1,257 @@
+//! Finding and loading plugin libraries.
+//!
+//! Search order: every `--plugin-dir`, then the folders of `HARNESS_PLUGIN_PATH`, then the
+//! folder beside the `harness` binary. Each file with the platform's library extension is
+//! loaded with abi_stable, which checks that it was built against a compatible `harness-abi`.
+//! A bad file (not a library, another ABI version, no root module) costs one warning line, never
+//! the run; two components of the same kind and name are an error that names both files.
+//!
+//! abi_stable's `RootModule::load_from_*` caches the first module of a type in a static, so every
+//! file goes through `lib_header_from_path(..).init_root_module()` instead. Libraries are never
+//! unloaded (the trait objects they create may live until exit).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use harness_abi::abi_stable::library::{lib_header_from_path, LibraryError};
+use harness_abi::{PluginInfo, PluginKind, PluginLibRef};
+
+/// One component found in a library.
+#[derive(Clone)]
+pub struct Entry {
+    pub info: PluginInfo,
+    pub library: PathBuf,
+    pub lib: PluginLibRef,
+}
+
+/// Everything found in the plugin folders.
+pub struct Registry {
+    pub entries: BTreeMap<(PluginKind, String), Entry>,
+    /// One line per file that could not be loaded.
+    pub warnings: Vec<String>,
+    /// The folders searched, in order.
+    pub searched: Vec<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("two plugins provide the {kind} `{name}`: {first} and {second}; remove one of them from the plugin folders")]
+    Duplicate {
+        kind: &'static str,
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("unknown {kind} `{name}`{suggestion}; known {kind}s: {known} (see `harness list`)")]
+    Unknown {
+        kind: &'static str,
+        name: String,
+        suggestion: String,
+        known: String,
+    },
+}
+
+/// The folders to search, in order, without repeats.
+pub fn search_path(plugin_dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = plugin_dirs.to_vec();
+    if let Some(paths) = std::env::var_os("HARNESS_PLUGIN_PATH") {
+        dirs.extend(std::env::split_paths(&paths).filter(|p| !p.as_os_str().is_empty()));
+    }
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        dirs.push(dir);
+    }
+    let mut seen = Vec::new();
+    dirs.retain(|d| {
+        let key = d.canonicalize().unwrap_or_else(|_| d.clone());
+        if seen.contains(&key) {
+            false
+        } else {
+            seen.push(key);
+            true
+        }
+    });
+    dirs
+}
+
+/// Loads every plugin library in `dirs`.
+pub fn load(dirs: &[PathBuf]) -> Result<Registry, RegistryError> {
+    let mut reg = Registry {
+        entries: BTreeMap::new(),
+        warnings: Vec::new(),
+        searched: dirs.to_vec(),
+    };
+    let mut files_seen: Vec<PathBuf> = Vec::new();
+    for dir in dirs {
+        let Ok(read) = std::fs::read_dir(dir) else {
+            if !dir.exists() {
+                reg.warnings.push(format!("plugin folder {} does not exist", dir.display()));
+            }
+            continue;
+        };
+        let mut files: Vec<PathBuf> = read
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .is_some_and(|e| e == std::env::consts::DLL_EXTENSION)
+            })
+            .collect();
+        files.sort();
+        for file in files {
+            let canonical = file.canonicalize().unwrap_or_else(|_| file.clone());
+            if files_seen.contains(&canonical) {
+                continue;
+            }
+            files_seen.push(canonical);
+            match open(&file) {
+                Ok(lib) => reg.add(lib, &file)?,
+                Err(why) => reg
+                    .warnings
+                    .push(format!("skipped {}: {why}", file.display())),
+            }
+        }
+    }
+    Ok(reg)
+}
+
+/// Loads one library and checks its ABI.
+fn open(file: &Path) -> Result<PluginLibRef, String> {
+    let header = lib_header_from_path(file).map_err(|e| describe(&e))?;
+    header
+        .init_root_module::<PluginLibRef>()
+        .map_err(|e| describe(&e))
+}
+
+/// One line for a load error (abi_stable's own messages span many lines).
+fn describe(e: &LibraryError) -> String {
+    match e {
+        LibraryError::OpenError { err, .. } => {
+            format!("not a loadable library ({})", first_line(&err.to_string()))
+        }
+        LibraryError::GetSymbolError { .. } => {
+            "not a harness plugin (it exports no harness root module)".into()
+        }
+        LibraryError::IncompatibleVersionNumber {
+            expected_version,
+            actual_version,
+            ..
+        } => format!(
+            "built against harness-abi {actual_version}, but this harness uses {expected_version}; rebuild the plugin against harness-abi {expected_version}"
+        ),
+        LibraryError::AbiInstability(_) | LibraryError::InvalidAbiHeader(_) | LibraryError::InvalidCAbi { .. } => {
+            "its ABI does not match this harness (built against another harness-abi or abi_stable); rebuild the plugin".into()
+        }
+        LibraryError::RootModule { err, .. } => {
+            format!("its root module failed to load: {}", first_line(&err.to_string()))
+        }
+        other => first_line(&other.to_string()),
+    }
+}
+
+fn first_line(s: &str) -> String {
+    let line = s.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let mut out: String = line.chars().take(200).collect();
+    if line.chars().count() > 200 {
+        out.push('…');
+    }
+    out
+}
+
+impl Registry {
+    fn add(&mut self, lib: PluginLibRef, file: &Path) -> Result<(), RegistryError> {
+        let manifest = (lib.manifest())();
+        for info in manifest {
+            let key = (info.kind, info.name.to_string());
+            if let Some(prev) = self.entries.get(&key) {
+                return Err(RegistryError::Duplicate {
+                    kind: info.kind.as_str(),
+                    name: info.name.to_string(),
+                    first: prev.library.clone(),
+                    second: file.to_path_buf(),
+                });
+            }
+            self.entries.insert(
+                key,
+                Entry {
+                    info,
+                    library: file.to_path_buf(),
+                    lib,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The names of every component of `kind`, sorted.
+    pub fn names(&self, kind: PluginKind) -> Vec<String> {
+        self.entries
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, n)| n.clone())
+            .collect()
+    }
+
+    /// The component `name` of `kind`, or an error suggesting the nearest known name.
+    pub fn get(&self, kind: PluginKind, name: &str) -> Result<&Entry, RegistryError> {
+        if let Some(e) = self.entries.get(&(kind, name.to_string())) {
+            return Ok(e);
+        }
+        let known = self.names(kind);
+        Err(RegistryError::Unknown {
+            kind: kind.as_str(),
+            name: name.to_string(),
+            suggestion: suggest(name, &known)
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default(),
+            known: if known.is_empty() {
+                format!(
+                    "none found in {}",
+                    self.searched
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            } else {
+                known.join(", ")
+            },
+        })
+    }
+}
+
+/// The known name closest to `name`, if it is close enough to be a typo.
+pub fn suggest(name: &str, known: &[String]) -> Option<String> {
+    known
+        .iter()
+        .map(|k| (strsim::levenshtein(name, k), k))
+        .filter(|(d, k)| *d <= (k.len() / 3).max(2))
+        .min()
+        .map(|(_, k)| k.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions_only_for_near_names() {
+        let known = vec!["addition".to_string(), "mmlu".to_string()];
+        assert_eq!(suggest("additon", &known).as_deref(), Some("addition"));
+        assert_eq!(suggest("mmmlu", &known).as_deref(), Some("mmlu"));
+        assert_eq!(suggest("translation", &known), None);
+    }
+
+    #[test]
+    fn junk_files_are_warnings_not_errors() {
+        let dir = std::env::temp_dir().join(format!("harness-reg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join(format!("libjunk.{}", std::env::consts::DLL_EXTENSION));
+        std::fs::write(&junk, b"not a library").unwrap();
+        std::fs::write(dir.join("README.txt"), b"ignored").unwrap();
+        let reg = load(&[dir.clone()]).unwrap();
+        assert!(reg.entries.is_empty());
+        assert_eq!(reg.warnings.len(), 1);
+        assert!(reg.warnings[0].contains("not a loadable library"), "{}", reg.warnings[0]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,247 @@
+//! Run folders, the product's memory: `run.toml` (everything needed to rerun), `samples.jsonl`
+//! (one line per finished instance, appended and flushed as work finishes) and `results.csv`.
+//!
+//! Invariant: a finished file is never rewritten in place. `run.toml` and `results.csv` are
+//! written to a temporary name and renamed; `samples.jsonl` only grows, and a line torn by a
+//! kill is cut off before a resumed run appends to it.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const RUN_TOML: &str = "run.toml";
+pub const SAMPLES: &str = "samples.jsonl";
+pub const RESULTS: &str = "results.csv";
+
+/// A plugin component as recorded in run.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Component {
+    pub name: String,
+    pub version: String,
+    pub library: String,
+    pub library_sha256: String,
+    /// The options after the plugin filled in defaults, as TOML.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub options: String,
+}
+
+/// The model as recorded in run.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelRecord {
+    pub name: String,
+    pub path: String,
+    pub sha256: String,
+    pub architecture: String,
+    pub parameters: u64,
+    pub device: String,
+}
+
+/// run.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunRecord {
+    pub harness_version: String,
+    pub created_utc: String,
+    pub command: String,
+    pub batch: u64,
+    pub task: Component,
+    pub backend: Component,
+    pub model: ModelRecord,
+    pub metrics: Vec<Component>,
+}
+
+impl RunRecord {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(RUN_TOML);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("cannot read {}; is {} a run folder?", path.display(), dir.display())
+        })?;
+        toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid run record", path.display()))
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        write_atomic(&dir.join(RUN_TOML), toml::to_string(self)?.as_bytes())
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    {
+        let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// sha256 of a file, or of a folder's files (names and contents, in name order).
+pub fn sha256_path(path: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        for f in files {
+            h.update(f.file_name().unwrap_or_default().to_string_lossy().as_bytes());
+            hash_file_into(&f, &mut h)?;
+        }
+    } else {
+        hash_file_into(path, &mut h)?;
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hash_file_into(path: &Path, h: &mut Sha256) -> Result<()> {
+    let mut f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    std::io::copy(&mut f, h)?;
+    Ok(())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The finished samples of a run folder, keyed by instance id, after cutting off a torn last
+/// line. Lines are kept as parsed JSON.
+pub fn read_samples(dir: &Path) -> Result<BTreeMap<String, serde_json::Value>> {
+    let path = dir.join(SAMPLES);
+    let mut out = BTreeMap::new();
+    let Ok(file) = File::open(&path) else {
+        return Ok(out);
+    };
+    let mut reader = BufReader::new(file);
+    let mut good_len = 0u64;
+    let mut line = String::new();
+    let mut number = 0;
+    loop {
+        line.clear();
+        let read = reader.read_line(&mut line)?;
+        if read == 0 {
+            break;
+        }
+        number += 1;
+        if !line.ends_with('\n') {
+            break; // torn by a kill: dropped below
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| {
+            format!("{} line {number} is not valid JSON; fix or delete that line", path.display())
+        })?;
+        let Some(id) = v.get("id").and_then(|i| i.as_str()) else {
+            bail!("{} line {number} has no `id`", path.display());
+        };
+        out.insert(id.to_string(), v);
+        good_len += read as u64;
+    }
+    let len = std::fs::metadata(&path)?.len();
+    if len != good_len {
+        OpenOptions::new()
+            .write(true)
+            .open(&path)?
+            .set_len(good_len)
+            .with_context(|| format!("cannot repair {}", path.display()))?;
+    }
+    Ok(out)
+}
+
+/// Appends sample lines and flushes them, so a killed run keeps every finished instance.
+pub struct SampleWriter {
+    file: File,
+}
+
+impl SampleWriter {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join(SAMPLES);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(SampleWriter { file })
+    }
+
+    pub fn append(&mut self, lines: &[serde_json::Value]) -> Result<()> {
+        let mut buf = String::new();
+        for l in lines {
+            buf.push_str(&serde_json::to_string(l)?);
+            buf.push('\n');
+        }
+        self.file.write_all(buf.as_bytes())?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+/// Seconds since the epoch as `YYYYMMDD-HHMMSS` and RFC 3339, in UTC.
+pub fn utc_now() -> (String, String) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    (
+        format!("{y:04}{mo:02}{d:02}-{h:02}{m:02}{s:02}"),
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z"),
+    )
+}
+
+/// A new run folder `runs/<task>-<time>` (with a suffix if that exists already).
+pub fn new_run_dir(task: &str) -> PathBuf {
+    let (stamp, _) = utc_now();
+    let base = PathBuf::from("runs").join(format!("{task}-{stamp}"));
+    let mut dir = base.clone();
+    let mut i = 2;
+    while dir.exists() {
+        dir = PathBuf::from(format!("{}-{i}", base.display()));
+        i += 1;
+    }
+    dir
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torn_last_line_is_cut_off() {
+        let dir = std::env::temp_dir().join(format!("harness-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(SAMPLES), "{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"c\",\"pre").unwrap();
+        let s = read_samples(&dir).unwrap();
+        assert_eq!(s.keys().cloned().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(std::fs::read_to_string(dir.join(SAMPLES)).unwrap(), "{\"id\":\"a\"}\n{\"id\":\"b\"}\n");
+        let mut w = SampleWriter::open(&dir).unwrap();
+        w.append(&[serde_json::json!({"id": "c"})]).unwrap();
+        assert_eq!(read_samples(&dir).unwrap().len(), 3);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn utc_format_shape() {
+        let (stamp, rfc) = utc_now();
+        assert_eq!(stamp.len(), 15);
+        assert!(rfc.ends_with('Z') && rfc.len() == 20);
+    }
+}

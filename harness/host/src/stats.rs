@@ -1,0 +1,134 @@
+//! Aggregating per-sample scores into means with standard errors and 95% intervals.
+//!
+//! Per group and over all samples (the micro average); when there are several groups, also the
+//! macro average (the mean of the group means, with the standard errors of the groups
+//! propagated as independent). 0/1 metrics get Wilson score intervals, which stay inside
+//! [0, 1] and behave at 0% and 100%; other metrics a normal interval.
+
+use reports::ResultRow;
+
+const Z95: f64 = 1.959_963_984_540_054;
+
+/// Mean, standard error and 95% interval of `xs`.
+pub fn summarize(xs: &[f64], binary: bool) -> (f64, f64, f64, f64) {
+    let n = xs.len() as f64;
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    let stderr = (var / n).sqrt();
+    let (lo, hi) = if binary {
+        wilson(mean, n)
+    } else {
+        (mean - Z95 * stderr, mean + Z95 * stderr)
+    };
+    (mean, stderr, lo, hi)
+}
+
+/// Wilson score interval for a proportion `p` observed over `n` trials.
+pub fn wilson(p: f64, n: f64) -> (f64, f64) {
+    let z2 = Z95 * Z95;
+    let denom = 1.0 + z2 / n;
+    let center = (p + z2 / (2.0 * n)) / denom;
+    let half = Z95 * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / denom;
+    ((center - half).max(0.0), (center + half).min(1.0))
+}
+
+/// A metric's scores, in instance order, with the group of each.
+pub struct MetricScores<'a> {
+    pub metric: &'a str,
+    pub binary: bool,
+    /// (group, score) in instance order.
+    pub scores: Vec<(&'a str, f64)>,
+}
+
+/// Rows for each group (in first-appearance order), `all`, and `macro` when there are several
+/// groups.
+pub fn aggregate(task: &str, metrics: &[MetricScores<'_>]) -> Vec<ResultRow> {
+    let mut groups: Vec<&str> = Vec::new();
+    for m in metrics {
+        for (g, _) in &m.scores {
+            if !groups.contains(g) {
+                groups.push(g);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    let row = |group: &str, metric: &str, n: usize, s: (f64, f64, f64, f64)| ResultRow {
+        task: task.to_string(),
+        group: group.to_string(),
+        metric: metric.to_string(),
+        n: n as u64,
+        mean: s.0,
+        stderr: s.1,
+        ci_low: s.2,
+        ci_high: s.3,
+    };
+    for g in &groups {
+        for m in metrics {
+            let xs: Vec<f64> = m.scores.iter().filter(|(mg, _)| mg == g).map(|(_, x)| *x).collect();
+            rows.push(row(g, m.metric, xs.len(), summarize(&xs, m.binary)));
+        }
+    }
+    for m in metrics {
+        let xs: Vec<f64> = m.scores.iter().map(|(_, x)| *x).collect();
+        rows.push(row("all", m.metric, xs.len(), summarize(&xs, m.binary)));
+    }
+    if groups.len() > 1 {
+        for m in metrics {
+            let per_group: Vec<&ResultRow> = rows
+                .iter()
+                .filter(|r| r.metric == m.metric && groups.contains(&r.group.as_str()))
+                .collect();
+            let k = per_group.len() as f64;
+            let mean = per_group.iter().map(|r| r.mean).sum::<f64>() / k;
+            let stderr = per_group.iter().map(|r| r.stderr * r.stderr).sum::<f64>().sqrt() / k;
+            let s = (mean, stderr, mean - Z95 * stderr, mean + Z95 * stderr);
+            rows.push(row("macro", m.metric, per_group.len(), s));
+        }
+    }
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_stderr() {
+        let (m, se, lo, hi) = summarize(&[1.0, 2.0, 3.0, 4.0], false);
+        assert_eq!(m, 2.5);
+        assert!((se - (1.666_666_666_666_666_7f64 / 4.0).sqrt()).abs() < 1e-12);
+        assert!((hi - m - Z95 * se).abs() < 1e-12 && (m - lo - Z95 * se).abs() < 1e-12);
+    }
+
+    #[test]
+    fn wilson_matches_reference_values() {
+        // The textbook case: 50 successes in 100 trials gives [0.4038, 0.5962].
+        let (lo, hi) = wilson(0.5, 100.0);
+        assert!((lo - 0.4038).abs() < 1e-4 && (hi - 0.5962).abs() < 1e-4, "{lo} {hi}");
+        let (lo, hi) = wilson(0.0, 50.0);
+        assert_eq!(lo, 0.0);
+        assert!(hi > 0.05 && hi < 0.08);
+    }
+
+    #[test]
+    fn groups_all_and_macro() {
+        let m = MetricScores {
+            metric: "exact-match",
+            binary: true,
+            scores: vec![("a", 1.0), ("a", 1.0), ("b", 0.0), ("b", 1.0), ("b", 0.0), ("b", 0.0)],
+        };
+        let rows = aggregate("t", &[m]);
+        let names: Vec<&str> = rows.iter().map(|r| r.group.as_str()).collect();
+        assert_eq!(names, ["a", "b", "all", "macro"]);
+        assert_eq!(rows[2].mean, 0.5);
+        assert_eq!(rows[3].mean, (1.0 + 0.25) / 2.0);
+        assert_eq!(rows[3].n, 2);
+    }
+}
