@@ -1,0 +1,228 @@
+//! End-to-end evals: the built binary and plugins on a tiny random model (fast) and on the real
+//! SmolLM2-135M-Instruct fetched by `harness fetch` (checked against the references in
+//! shared/fixtures/smollm2/).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn tiny_model(name: &str) -> (PathBuf, PathBuf) {
+    let dir = temp_dir(name);
+    write_tiny_model(&dir.join("model"), 7);
+    (dir.join("model"), dir)
+}
+
+fn addition_eval(model: &Path, out: &Path) -> std::process::Command {
+    let mut c = harness();
+    c.args([
+        "eval", "--task", "addition", "--digits", "1,3", "--n", "6",
+        "--metric", "exact-match,digit-accuracy,levenshtein", "--seed", "7", "--batch", "4",
+    ])
+    .arg("--model")
+    .arg(model)
+    .arg("--out")
+    .arg(out);
+    c
+}
+
+#[test]
+fn eval_writes_a_complete_run_folder() {
+    let (model, dir) = tiny_model("run-folder");
+    let out = ok(&mut addition_eval(&model, &dir.join("run")));
+    assert!(out.contains("digit-accuracy") && out.contains("k=3"), "{out}");
+    let run = dir.join("run");
+    let record = std::fs::read_to_string(run.join("run.toml")).unwrap();
+    for key in ["harness_version", "library_sha256", "[model]", "sha256", "seed = 7", "[[metrics]]"] {
+        assert!(record.contains(key), "run.toml lacks {key}:\n{record}");
+    }
+    let samples = std::fs::read_to_string(run.join("samples.jsonl")).unwrap();
+    assert_eq!(samples.lines().count(), 12);
+    let first: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    for key in ["id", "group", "prompt", "prediction", "target", "scores"] {
+        assert!(first.get(key).is_some(), "sample lacks {key}: {first}");
+    }
+    let results = std::fs::read_to_string(run.join("results.csv")).unwrap();
+    let lines: Vec<&str> = results.lines().collect();
+    assert_eq!(lines[0], "task,group,metric,n,mean,stderr,ci_low,ci_high");
+    // 2 groups + all + macro, 3 metrics each.
+    assert_eq!(lines.len(), 1 + 4 * 3, "{results}");
+    assert!(!run.join("results.csv.tmp").exists());
+    // A finished run folder is not overwritten.
+    let e = fails(&mut addition_eval(&model, &run));
+    assert!(e.contains("already holds a run"), "{e}");
+}
+
+#[test]
+fn same_inputs_give_byte_identical_results() {
+    let (model, dir) = tiny_model("determinism");
+    ok(&mut addition_eval(&model, &dir.join("a")));
+    ok(&mut addition_eval(&model, &dir.join("b")));
+    let a = std::fs::read(dir.join("a/results.csv")).unwrap();
+    let b = std::fs::read(dir.join("b/results.csv")).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_identical_results() {
+    let (model, dir) = tiny_model("resume");
+    ok(&mut addition_eval(&model, &dir.join("full")));
+
+    // Simulate a kill after 5 samples, mid-way through writing the 6th.
+    let run = dir.join("cut");
+    ok(&mut addition_eval(&model, &run));
+    let samples = std::fs::read_to_string(run.join("samples.jsonl")).unwrap();
+    let mut kept: String = samples.lines().take(5).map(|l| format!("{l}\n")).collect();
+    kept.push_str(&samples.lines().nth(5).unwrap()[..20]);
+    std::fs::write(run.join("samples.jsonl"), kept).unwrap();
+    std::fs::remove_file(run.join("results.csv")).unwrap();
+
+    let out = ok(harness().arg("eval").arg("--resume").arg(&run));
+    assert!(out.contains("(7 to do)"), "{out}");
+    assert_eq!(
+        std::fs::read(dir.join("full/results.csv")).unwrap(),
+        std::fs::read(run.join("results.csv")).unwrap()
+    );
+    assert_eq!(std::fs::read_to_string(run.join("samples.jsonl")).unwrap().lines().count(), 12);
+
+    // A real kill: start, kill as soon as some samples exist, resume.
+    let killed = dir.join("killed");
+    let mut child = addition_eval(&model, &killed)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while start.elapsed().as_secs() < 60 {
+        let n = std::fs::read_to_string(killed.join("samples.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if n >= 4 || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    ok(harness().arg("eval").arg("--resume").arg(&killed));
+    assert_eq!(
+        std::fs::read(dir.join("full/results.csv")).unwrap(),
+        std::fs::read(killed.join("results.csv")).unwrap()
+    );
+
+    let e = fails(harness().args(["eval", "--digits", "3", "--resume"]).arg(&killed));
+    assert!(e.contains("drop --digits"), "{e}");
+}
+
+#[test]
+fn mmlu_on_a_csv_folder_and_cloze_scoring() {
+    let (model, dir) = tiny_model("mmlu-csv");
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("test")).unwrap();
+    std::fs::create_dir_all(data.join("dev")).unwrap();
+    std::fs::write(data.join("test/virology_test.csv"), "What spreads?,a virus,a rock,a chair,a song,A\nWhich is alive?,a cell,a stone,a nail,a cup,A\n").unwrap();
+    // No dev split for anatomy: its few-shot example comes from its other question.
+    std::fs::write(data.join("test/anatomy_test.csv"), "Where is the heart?,chest,foot,ear,nose,A\nWhere are the lungs?,chest,hand,knee,hair,A\n").unwrap();
+    std::fs::write(data.join("dev/virology_dev.csv"), "Example?,yes,no,maybe,never,A\n").unwrap();
+    for scoring in ["letter", "cloze"] {
+        let run = dir.join(format!("run-{scoring}"));
+        ok(harness()
+            .args(["eval", "--task", "mmlu", "--subject", "virology,anatomy", "--shots", "1", "--scoring", scoring, "--data"])
+            .arg(&data)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&run));
+        let results = std::fs::read_to_string(run.join("results.csv")).unwrap();
+        for group in ["virology", "anatomy", "all", "macro"] {
+            assert!(results.contains(&format!("mmlu,{group},exact-match,")), "{results}");
+        }
+    }
+}
+
+// ---- The real default model. `harness fetch` must have run (CI does it first). ----
+
+fn fixture_readme() -> String {
+    let path = repo_root().join("../shared/fixtures/smollm2/README.md");
+    std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("reference fixtures missing at {}", path.display()))
+}
+
+fn real_model() -> PathBuf {
+    let model = harness().arg("--version").output().map(|_| ()).ok();
+    let _ = model;
+    let path = std::env::var_os("HARNESS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/harness"))
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "the default model is missing at {}; run `harness fetch` first", path.display());
+    path
+}
+
+fn results_map(run: &Path) -> Vec<(String, String, f64)> {
+    std::fs::read_to_string(run.join("results.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[1].to_string(), f[2].to_string(), f[4].parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn smollm2_mmlu_machine_learning_letter_scoring_matches_reference() {
+    let _ = real_model();
+    // The reference: "accuracy 0.3125 (35/112)".
+    let readme = fixture_readme();
+    let text = readme.replace('\n', " ");
+    let after = &text[text.find("MMLU `machine_learning`").expect("reference line")..];
+    let (hits, total) = after
+        .split('(')
+        .skip(1)
+        .filter_map(|part| {
+            let inside = part.split(')').next()?;
+            let (a, b) = inside.split_once('/')?;
+            Some((a.trim().parse::<f64>().ok()?, b.trim().parse::<f64>().ok()?))
+        })
+        .next()
+        .expect("a (hits/total) figure after the machine_learning reference");
+    let dir = temp_dir("smollm2-mmlu");
+    ok(harness()
+        .args(["eval", "--task", "mmlu", "--subject", "machine_learning", "--metric", "exact-match", "--out"])
+        .arg(dir.join("run")));
+    let r = results_map(&dir.join("run"));
+    let (_, _, acc) = r.iter().find(|(g, m, _)| g == "machine_learning" && m == "exact-match").unwrap();
+    assert_eq!(*acc, (hits / total * 1e6).round() / 1e6, "letter accuracy on machine_learning");
+}
+
+#[test]
+fn smollm2_vanilla_addition_is_within_sampling_error_of_reference() {
+    let _ = real_model();
+    // The reference line: "exact match k=1 0.74, k=2 0.30, k=3 0.09".
+    let readme = fixture_readme();
+    let text = readme.replace('\n', " ");
+    let at = text.find("exact match k=1").expect("reference numbers");
+    let refs: Vec<(String, f64)> = text[at + "exact match ".len()..]
+        .split(',')
+        .take(3)
+        .map(|part| {
+            let mut it = part.split_whitespace();
+            let k = it.next().unwrap().to_string();
+            let v: f64 = it.next().unwrap().trim_end_matches('.').parse().unwrap();
+            (k, v)
+        })
+        .collect();
+    let dir = temp_dir("smollm2-addition");
+    ok(harness()
+        .args(["eval", "--task", "addition", "--digits", "1-3", "--n", "100", "--metric", "exact-match", "--out"])
+        .arg(dir.join("run")));
+    let r = results_map(&dir.join("run"));
+    for (k, want) in refs {
+        let (_, _, got) = r.iter().find(|(g, m, _)| *g == k && m == "exact-match").unwrap();
+        // Both sides sample 100 problems: the difference has a standard error of about
+        // sqrt(2 p (1 - p) / 100); allow three of them.
+        let se = (2.0 * want * (1.0 - want) / 100.0).sqrt().max(0.02);
+        assert!((got - want).abs() <= 3.0 * se, "{k}: exact match {got}, reference {want}");
+    }
+}

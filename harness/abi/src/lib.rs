@@ -18,7 +18,9 @@
 // abi_stable's derive macros emit impls inside generated modules and `_Ref`/`_TO` type names.
 #![allow(non_local_definitions, non_camel_case_types)]
 
+use std::cell::{Cell, RefCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Once;
 
 pub use abi_stable;
 use abi_stable::{
@@ -262,34 +264,60 @@ pub type BackendBox = Backend_TO<'static, RBox<()>>;
 
 pub use abi_stable::sabi_trait::TD_Opaque;
 
-/// Runs `f`, turning an error or a panic into an `RErr` that names the plugin.
-///
-/// Every `extern "C"` function and trait method of a plugin must go through this: a panic that
-/// reached abi_stable's boundary would abort the whole host.
-pub fn guard<T>(plugin: &str, f: impl FnOnce() -> Result<T, String>) -> RResult<T, RString> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => RResult::ROk(v),
-        Ok(Err(e)) => RResult::RErr(RString::from(e)),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown cause".to_string());
-            RResult::RErr(RString::from(format!(
-                "plugin `{plugin}` panicked: {what} (this is a bug in the plugin; please report it)"
-            )))
-        }
-    }
+thread_local! {
+    /// How many [`guard`] calls are active on this thread.
+    static GUARD_DEPTH: Cell<usize> = const { Cell::new(0) };
+    /// The message and place of the last panic caught inside a guard.
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-/// Like [`guard`] for functions that cannot fail: a panic yields `fallback`.
-pub fn guard_or<T>(plugin: &str, fallback: T, f: impl FnOnce() -> T) -> T {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(v) => v,
+/// Installs, once per library, a panic hook that stays quiet for panics inside [`guard`] (the
+/// guard reports them as an error) and defers to the previous hook elsewhere.
+///
+/// Each plugin library links its own copy of std, so this hook only sees the plugin's panics.
+fn install_quiet_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARD_DEPTH.with(Cell::get) == 0 {
+                previous(info);
+                return;
+            }
+            let what = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown cause".to_string());
+            let place = info
+                .location()
+                .map(|l| format!(" (at {}:{})", l.file(), l.line()))
+                .unwrap_or_default();
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(format!("{what}{place}")));
+        }));
+    });
+}
+
+/// Runs `f`, turning an error or a panic into an `RErr` that names the plugin.
+///
+/// Every `extern "C"` function and trait method of a plugin that can fail must go through this:
+/// a panic that reached abi_stable's boundary would abort the whole host.
+pub fn guard<T>(plugin: &str, f: impl FnOnce() -> Result<T, String>) -> RResult<T, RString> {
+    install_quiet_hook();
+    GUARD_DEPTH.with(|d| d.set(d.get() + 1));
+    let outcome = catch_unwind(AssertUnwindSafe(f));
+    GUARD_DEPTH.with(|d| d.set(d.get() - 1));
+    match outcome {
+        Ok(Ok(v)) => RResult::ROk(v),
+        Ok(Err(e)) => RResult::RErr(RString::from(e)),
         Err(_) => {
-            eprintln!("warning: plugin `{plugin}` panicked; using a default value");
-            fallback
+            let what = LAST_PANIC
+                .with(|p| p.borrow_mut().take())
+                .unwrap_or_else(|| "unknown cause".to_string());
+            RResult::RErr(RString::from(format!(
+                "plugin `{plugin}` panicked: {what}; this is a bug in the plugin, please report it"
+            )))
         }
     }
 }

@@ -36,7 +36,10 @@ pub fn wilson(p: f64, n: f64) -> (f64, f64) {
     let denom = 1.0 + z2 / n;
     let center = (p + z2 / (2.0 * n)) / denom;
     let half = Z95 * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / denom;
-    ((center - half).max(0.0), (center + half).min(1.0))
+    // At p = 0 or 1 the bound is exactly 0 or 1; do not let rounding say otherwise.
+    let lo = if p <= 0.0 { 0.0 } else { (center - half).max(0.0) };
+    let hi = if p >= 1.0 { 1.0 } else { (center + half).min(1.0) };
+    (lo, hi)
 }
 
 /// A metric's scores, in instance order, with the group of each.

@@ -247,14 +247,32 @@ impl Engine {
                 "a multiple-choice request has an empty context".into(),
             ));
         }
+        let encoded: Vec<Vec<u32>> = options
+            .iter()
+            .map(|o| self.encode(o))
+            .collect::<Result<_>>()?;
+        if let Some(empty) = encoded.iter().position(Vec::is_empty) {
+            return Err(BackendError::Options(format!(
+                "option {:?} has no tokens",
+                options[empty]
+            )));
+        }
+        // Single-token options (letters) all read the same next-token distribution: one pass.
+        if encoded.iter().all(|o| o.len() == 1) {
+            let (_, logits) = self.prefill(&ctx, ctx.len() - 1, ctx.len())?;
+            let logp = candle_nn::ops::log_softmax(&logits.i(0)?, D::Minus1)?.to_vec1::<f32>()?;
+            let best = argmax(&logits.i(0)?)?;
+            return Ok(encoded
+                .iter()
+                .map(|o| ChoiceScore {
+                    logprob: f64::from(logp[o[0] as usize]),
+                    n_tokens: 1,
+                    is_greedy: o[0] == best,
+                })
+                .collect());
+        }
         let mut out = Vec::with_capacity(options.len());
-        for option in options {
-            let opt = self.encode(option)?;
-            if opt.is_empty() {
-                return Err(BackendError::Options(format!(
-                    "option {option:?} has no tokens"
-                )));
-            }
+        for opt in encoded {
             let ids: Vec<u32> = ctx.iter().chain(&opt).copied().collect();
             let (_, logits) = self.prefill(&ids, ctx.len() - 1, ids.len() - 1)?;
             let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;

