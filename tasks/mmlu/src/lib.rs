@@ -104,7 +104,9 @@ impl Mmlu {
                 s.push_str(&format!("{letter}. {}\n", choice.trim()));
             }
         }
-        s.push_str("\nAnswer:");
+        // One newline before "Answer:": with Listing 1's blank line SmolLM2 no longer answers
+        // "A" to every question, and the reference (35/112) was computed without it.
+        s.push_str("Answer:");
         if answer {
             s.push_str(&format!(" {}\n\n", self.answer_text(q, q.answer)));
         }
@@ -341,7 +343,7 @@ mod tests {
         let Request::Choice(c) = &inst[1].request else { panic!() };
         assert_eq!(
             c.context.as_str(),
-            "You are an expert in machine learning. You will be presented with a question and four possible answers. Choose the correct answer. Do not output any explanation, only choose the correct option.\n\nQuestion: machine learning q1\nA. a1\nB. b1\nC. c1\nD. d1\n\nAnswer:"
+            "You are an expert in machine learning. You will be presented with a question and four possible answers. Choose the correct answer. Do not output any explanation, only choose the correct option.\n\nQuestion: machine learning q1\nA. a1\nB. b1\nC. c1\nD. d1\nAnswer:"
         );
         assert_eq!(c.options.iter().map(|o| o.as_str()).collect::<Vec<_>>(), [" A", " B", " C", " D"]);
         assert_eq!(inst[1].target.as_str(), "B");
