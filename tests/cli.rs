@@ -29,14 +29,21 @@ fn list_shows_every_plugin_with_version_and_library() {
 fn junk_in_a_plugin_folder_is_one_warning_and_list_goes_on() {
     let dir = temp_dir("junk");
     let ext = std::env::consts::DLL_EXTENSION;
-    std::fs::write(dir.join(format!("libjunk.{ext}")), b"\x7fELF but not really").unwrap();
+    std::fs::write(
+        dir.join(format!("libjunk.{ext}")),
+        b"\x7fELF but not really",
+    )
+    .unwrap();
     std::fs::write(dir.join("notes.txt"), b"not a plugin").unwrap();
     let o = run(harness().arg("--plugin-dir").arg(&dir).arg("list"));
     assert!(o.status.success());
     let err = stderr(&o);
     let warnings: Vec<&str> = err.lines().collect();
     assert_eq!(warnings.len(), 1, "{err}");
-    assert!(warnings[0].starts_with("warning: skipped") && warnings[0].contains("libjunk"), "{err}");
+    assert!(
+        warnings[0].starts_with("warning: skipped") && warnings[0].contains("libjunk"),
+        "{err}"
+    );
     assert!(stdout(&o).contains("addition"));
 }
 
@@ -44,35 +51,86 @@ fn junk_in_a_plugin_folder_is_one_warning_and_list_goes_on() {
 fn a_library_without_a_root_module_is_reported() {
     // A real shared library that is not a harness plugin.
     let dir = temp_dir("foreign");
-    let libc = ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists());
+    let libc = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists());
     let Some(libm) = libc else {
         return; // not a glibc system: nothing to copy
     };
-    std::fs::copy(libm, dir.join(format!("libforeign.{}", std::env::consts::DLL_EXTENSION))).unwrap();
+    std::fs::copy(
+        libm,
+        dir.join(format!("libforeign.{}", std::env::consts::DLL_EXTENSION)),
+    )
+    .unwrap();
     let o = run(harness().arg("--plugin-dir").arg(&dir).arg("list"));
     assert!(o.status.success());
-    assert!(stderr(&o).contains("not a harness plugin"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not a harness plugin"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn misspelt_names_get_suggestions() {
     let e = fails(harness().args(["eval", "--task", "additon", "--model", "none"]));
-    assert!(e.contains("unknown task `additon`; did you mean `addition`?"), "{e}");
-    let e = fails(harness().args(["eval", "--task", "addition", "--metric", "levenstein", "--model", "none"]));
-    assert!(e.contains("unknown metric `levenstein`; did you mean `levenshtein`?"), "{e}");
-    let e = fails(harness().args(["eval", "--task", "addition", "--backend", "candel", "--model", "none"]));
-    assert!(e.contains("unknown backend `candel`; did you mean `candle`?"), "{e}");
+    assert!(
+        e.contains("unknown task `additon`; did you mean `addition`?"),
+        "{e}"
+    );
+    let e = fails(harness().args([
+        "eval",
+        "--task",
+        "addition",
+        "--metric",
+        "levenstein",
+        "--model",
+        "none",
+    ]));
+    assert!(
+        e.contains("unknown metric `levenstein`; did you mean `levenshtein`?"),
+        "{e}"
+    );
+    let e = fails(harness().args([
+        "eval",
+        "--task",
+        "addition",
+        "--backend",
+        "candel",
+        "--model",
+        "none",
+    ]));
+    assert!(
+        e.contains("unknown backend `candel`; did you mean `candle`?"),
+        "{e}"
+    );
 }
 
 #[test]
 fn bad_task_options_are_named_before_any_model_loads() {
-    let e = fails(harness().args(["eval", "--task", "addition", "--option", "digts=3", "--model", "none"]));
-    assert!(e.contains("unknown option `digts` (did you mean `digits`?)"), "{e}");
-    let e = fails(harness().args(["eval", "--task", "addition", "--digits", "0-3", "--model", "none"]));
+    let e = fails(harness().args([
+        "eval", "--task", "addition", "--option", "digts=3", "--model", "none",
+    ]));
+    assert!(
+        e.contains("unknown option `digts` (did you mean `digits`?)"),
+        "{e}"
+    );
+    let e = fails(harness().args([
+        "eval", "--task", "addition", "--digits", "0-3", "--model", "none",
+    ]));
     assert!(e.contains("cannot read digits `0-3`"), "{e}");
-    let e = fails(harness().args(["eval", "--task", "addition", "--subject", "virology", "--model", "none"]));
+    let e = fails(harness().args([
+        "eval",
+        "--task",
+        "addition",
+        "--subject",
+        "virology",
+        "--model",
+        "none",
+    ]));
     assert!(e.contains("unknown option `subject`"), "{e}");
     let e = fails(harness().args(["eval", "--task", "mmlu", "--model", "none"]));
     assert!(e.contains("choose a subject with --subject"), "{e}");
@@ -83,7 +141,9 @@ fn a_missing_model_is_one_clear_line() {
     let dir = temp_dir("missing-model");
     let e = fails(
         harness()
-            .args(["eval", "--task", "addition", "--digits", "1", "--n", "1", "--model"])
+            .args([
+                "eval", "--task", "addition", "--digits", "1", "--n", "1", "--model",
+            ])
             .arg(dir.join("nope.gguf"))
             .arg("--out")
             .arg(dir.join("run")),
@@ -98,7 +158,9 @@ fn a_corrupt_model_file_is_one_clear_line() {
     std::fs::write(&model, b"GGUF\x03\x00\x00\x00garbage").unwrap();
     let e = fails(
         harness()
-            .args(["eval", "--task", "addition", "--digits", "1", "--n", "1", "--model"])
+            .args([
+                "eval", "--task", "addition", "--digits", "1", "--n", "1", "--model",
+            ])
             .arg(&model)
             .arg("--out")
             .arg(dir.join("run")),
@@ -107,7 +169,9 @@ fn a_corrupt_model_file_is_one_clear_line() {
     std::fs::write(&model, b"hello").unwrap();
     let e = fails(
         harness()
-            .args(["eval", "--task", "addition", "--digits", "1", "--n", "1", "--model"])
+            .args([
+                "eval", "--task", "addition", "--digits", "1", "--n", "1", "--model",
+            ])
             .arg(&model)
             .arg("--out")
             .arg(dir.join("run2")),
@@ -118,7 +182,9 @@ fn a_corrupt_model_file_is_one_clear_line() {
 #[test]
 fn duplicate_plugin_names_name_both_files() {
     let dir = temp_dir("duplicate");
-    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_harness")).parent().unwrap();
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_harness"))
+        .parent()
+        .unwrap();
     let name = format!("libharness_metrics.{}", std::env::consts::DLL_EXTENSION);
     std::fs::copy(bin_dir.join(&name), dir.join(&name)).unwrap();
     let e = fails(harness().arg("--plugin-dir").arg(&dir).arg("list"));
@@ -130,8 +196,14 @@ fn duplicate_plugin_names_name_both_files() {
 fn a_task_built_outside_the_workspace_loads_without_rebuilding_harness() {
     let plugin_dir = build_copy_task();
     let out = ok(harness().arg("--plugin-dir").arg(&plugin_dir).arg("list"));
-    let line = out.lines().find(|l| l.starts_with("task") && l.contains(" copy ")).expect(&out);
-    assert!(line.contains("0.3.1") && line.contains("libcopy_task"), "{line}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("task") && l.contains(" copy "))
+        .expect(&out);
+    assert!(
+        line.contains("0.3.1") && line.contains("libcopy_task"),
+        "{line}"
+    );
 
     // It evaluates end to end on a tiny model with the released binary.
     let dir = temp_dir("copy-eval");
@@ -148,12 +220,21 @@ fn a_task_built_outside_the_workspace_loads_without_rebuilding_harness() {
     assert!(results.contains("copy,all,exact-match,4,"), "{results}");
 
     // A panic inside the plugin is an error naming it, not a crash.
-    let e = fails(harness()
-        .arg("--plugin-dir")
-        .arg(&plugin_dir)
-        .args(["eval", "--task", "copy", "--option", "panic=true", "--model"])
-        .arg(dir.join("model"))
-        .arg("--out")
-        .arg(dir.join("run-panic")));
+    let e = fails(
+        harness()
+            .arg("--plugin-dir")
+            .arg(&plugin_dir)
+            .args([
+                "eval",
+                "--task",
+                "copy",
+                "--option",
+                "panic=true",
+                "--model",
+            ])
+            .arg(dir.join("model"))
+            .arg("--out")
+            .arg(dir.join("run-panic")),
+    );
     assert!(e.contains("plugin `copy` panicked: asked to panic"), "{e}");
 }

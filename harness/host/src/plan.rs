@@ -50,7 +50,10 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
     if let Some(dir) = &args.resume {
         return resume(args, dir);
     }
-    let task = args.task.clone().expect("clap requires --task without --resume");
+    let task = args
+        .task
+        .clone()
+        .expect("clap requires --task without --resume");
     let mut t = Table::new();
     let mut put = |key: &str, v: Option<Value>| {
         if let Some(v) = v {
@@ -62,7 +65,12 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
     put("shots", args.shots.map(|x| Value::Integer(x as i64)));
     put("seed", args.seed.map(|x| Value::Integer(x as i64)));
     put("subject", args.subject.clone().map(Value::String));
-    put("data", args.data.as_ref().map(|p| Value::String(p.display().to_string())));
+    put(
+        "data",
+        args.data
+            .as_ref()
+            .map(|p| Value::String(p.display().to_string())),
+    );
     put("scoring", args.scoring.clone().map(Value::String));
     put("limit", args.limit.map(|x| Value::Integer(x as i64)));
     for pair in &args.options {
@@ -88,7 +96,10 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
     for pair in &args.backend_options {
         insert_pair(&mut b, pair, "--backend-option")?;
     }
-    let run_dir = args.out.clone().unwrap_or_else(|| run_dir::new_run_dir(&task));
+    let run_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| run_dir::new_run_dir(&task));
     if run_dir.join(run_dir::SAMPLES).exists() || run_dir.join(run_dir::RUN_TOML).exists() {
         bail!(
             "{} already holds a run; finish it with `harness eval --resume {}` or choose another --out",
@@ -99,7 +110,12 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
     Ok(EvalPlan {
         task,
         task_options: t.to_string(),
-        metrics: args.metrics.iter().map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect(),
+        metrics: args
+            .metrics
+            .iter()
+            .map(|m| m.trim().to_string())
+            .filter(|m| !m.is_empty())
+            .collect(),
         backend: args.backend.clone(),
         backend_options: b.to_string(),
         batch: args.batch as usize,

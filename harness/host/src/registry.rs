@@ -57,7 +57,10 @@ pub fn search_path(plugin_dirs: &[PathBuf]) -> Vec<PathBuf> {
     if let Some(paths) = std::env::var_os("HARNESS_PLUGIN_PATH") {
         dirs.extend(std::env::split_paths(&paths).filter(|p| !p.as_os_str().is_empty()));
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         dirs.push(dir);
     }
     let mut seen = Vec::new();
@@ -84,7 +87,8 @@ pub fn load(dirs: &[PathBuf]) -> Result<Registry, RegistryError> {
     for dir in dirs {
         let Ok(read) = std::fs::read_dir(dir) else {
             if !dir.exists() {
-                reg.warnings.push(format!("plugin folder {} does not exist", dir.display()));
+                reg.warnings
+                    .push(format!("plugin folder {} does not exist", dir.display()));
             }
             continue;
         };
@@ -149,7 +153,11 @@ fn describe(e: &LibraryError) -> String {
 }
 
 fn first_line(s: &str) -> String {
-    let line = s.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let line = s
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
     let mut out: String = line.chars().take(200).collect();
     if line.chars().count() > 200 {
         out.push('…');
@@ -248,10 +256,14 @@ mod tests {
         let junk = dir.join(format!("libjunk.{}", std::env::consts::DLL_EXTENSION));
         std::fs::write(&junk, b"not a library").unwrap();
         std::fs::write(dir.join("README.txt"), b"ignored").unwrap();
-        let reg = load(&[dir.clone()]).unwrap();
+        let reg = load(std::slice::from_ref(&dir)).unwrap();
         assert!(reg.entries.is_empty());
         assert_eq!(reg.warnings.len(), 1);
-        assert!(reg.warnings[0].contains("not a loadable library"), "{}", reg.warnings[0]);
+        assert!(
+            reg.warnings[0].contains("not a loadable library"),
+            "{}",
+            reg.warnings[0]
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -58,7 +58,11 @@ impl RunRecord {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(RUN_TOML);
         let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("cannot read {}; is {} a run folder?", path.display(), dir.display())
+            format!(
+                "cannot read {}; is {} a run folder?",
+                path.display(),
+                dir.display()
+            )
         })?;
         toml::from_str(&text)
             .with_context(|| format!("{} is not a valid run record", path.display()))
@@ -76,7 +80,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         path.extension().and_then(|e| e.to_str()).unwrap_or("")
     ));
     {
-        let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        let mut f =
+            File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -94,7 +99,12 @@ pub fn sha256_path(path: &Path) -> Result<String> {
             .collect();
         files.sort();
         for f in files {
-            h.update(f.file_name().unwrap_or_default().to_string_lossy().as_bytes());
+            h.update(
+                f.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .as_bytes(),
+            );
             hash_file_into(&f, &mut h)?;
         }
     } else {
@@ -136,7 +146,10 @@ pub fn read_samples(dir: &Path) -> Result<BTreeMap<String, serde_json::Value>> {
             break; // torn by a kill: dropped below
         }
         let v: serde_json::Value = serde_json::from_str(&line).with_context(|| {
-            format!("{} line {number} is not valid JSON; fix or delete that line", path.display())
+            format!(
+                "{} line {number} is not valid JSON; fix or delete that line",
+                path.display()
+            )
         })?;
         let Some(id) = v.get("id").and_then(|i| i.as_str()) else {
             bail!("{} line {number} has no `id`", path.display());
@@ -228,10 +241,17 @@ mod tests {
     fn torn_last_line_is_cut_off() {
         let dir = std::env::temp_dir().join(format!("harness-run-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(SAMPLES), "{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"c\",\"pre").unwrap();
+        std::fs::write(
+            dir.join(SAMPLES),
+            "{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"c\",\"pre",
+        )
+        .unwrap();
         let s = read_samples(&dir).unwrap();
         assert_eq!(s.keys().cloned().collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(std::fs::read_to_string(dir.join(SAMPLES)).unwrap(), "{\"id\":\"a\"}\n{\"id\":\"b\"}\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.join(SAMPLES)).unwrap(),
+            "{\"id\":\"a\"}\n{\"id\":\"b\"}\n"
+        );
         let mut w = SampleWriter::open(&dir).unwrap();
         w.append(&[serde_json::json!({"id": "c"})]).unwrap();
         assert_eq!(read_samples(&dir).unwrap().len(), 3);

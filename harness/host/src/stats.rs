@@ -37,8 +37,16 @@ pub fn wilson(p: f64, n: f64) -> (f64, f64) {
     let center = (p + z2 / (2.0 * n)) / denom;
     let half = Z95 * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / denom;
     // At p = 0 or 1 the bound is exactly 0 or 1; do not let rounding say otherwise.
-    let lo = if p <= 0.0 { 0.0 } else { (center - half).max(0.0) };
-    let hi = if p >= 1.0 { 1.0 } else { (center + half).min(1.0) };
+    let lo = if p <= 0.0 {
+        0.0
+    } else {
+        (center - half).max(0.0)
+    };
+    let hi = if p >= 1.0 {
+        1.0
+    } else {
+        (center + half).min(1.0)
+    };
     (lo, hi)
 }
 
@@ -74,7 +82,12 @@ pub fn aggregate(task: &str, metrics: &[MetricScores<'_>]) -> Vec<ResultRow> {
     };
     for g in &groups {
         for m in metrics {
-            let xs: Vec<f64> = m.scores.iter().filter(|(mg, _)| mg == g).map(|(_, x)| *x).collect();
+            let xs: Vec<f64> = m
+                .scores
+                .iter()
+                .filter(|(mg, _)| mg == g)
+                .map(|(_, x)| *x)
+                .collect();
             rows.push(row(g, m.metric, xs.len(), summarize(&xs, m.binary)));
         }
     }
@@ -90,7 +103,12 @@ pub fn aggregate(task: &str, metrics: &[MetricScores<'_>]) -> Vec<ResultRow> {
                 .collect();
             let k = per_group.len() as f64;
             let mean = per_group.iter().map(|r| r.mean).sum::<f64>() / k;
-            let stderr = per_group.iter().map(|r| r.stderr * r.stderr).sum::<f64>().sqrt() / k;
+            let stderr = per_group
+                .iter()
+                .map(|r| r.stderr * r.stderr)
+                .sum::<f64>()
+                .sqrt()
+                / k;
             let s = (mean, stderr, mean - Z95 * stderr, mean + Z95 * stderr);
             rows.push(row("macro", m.metric, per_group.len(), s));
         }
@@ -114,7 +132,10 @@ mod tests {
     fn wilson_matches_reference_values() {
         // The textbook case: 50 successes in 100 trials gives [0.4038, 0.5962].
         let (lo, hi) = wilson(0.5, 100.0);
-        assert!((lo - 0.4038).abs() < 1e-4 && (hi - 0.5962).abs() < 1e-4, "{lo} {hi}");
+        assert!(
+            (lo - 0.4038).abs() < 1e-4 && (hi - 0.5962).abs() < 1e-4,
+            "{lo} {hi}"
+        );
         let (lo, hi) = wilson(0.0, 50.0);
         assert_eq!(lo, 0.0);
         assert!(hi > 0.05 && hi < 0.08);
@@ -125,7 +146,14 @@ mod tests {
         let m = MetricScores {
             metric: "exact-match",
             binary: true,
-            scores: vec![("a", 1.0), ("a", 1.0), ("b", 0.0), ("b", 1.0), ("b", 0.0), ("b", 0.0)],
+            scores: vec![
+                ("a", 1.0),
+                ("a", 1.0),
+                ("b", 0.0),
+                ("b", 1.0),
+                ("b", 0.0),
+                ("b", 0.0),
+            ],
         };
         let rows = aggregate("t", &[m]);
         let names: Vec<&str> = rows.iter().map(|r| r.group.as_str()).collect();

@@ -82,9 +82,8 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Checkpoint> {
         )));
     }
     let num = |key: &str| -> Result<usize> {
-        let v = get(&format!("{arch}.{key}")).ok_or_else(|| {
-            corrupt(path, format!("metadata `{arch}.{key}` is missing"))
-        })?;
+        let v = get(&format!("{arch}.{key}"))
+            .ok_or_else(|| corrupt(path, format!("metadata `{arch}.{key}` is missing")))?;
         v.to_u64()
             .or_else(|_| v.to_u32().map(u64::from))
             .map(|x| x as usize)
@@ -274,7 +273,9 @@ fn load_hf(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let weights = Weights::new(tensors);
     let parameters = weights.parameter_count();
     let eos = match &hf.eos_token_id {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
         Some(serde_json::Value::Array(a)) => a
             .iter()
             .filter_map(|v| v.as_u64().map(|x| x as u32))
@@ -318,7 +319,10 @@ mod tests {
             hf_name("blk.12.attn_q.weight").as_deref(),
             Some("model.layers.12.self_attn.q_proj.weight")
         );
-        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(
+            hf_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
         assert_eq!(hf_name("rope_freqs.weight"), None);
     }
 
@@ -339,9 +343,6 @@ mod tests {
             .reshape((out, inp))
             .unwrap();
         let back = unpermute(&gguf, heads).unwrap();
-        assert_eq!(
-            back.to_vec2::<f32>().unwrap(),
-            hf.to_vec2::<f32>().unwrap()
-        );
+        assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
     }
 }

@@ -99,7 +99,10 @@ impl Engine {
     }
 
     /// Greedy generation for every request, in request order.
-    pub fn generate(&mut self, requests: &[harness_abi::GenerateRequest]) -> Result<Vec<Generation>> {
+    pub fn generate(
+        &mut self,
+        requests: &[harness_abi::GenerateRequest],
+    ) -> Result<Vec<Generation>> {
         let mut out: Vec<Option<Generation>> = vec![None; requests.len()];
         let indices: Vec<usize> = (0..requests.len()).collect();
         for chunk in indices.chunks(self.max_batch) {
@@ -107,7 +110,10 @@ impl Engine {
                 out[i] = Some(g);
             }
         }
-        Ok(out.into_iter().map(|g| g.expect("every request answered")).collect())
+        Ok(out
+            .into_iter()
+            .map(|g| g.expect("every request answered"))
+            .collect())
     }
 
     fn generate_batch(
@@ -170,8 +176,10 @@ impl Engine {
             drop(caches);
             while !rows.is_empty() {
                 let tokens: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
-                let positions: Vec<usize> =
-                    rows.iter().map(|r| r.prompt_len + r.generated.len() - 1).collect();
+                let positions: Vec<usize> = rows
+                    .iter()
+                    .map(|r| r.prompt_len + r.generated.len() - 1)
+                    .collect();
                 let padded = valid.iter().any(|v| v.iter().any(|ok| !ok));
                 let hidden = self.model.forward(
                     &tokens,
@@ -232,7 +240,12 @@ impl Engine {
         }
         row.generated.push(token);
         row.text = self.decode(&row.generated)?;
-        if let Some(cut) = row.stop.iter().filter_map(|s| row.text.find(s.as_str())).min() {
+        if let Some(cut) = row
+            .stop
+            .iter()
+            .filter_map(|s| row.text.find(s.as_str()))
+            .min()
+        {
             row.text.truncate(cut);
             return Ok(true);
         }

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("cannot read model `{path}`: {cause}")]
-    Io { path: PathBuf, cause: std::io::Error },
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("model `{path}` is not a usable checkpoint: {cause} (is the file complete? `harness fetch` downloads the default model again)")]
     Corrupt { path: PathBuf, cause: String },
     #[error("checkpoint: {0}")]

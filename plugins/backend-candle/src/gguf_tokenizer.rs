@@ -72,16 +72,17 @@ pub fn from_metadata(md: &HashMap<String, Value>) -> Result<(Tokenizer, Vec<u32>
         None => vec![1; tokens.len()],
     };
     let json = tokenizer_json(&pre, &tokens, &merges, &types)?;
-    let tokenizer = Tokenizer::from_str(&json.to_string())
-        .map_err(|e| err(format!("cannot build the tokenizer from GGUF metadata: {e}")))?;
+    let tokenizer = Tokenizer::from_str(&json.to_string()).map_err(|e| {
+        err(format!(
+            "cannot build the tokenizer from GGUF metadata: {e}"
+        ))
+    })?;
     let eos = id(md, "tokenizer.ggml.eos_token_id").into_iter().collect();
     Ok((tokenizer, eos))
 }
 
 fn pre_tokenizer(pre: &str) -> Result<Json> {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     Ok(match pre {
         "smollm" => json!({
             "type": "Sequence",

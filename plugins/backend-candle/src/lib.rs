@@ -24,8 +24,8 @@ use harness_abi::{
     guard, not_provided,
     options::Options,
     Backend, BackendBox, BackendStats, Backend_TO, ChoiceRequest, ChoiceScore, GenerateRequest,
-    Generation, MetricBox, ModelInfo, PluginInfo, PluginKind, PluginLib, PluginLibRef, TaskBox,
-    TokenLogprob, TD_Opaque,
+    Generation, MetricBox, ModelInfo, PluginInfo, PluginKind, PluginLib, PluginLibRef, TD_Opaque,
+    TaskBox, TokenLogprob,
 };
 
 use crate::engine::Engine;
@@ -51,11 +51,20 @@ impl Config {
             .map_err(BackendError::Options)?
             .map(PathBuf::from)
             .unwrap_or_else(harness_abi::paths::default_model);
-        let max_batch = o.u64("max_batch").map_err(BackendError::Options)?.unwrap_or(8) as usize;
+        let max_batch = o
+            .u64("max_batch")
+            .map_err(BackendError::Options)?
+            .unwrap_or(8) as usize;
         if max_batch == 0 {
-            return Err(BackendError::Options("`max_batch` must be at least 1".into()));
+            return Err(BackendError::Options(
+                "`max_batch` must be at least 1".into(),
+            ));
         }
-        match o.string("device").map_err(BackendError::Options)?.as_deref() {
+        match o
+            .string("device")
+            .map_err(BackendError::Options)?
+            .as_deref()
+        {
             None | Some("cpu") => {}
             Some(other) => {
                 return Err(BackendError::Options(format!(

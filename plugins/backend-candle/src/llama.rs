@@ -231,7 +231,9 @@ impl Llama {
         let b = tokens.len();
         let t = tokens[0].len();
         if tokens.iter().any(|r| r.len() != t) || positions.len() != b {
-            return Err(BackendError::Internal("ragged batch passed to forward".into()));
+            return Err(BackendError::Internal(
+                "ragged batch passed to forward".into(),
+            ));
         }
         let past = cache.len();
         let max_pos = positions.iter().max().copied().unwrap_or(0) + t;

@@ -20,7 +20,9 @@ fn fixtures() -> PathBuf {
 
 fn lines(name: &str) -> Vec<Value> {
     let text = std::fs::read_to_string(fixtures().join(name)).unwrap();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn backend() -> CandleBackend {
@@ -57,7 +59,11 @@ fn smollm2_reference_outputs() {
     // Token ids equal exactly.
     for case in lines("tokenizer.jsonl") {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(e.encode(text).unwrap(), ids(&case["ids"]), "tokens of {text:?}");
+        assert_eq!(
+            e.encode(text).unwrap(),
+            ids(&case["ids"]),
+            "tokens of {text:?}"
+        );
     }
 
     // Logits, logsumexp and token log-probs within 5e-3; same top-20 order up to near-ties.
@@ -71,7 +77,10 @@ fn smollm2_reference_outputs() {
         let want = floats(&case["top_logits"]);
         for (i, (&id, &l)) in want_ids.iter().zip(&want).enumerate() {
             let got = logits[id as usize];
-            assert!((got - l).abs() < tol, "{prompt:?}: logit of {id}: {got} vs {l}");
+            assert!(
+                (got - l).abs() < tol,
+                "{prompt:?}: logit of {id}: {got} vs {l}"
+            );
             // Our rank of the token must match, unless a near-tie swapped neighbours.
             let higher = logits.iter().filter(|&&x| x > got + 1e-3).count();
             assert!(higher <= i, "{prompt:?}: token {id} ranks below {i}");
@@ -79,10 +88,16 @@ fn smollm2_reference_outputs() {
         let max = logits.iter().cloned().fold(f32::MIN, f32::max);
         let lse = max + logits.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
         let want_lse = case["logsumexp"].as_f64().unwrap() as f32;
-        assert!((lse - want_lse).abs() < tol, "{prompt:?}: logsumexp {lse} vs {want_lse}");
+        assert!(
+            (lse - want_lse).abs() < tol,
+            "{prompt:?}: logsumexp {lse} vs {want_lse}"
+        );
         let lp = e.token_logprobs(&prompt_ids).unwrap();
         for (got, want) in lp.iter().zip(floats(&case["token_logprobs"])) {
-            assert!((got - want).abs() < tol, "{prompt:?}: token logprob {got} vs {want}");
+            assert!(
+                (got - want).abs() < tol,
+                "{prompt:?}: token logprob {got} vs {want}"
+            );
         }
     }
 
@@ -102,7 +117,12 @@ fn smollm2_reference_outputs() {
         // Generation ends at the end-of-sequence token, which is not part of the text.
         let eos = want.iter().position(|&t| t == 2).unwrap_or(want.len());
         let want_text = e.tokenizer().decode(&want[..eos], true).unwrap();
-        assert_eq!(g.text.as_str(), want_text, "greedy continuation of {:?}", c["prompt"]);
+        assert_eq!(
+            g.text.as_str(),
+            want_text,
+            "greedy continuation of {:?}",
+            c["prompt"]
+        );
         assert_eq!(g.generated_tokens as usize, eos, "{:?}", c["prompt"]);
     }
 }

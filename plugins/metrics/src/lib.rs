@@ -9,8 +9,10 @@ use harness_abi::{
         prefix_type::PrefixTypeTrait,
         std_types::{RResult, RStr, RString, RVec},
     },
-    guard, not_provided, options::Options, BackendBox, Metric, MetricBox, Metric_TO, PluginInfo,
-    PluginKind, PluginLib, PluginLibRef, TaskBox, TD_Opaque,
+    guard, not_provided,
+    options::Options,
+    BackendBox, Metric, MetricBox, Metric_TO, PluginInfo, PluginKind, PluginLib, PluginLibRef,
+    TD_Opaque, TaskBox,
 };
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -145,7 +147,12 @@ mod tests {
 
     #[test]
     fn exact_match_trims() {
-        for (p, t, want) in [(" 579", "579", 1.0), ("579\n", "579", 1.0), ("578", "579", 0.0), ("", "5", 0.0)] {
+        for (p, t, want) in [
+            (" 579", "579", 1.0),
+            ("579\n", "579", 1.0),
+            ("578", "579", 0.0),
+            ("", "5", 0.0),
+        ] {
             assert_eq!(exact_match(p, t), want, "{p:?} vs {t:?}");
         }
     }
@@ -163,13 +170,21 @@ mod tests {
             ("12345", "99345", 3.0 / 5.0),
         ];
         for (p, t, want) in table {
-            assert!((digit_accuracy(p, t) - want).abs() < 1e-12, "{p:?} vs {t:?}");
+            assert!(
+                (digit_accuracy(p, t) - want).abs() < 1e-12,
+                "{p:?} vs {t:?}"
+            );
         }
     }
 
     #[test]
     fn levenshtein_counts_edits() {
-        for (p, t, want) in [("579", "579", 0.0), ("578", "579", 1.0), ("", "579", 3.0), ("5799", "579", 1.0)] {
+        for (p, t, want) in [
+            ("579", "579", 0.0),
+            ("578", "579", 1.0),
+            ("", "579", 3.0),
+            ("5799", "579", 1.0),
+        ] {
             assert_eq!(levenshtein(p, t), want, "{p:?} vs {t:?}");
         }
     }

@@ -17,7 +17,7 @@ use harness_abi::{
     guard, not_provided,
     options::Options,
     BackendBox, GenerateRequest, Instance, MetricBox, PluginInfo, PluginKind, PluginLib,
-    PluginLibRef, Request, Task, TaskBox, Task_TO, TrainExample, TD_Opaque,
+    PluginLibRef, Request, TD_Opaque, Task, TaskBox, Task_TO, TrainExample,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -335,7 +335,9 @@ mod tests {
         let s = t.prompt(&[Problem { a: 123, b: 456 }], &Problem { a: 314, b: 271 });
         assert_eq!(
             s,
-            format!("{INSTRUCTION}Question: 123 + 456\nAnswer: 579\n\nQuestion: 314 + 271\nAnswer:")
+            format!(
+                "{INSTRUCTION}Question: 123 + 456\nAnswer: 579\n\nQuestion: 314 + 271\nAnswer:"
+            )
         );
     }
 
@@ -403,6 +405,9 @@ mod tests {
     #[test]
     fn unknown_option_is_named() {
         let e = Config::from_toml("digts = 3").unwrap_err();
-        assert!(e.contains("unknown option `digts` (did you mean `digits`?)"), "{e}");
+        assert!(
+            e.contains("unknown option `digts` (did you mean `digits`?)"),
+            "{e}"
+        );
     }
 }

