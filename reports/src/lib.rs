@@ -157,8 +157,10 @@ mod tests {
             row("k=2", "exact-match", 0.25),
         ]);
         let lines: Vec<&str> = t.lines().collect();
-        assert!(lines[0].starts_with("group  n"));
-        assert!(lines[0].contains("exact-match") && lines[0].contains("levenshtein"));
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            ["group", "n", "exact-match", "levenshtein"]
+        );
         assert!(lines[2].contains("0.500 [0.480, 0.520]"));
         assert_eq!(lines.len(), 4);
     }
