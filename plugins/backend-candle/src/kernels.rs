@@ -77,7 +77,8 @@ fn dot_fn() -> DotFn {
         if std::arch::is_x86_feature_detected!("avx512f") {
             return |a, b| unsafe { dot_avx512(a, b) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return |a, b| unsafe { dot_avx2(a, b) };
         }
     }
@@ -134,7 +135,11 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
-            let got = skinny_matmul_t(&x, &w).unwrap().unwrap().to_vec2::<f32>().unwrap();
+            let got = skinny_matmul_t(&x, &w)
+                .unwrap()
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
             for (a, b) in want.iter().flatten().zip(got.iter().flatten()) {
                 assert!((a - b).abs() < 1e-3 * (1.0 + a.abs()), "{a} vs {b}");
             }

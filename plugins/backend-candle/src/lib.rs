@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod engine;
 pub mod error;
 pub mod gguf_tokenizer;
+pub mod kernels;
 pub mod llama;
 pub mod weights;
 

@@ -41,8 +41,16 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // x: (B, T, in) -> (B*T, in) @ (in, out)
         let (b, t, i) = x.dims3()?;
-        let y = x.reshape((b * t, i))?.matmul(&self.weight.t()?)?;
+        let y = matmul_t(&x.reshape((b * t, i))?, &self.weight)?;
         y.reshape((b, t, ()))
+    }
+}
+
+/// `x` (m, k) times `w` (n, k) transposed: the decoding kernel for a few rows, else gemm.
+fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    match crate::kernels::skinny_matmul_t(x, w)? {
+        Some(y) => Ok(y),
+        None => x.matmul(&w.t()?),
     }
 }
 
@@ -278,7 +286,7 @@ impl Llama {
 
     /// Logits (N, vocab) of hidden states (N, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.matmul(&self.lm_head.t()?)?)
+        Ok(matmul_t(hidden, &self.lm_head)?)
     }
 
     /// Additive attention mask (B, 1, T, past + T): causal over new tokens, padding masked.
