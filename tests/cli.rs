@@ -238,3 +238,41 @@ fn a_task_built_outside_the_workspace_loads_without_rebuilding_harness() {
     );
     assert!(e.contains("plugin `copy` panicked: asked to panic"), "{e}");
 }
+
+#[test]
+fn without_a_fetched_model_eval_says_how_to_fetch_it() {
+    let cache = temp_dir("empty-cache");
+    let e = fails(
+        harness()
+            .env("HARNESS_CACHE", &cache)
+            .args(["eval", "--task", "addition", "--digits", "1", "--n", "1"]),
+    );
+    assert!(e.contains("run `harness fetch` first"), "{e}");
+    assert!(e.contains(&cache.display().to_string()), "{e}");
+    let e = fails(harness().env("HARNESS_CACHE", &cache).args([
+        "eval",
+        "--task",
+        "mmlu",
+        "--subject",
+        "virology",
+        "--model",
+        "x.gguf",
+    ]));
+    assert!(e.contains("run `harness fetch`"), "{e}");
+}
+
+#[test]
+fn help_teaches_the_options() {
+    let out = ok(harness().args(["eval", "--help"]));
+    for flag in [
+        "--task",
+        "--metric",
+        "--digits",
+        "--subject",
+        "--scoring",
+        "--resume",
+        "--plugin-dir",
+    ] {
+        assert!(out.contains(flag), "eval --help lacks {flag}");
+    }
+}

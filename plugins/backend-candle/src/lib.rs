@@ -12,6 +12,7 @@ pub mod error;
 pub mod gguf_tokenizer;
 pub mod kernels;
 pub mod llama;
+pub mod nf4;
 pub mod weights;
 
 use std::path::PathBuf;
