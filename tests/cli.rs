@@ -276,3 +276,21 @@ fn help_teaches_the_options() {
         assert!(out.contains(flag), "eval --help lacks {flag}");
     }
 }
+
+#[test]
+fn a_missing_adapter_is_one_clear_line() {
+    let dir = temp_dir("no-adapter");
+    let e = fails(
+        harness()
+            .args([
+                "eval",
+                "--task",
+                "addition",
+                "--model",
+                "x.gguf",
+                "--adapter",
+            ])
+            .arg(dir.join("nothing")),
+    );
+    assert!(e.contains("no adapter_config.json there"), "{e}");
+}

@@ -319,3 +319,29 @@ fn smollm2_vanilla_addition_is_within_sampling_error_of_reference() {
         );
     }
 }
+
+#[test]
+fn smollm2_with_the_peft_adapter_records_it_in_the_run() {
+    let _ = real_model();
+    let adapter = repo_root().join("../shared/fixtures/smollm2/peft-adapter");
+    let dir = temp_dir("smollm2-adapter");
+    ok(harness()
+        .args([
+            "eval",
+            "--task",
+            "addition",
+            "--digits",
+            "1",
+            "--n",
+            "4",
+            "--adapter",
+        ])
+        .arg(&adapter)
+        .arg("--out")
+        .arg(dir.join("run")));
+    let record = std::fs::read_to_string(dir.join("run/run.toml")).unwrap();
+    assert!(
+        record.contains("adapter = ") && record.contains("peft-adapter"),
+        "{record}"
+    );
+}

@@ -68,6 +68,11 @@ pub struct EvalArgs {
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
 
+    /// A LoRA adapter folder in PEFT layout (adapter_config.json, adapter_model.safetensors),
+    /// merged into the base weights.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+
     /// addition: digit counts k, as `5`, `1-7` or `1,3,12` (default 1-12).
     #[arg(long, value_name = "SPEC")]
     pub digits: Option<String>,

@@ -89,6 +89,18 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
             );
         }
     }
+    if let Some(adapter) = &args.adapter {
+        if !adapter.join("adapter_config.json").is_file() {
+            bail!(
+                "--adapter {}: no adapter_config.json there; an adapter folder holds adapter_config.json and adapter_model.safetensors",
+                adapter.display()
+            );
+        }
+        b.insert(
+            "adapter".into(),
+            Value::String(adapter.display().to_string()),
+        );
+    }
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
@@ -129,6 +141,7 @@ fn resume(args: &EvalArgs, dir: &std::path::Path) -> Result<EvalPlan> {
         ("--task", args.task.is_some()),
         ("--metric", !args.metrics.is_empty()),
         ("--model", args.model.is_some()),
+        ("--adapter", args.adapter.is_some()),
         ("--digits", args.digits.is_some()),
         ("--n", args.n.is_some()),
         ("--shots", args.shots.is_some()),

@@ -6,6 +6,7 @@
 //! per-row positions and (next) LoRA on every projection. Weights are dequantized to f32 at load,
 //! which is what the reference logits in `shared/fixtures/` were computed with.
 
+pub mod adapter;
 pub mod checkpoint;
 pub mod engine;
 pub mod error;
@@ -34,13 +35,15 @@ use crate::engine::Engine;
 use crate::error::{BackendError, Result};
 
 const NAME: &str = "candle";
-const OPTIONS: &[&str] = &["model", "max_batch", "device"];
+const OPTIONS: &[&str] = &["model", "adapter", "max_batch", "device"];
 
 /// The validated options of the backend.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// A `.gguf` file or a HF folder.
     pub model: PathBuf,
+    /// A PEFT LoRA adapter folder merged into the base weights.
+    pub adapter: Option<PathBuf>,
     /// Requests decoded together.
     pub max_batch: usize,
 }
@@ -74,7 +77,15 @@ impl Config {
                 )))
             }
         }
-        Ok(Config { model, max_batch })
+        let adapter = o
+            .string("adapter")
+            .map_err(BackendError::Options)?
+            .map(PathBuf::from);
+        Ok(Config {
+            model,
+            adapter,
+            max_batch,
+        })
     }
 }
 
@@ -88,6 +99,9 @@ impl CandleBackend {
     pub fn load(config: &Config) -> Result<Self> {
         let device = Device::Cpu;
         let mut ckpt = checkpoint::load(&config.model, &device)?;
+        if let Some(dir) = &config.adapter {
+            adapter::LoraAdapter::load(dir, &device)?.merge_into(&mut ckpt.weights)?;
+        }
         let model = llama::Llama::new(ckpt.config.clone(), &mut ckpt.weights, &device)?;
         let info = ModelInfo {
             name: ckpt.name.clone().into(),
@@ -96,8 +110,13 @@ impl CandleBackend {
             parameters: ckpt.parameters,
             device: "cpu".into(),
             resolved_options: format!(
-                "model = {:?}\nmax_batch = {}\ndevice = \"cpu\"\n",
+                "model = {:?}\n{}max_batch = {}\ndevice = \"cpu\"\n",
                 config.model.display().to_string(),
+                config
+                    .adapter
+                    .as_ref()
+                    .map(|a| format!("adapter = {:?}\n", a.display().to_string()))
+                    .unwrap_or_default(),
                 config.max_batch
             )
             .into(),
@@ -196,7 +215,7 @@ extern "C" fn manifest() -> RVec<PluginInfo> {
         kind: PluginKind::Backend,
         name: NAME.into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        description: "LLaMA-family models (GGUF or HF safetensors) on candle, CPU (options: model, max_batch, device)".into(),
+        description: "LLaMA-family models (GGUF or HF safetensors) on candle, CPU (options: model, adapter, max_batch, device)".into(),
     }])
 }
 

@@ -26,6 +26,10 @@ impl Weights {
         self.tensors.remove(name)
     }
 
+    pub fn insert(&mut self, name: String, tensor: Tensor) {
+        self.tensors.insert(name, tensor);
+    }
+
     /// Total number of scalar parameters.
     pub fn parameter_count(&self) -> u64 {
         self.tensors.values().map(|t| t.elem_count() as u64).sum()

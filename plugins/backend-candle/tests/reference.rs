@@ -126,3 +126,32 @@ fn smollm2_reference_outputs() {
         assert_eq!(g.generated_tokens as usize, eos, "{:?}", c["prompt"]);
     }
 }
+
+#[test]
+fn peft_adapter_merged_into_smollm2_matches_reference_logits() {
+    let adapter = fixtures().join("peft-adapter");
+    let mut b = CandleBackend::load(
+        &Config::from_toml(&format!("adapter = {:?}", adapter.display().to_string())).unwrap(),
+    )
+    .unwrap();
+    let e = b.engine();
+    let cases = lines("peft-adapter-logits.jsonl");
+    assert!(!cases.is_empty());
+    for case in cases {
+        let prompt = case["prompt"].as_str().unwrap();
+        let logits = e.next_token_logits(&ids(&case["ids"])).unwrap();
+        for (i, (&id, &want)) in ids(&case["top_ids"])
+            .iter()
+            .zip(&floats(&case["top_logits"]))
+            .enumerate()
+        {
+            let got = logits[id as usize];
+            assert!(
+                (got - want).abs() < 5e-3,
+                "{prompt:?}: logit of {id}: {got} vs {want}"
+            );
+            let higher = logits.iter().filter(|&&x| x > got + 1e-3).count();
+            assert!(higher <= i, "{prompt:?}: token {id} ranks below {i}");
+        }
+    }
+}

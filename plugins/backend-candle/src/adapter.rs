@@ -1,0 +1,195 @@
+//! LoRA adapters in PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`), merged
+//! into the f32 base weights for inference: `W += (alpha / r) * B A`.
+//!
+//! Key names follow PEFT: `base_model.model.<module>.lora_A.weight` with A of shape (r, in) and B
+//! of shape (out, r), module names as in HF LLaMA checkpoints (`model.layers.0.self_attn.q_proj`).
+//! Because GGUF q/k weights are brought to HF layout at load, an adapter trained by PEFT on the HF
+//! model applies to a GGUF checkpoint unchanged.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{BackendError, Result};
+use crate::weights::Weights;
+
+/// The fields of `adapter_config.json` we act on.
+#[derive(Debug, serde::Deserialize)]
+struct AdapterConfig {
+    #[serde(default = "lora")]
+    peft_type: String,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    rank_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    alpha_pattern: serde_json::Map<String, serde_json::Value>,
+}
+
+fn lora() -> String {
+    "LORA".into()
+}
+
+/// A loaded adapter: for each adapted weight, its A and B.
+pub struct LoraAdapter {
+    pub dir: PathBuf,
+    pub r: usize,
+    pub scale: f64,
+    /// HF weight name (`model.layers.0.self_attn.q_proj.weight`) -> (A, B).
+    pub pairs: BTreeMap<String, (Tensor, Tensor)>,
+}
+
+fn bad(dir: &Path, why: impl std::fmt::Display) -> BackendError {
+    BackendError::Checkpoint(format!("adapter {}: {why}", dir.display()))
+}
+
+impl LoraAdapter {
+    /// Reads a PEFT LoRA adapter folder.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|cause| BackendError::Io {
+            path: cfg_path.clone(),
+            cause,
+        })?;
+        let cfg: AdapterConfig = serde_json::from_str(&text)
+            .map_err(|e| bad(dir, format!("adapter_config.json: {e}")))?;
+        if cfg.peft_type != "LORA" {
+            return Err(bad(
+                dir,
+                format!("peft_type `{}` is not LORA", cfg.peft_type),
+            ));
+        }
+        if cfg.use_dora || cfg.fan_in_fan_out {
+            return Err(bad(
+                dir,
+                "DoRA and fan_in_fan_out adapters are not supported",
+            ));
+        }
+        if cfg.bias.as_deref().is_some_and(|b| b != "none") {
+            return Err(bad(dir, "adapters that train biases are not supported"));
+        }
+        if !cfg.rank_pattern.is_empty() || !cfg.alpha_pattern.is_empty() {
+            return Err(bad(
+                dir,
+                "per-module rank_pattern/alpha_pattern is not supported",
+            ));
+        }
+        if cfg.r == 0 {
+            return Err(bad(dir, "r must be at least 1"));
+        }
+        let scale = if cfg.use_rslora {
+            cfg.lora_alpha / (cfg.r as f64).sqrt()
+        } else {
+            cfg.lora_alpha / cfg.r as f64
+        };
+        let st = dir.join("adapter_model.safetensors");
+        let tensors = candle_core::safetensors::load(&st, device)
+            .map_err(|e| bad(dir, format!("adapter_model.safetensors: {e}")))?;
+        let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        for (key, t) in tensors {
+            let Some((module, which)) = split_key(&key) else {
+                return Err(bad(dir, format!("unexpected tensor `{key}`")));
+            };
+            let entry = halves.entry(format!("{module}.weight")).or_default();
+            let t = t.to_dtype(DType::F32)?;
+            if which == 'A' {
+                entry.0 = Some(t);
+            } else {
+                entry.1 = Some(t);
+            }
+        }
+        let mut pairs = BTreeMap::new();
+        for (name, (a, b)) in halves {
+            match (a, b) {
+                (Some(a), Some(b)) => {
+                    let (ra, _) = a.dims2()?;
+                    let (_, rb) = b.dims2()?;
+                    if ra != cfg.r || rb != cfg.r {
+                        return Err(bad(
+                            dir,
+                            format!("`{name}` has rank {ra}/{rb}, config says r = {}", cfg.r),
+                        ));
+                    }
+                    pairs.insert(name, (a, b));
+                }
+                _ => return Err(bad(dir, format!("`{name}` lacks lora_A or lora_B"))),
+            }
+        }
+        if pairs.is_empty() {
+            return Err(bad(dir, "no LoRA weights found"));
+        }
+        Ok(LoraAdapter {
+            dir: dir.to_path_buf(),
+            r: cfg.r,
+            scale,
+            pairs,
+        })
+    }
+
+    /// Adds `scale * B A` to every adapted base weight.
+    pub fn merge_into(&self, weights: &mut Weights) -> Result<()> {
+        for (name, (a, b)) in &self.pairs {
+            let w = weights.take(name).map_err(|_| {
+                bad(
+                    &self.dir,
+                    format!("the model has no weight `{name}` to adapt"),
+                )
+            })?;
+            let delta = (b.matmul(a)? * self.scale)?;
+            if delta.dims() != w.dims() {
+                return Err(bad(
+                    &self.dir,
+                    format!(
+                        "`{name}` is {:?} in the model but {:?} in the adapter",
+                        w.dims(),
+                        delta.dims()
+                    ),
+                ));
+            }
+            weights.insert(name.clone(), (w + delta)?);
+        }
+        Ok(())
+    }
+}
+
+/// `base_model.model.model.layers.0.mlp.down_proj.lora_A.weight` -> (`model.layers.0.mlp.down_proj`, 'A').
+/// Also accepts the adapter-name form `lora_A.default.weight`.
+fn split_key(key: &str) -> Option<(&str, char)> {
+    let key = key.strip_prefix("base_model.model.").unwrap_or(key);
+    for (marker, which) in [(".lora_A.", 'A'), (".lora_B.", 'B')] {
+        if let Some(at) = key.find(marker) {
+            let rest = &key[at + marker.len()..];
+            if rest == "weight" || rest.ends_with(".weight") {
+                return Some((&key[..at], which));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peft_keys_map_to_hf_weights() {
+        assert_eq!(
+            split_key("base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight"),
+            Some(("model.layers.3.self_attn.q_proj", 'B'))
+        );
+        assert_eq!(
+            split_key("base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight"),
+            Some(("model.layers.0.mlp.up_proj", 'A'))
+        );
+        assert_eq!(split_key("base_model.model.lm_head.weight"), None);
+    }
+}
