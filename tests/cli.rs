@@ -294,3 +294,72 @@ fn a_missing_adapter_is_one_clear_line() {
     );
     assert!(e.contains("no adapter_config.json there"), "{e}");
 }
+
+#[test]
+fn a_plugin_built_against_another_abi_version_is_refused_with_the_reason() {
+    // Build the copy-task plugin against a copy of harness-abi that claims version 0.2.0.
+    let root = repo_root();
+    let work = root.join("target").join("fixtures-abi2");
+    let abi = work.join("abi");
+    let task = work.join("copy-task");
+    std::fs::create_dir_all(abi.join("src")).unwrap();
+    std::fs::create_dir_all(task.join("src")).unwrap();
+    for entry in std::fs::read_dir(root.join("harness/abi/src")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, abi.join("src").join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        abi.join("Cargo.toml"),
+        "[package]\nname = \"harness-abi\"\nversion = \"0.2.0\"\nedition = \"2021\"\n\n[dependencies]\nabi_stable = \"0.11.3\"\ntoml = \"0.8\"\n",
+    )
+    .unwrap();
+    let manifest = std::fs::read_to_string(root.join("tests/fixtures/copy-task/Cargo.toml"))
+        .unwrap()
+        .replace("../../../harness/abi", "../abi");
+    std::fs::write(task.join("Cargo.toml"), manifest).unwrap();
+    std::fs::copy(
+        root.join("tests/fixtures/copy-task/src/lib.rs"),
+        task.join("src/lib.rs"),
+    )
+    .unwrap();
+    std::fs::copy(
+        root.join("tests/fixtures/copy-task/Cargo.lock"),
+        task.join("Cargo.lock"),
+    )
+    .unwrap();
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--quiet", "--manifest-path"])
+            .arg(task.join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(work.join("target"))
+            .status()
+            .unwrap();
+    assert!(status.success());
+    let plugin_dir = work.join("target/release");
+
+    let o = run(harness().arg("--plugin-dir").arg(&plugin_dir).arg("list"));
+    assert!(o.status.success());
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("libcopy_task")
+            && err.contains("built against harness-abi 0.2.0")
+            && err.contains("rebuild the plugin"),
+        "{err}"
+    );
+    assert!(!stdout(&o).contains(" copy "));
+}
+
+#[test]
+fn plugins_are_found_through_harness_plugin_path() {
+    let plugin_dir = build_copy_task();
+    let out = ok(harness()
+        .env("HARNESS_PLUGIN_PATH", &plugin_dir)
+        .arg("list"));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("task") && l.contains(" copy ")),
+        "{out}"
+    );
+}

@@ -35,6 +35,9 @@ use abi_stable::{
 pub mod options;
 pub mod paths;
 
+/// The version of this crate; plugins built against an incompatible one are refused at load.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// What kind of component a plugin library provides under a name.
 #[repr(u8)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -139,10 +139,12 @@ fn describe(e: &LibraryError) -> String {
             expected_version,
             actual_version,
             ..
-        } => format!(
-            "built against harness-abi {actual_version}, but this harness uses {expected_version}; rebuild the plugin against harness-abi {expected_version}"
-        ),
-        LibraryError::AbiInstability(_) | LibraryError::InvalidAbiHeader(_) | LibraryError::InvalidCAbi { .. } => {
+        } => version_mismatch(&actual_version.to_string(), &expected_version.to_string()),
+        LibraryError::AbiInstability(e) => match other_abi_version(&e.to_string()) {
+            Some(theirs) => version_mismatch(&theirs, harness_abi::VERSION),
+            None => "its types do not match this harness's ABI (built against another harness-abi or abi_stable); rebuild the plugin".into(),
+        },
+        LibraryError::InvalidAbiHeader(_) | LibraryError::InvalidCAbi { .. } => {
             "its ABI does not match this harness (built against another harness-abi or abi_stable); rebuild the plugin".into()
         }
         LibraryError::RootModule { err, .. } => {
@@ -150,6 +152,21 @@ fn describe(e: &LibraryError) -> String {
         }
         other => first_line(&other.to_string()),
     }
+}
+
+fn version_mismatch(theirs: &str, ours: &str) -> String {
+    format!("built against harness-abi {theirs}, but this harness uses {ours}; rebuild the plugin against harness-abi {ours}")
+}
+
+/// abi_stable reports a version mismatch of our crate as a layout difference whose (long) text
+/// names `package:'harness-abi' version:'X'` for both sides: the version that is not ours.
+fn other_abi_version(report: &str) -> Option<String> {
+    const MARK: &str = "package:'harness-abi' version:'";
+    report
+        .match_indices(MARK)
+        .filter_map(|(at, _)| report[at + MARK.len()..].split('\'').next())
+        .find(|v| *v != harness_abi::VERSION)
+        .map(str::to_string)
 }
 
 fn first_line(s: &str) -> String {
@@ -240,6 +257,16 @@ pub fn suggest(name: &str, known: &[String]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_other_abi_version_is_read_from_the_layout_report() {
+        let report = format!(
+            "type:PluginLib package:'harness-abi' version:'{}' ... package:'harness-abi' version:'9.9.9'",
+            harness_abi::VERSION
+        );
+        assert_eq!(other_abi_version(&report).as_deref(), Some("9.9.9"));
+        assert_eq!(other_abi_version("no versions here"), None);
+    }
 
     #[test]
     fn suggestions_only_for_near_names() {
