@@ -13,7 +13,9 @@ pub mod error;
 pub mod gguf_tokenizer;
 pub mod kernels;
 pub mod llama;
+pub mod lora;
 pub mod nf4;
+pub mod nf4_linear;
 pub mod weights;
 
 use std::path::PathBuf;

@@ -9,6 +9,9 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{BackendError, Result};
+use crate::lora::Lora;
+use crate::nf4::Nf4Matrix;
+use crate::nf4_linear::Nf4MatMul;
 use crate::weights::Weights;
 
 /// Hyper-parameters of a LLaMA-family model.
@@ -32,22 +35,55 @@ impl Config {
     }
 }
 
+/// The frozen base weight of a linear layer.
+enum Base {
+    /// (out, in) f32, contiguous.
+    Dense(Tensor),
+    /// NF4, dequantized tile by tile inside the matmul (the QLoRA base).
+    Nf4(Nf4MatMul),
+}
+
 struct Linear {
-    /// (out, in), contiguous.
-    weight: Tensor,
+    base: Base,
+    lora: Option<Lora>,
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn dense(weight: Tensor) -> Self {
+        Linear {
+            base: Base::Dense(weight),
+            lora: None,
+        }
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        match &self.base {
+            Base::Dense(w) => w.dims2().unwrap_or((0, 0)),
+            Base::Nf4(op) => (op.weight.rows, op.weight.cols),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         // x: (B, T, in) -> (B*T, in) @ (in, out)
         let (b, t, i) = x.dims3()?;
-        let y = matmul_t(&x.reshape((b * t, i))?, &self.weight)?;
+        let x = x.reshape((b * t, i))?;
+        let mut y = match &self.base {
+            Base::Dense(w) => matmul_t(&x, w)?,
+            Base::Nf4(op) => op.forward(&x)?,
+        };
+        if let Some(lora) = &self.lora {
+            y = (y + lora.forward(&x, train)?)?;
+        }
         y.reshape((b, t, ()))
     }
 }
 
-/// `x` (m, k) times `w` (n, k) transposed: the decoding kernel for a few rows, else gemm.
+/// `x` (m, k) times `w` (n, k) transposed: the decoding kernel for a few rows, else gemm (always
+/// gemm when a gradient must flow through `x`: the kernel is not differentiable).
 fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() {
+        return x.matmul(&w.t()?);
+    }
     match crate::kernels::skinny_matmul_t(x, w)? {
         Some(y) => Ok(y),
         None => x.matmul(&w.t()?),
@@ -60,8 +96,14 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// candle's fused RMSNorm has no backward pass: when a gradient must flow through `x`
+    /// (training LoRA), the composed version is used instead.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+        if x.track_op() {
+            candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32)
+        } else {
+            candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+        }
     }
 }
 
@@ -159,15 +201,26 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Dropout in LoRA adapters is active only while training.
+    training: bool,
 }
+
+/// The projections LoRA can target, by their PEFT names.
+pub const TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 impl Llama {
     /// Builds the model from weights in HF names (`model.layers.0.self_attn.q_proj.weight`, ...).
     pub fn new(config: Config, weights: &mut Weights, device: &Device) -> Result<Self> {
         let linear = |w: &mut Weights, name: String| -> Result<Linear> {
-            Ok(Linear {
-                weight: w.take(&name)?.contiguous()?,
-            })
+            Ok(Linear::dense(w.take(&name)?.contiguous()?))
         };
         let norm = |w: &mut Weights, name: String| -> Result<RmsNorm> {
             Ok(RmsNorm {
@@ -217,7 +270,85 @@ impl Llama {
             cos,
             sin,
             device: device.clone(),
+            training: false,
         })
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = (usize, &'static str, &mut Linear)> {
+        self.blocks.iter_mut().enumerate().flat_map(|(l, b)| {
+            [
+                ("q_proj", &mut b.attn.q),
+                ("k_proj", &mut b.attn.k),
+                ("v_proj", &mut b.attn.v),
+                ("o_proj", &mut b.attn.o),
+                ("gate_proj", &mut b.mlp.gate),
+                ("up_proj", &mut b.mlp.up),
+                ("down_proj", &mut b.mlp.down),
+            ]
+            .into_iter()
+            .map(move |(name, lin)| (l, name, lin))
+        })
+    }
+
+    /// Replaces every projection's f32 weight by its NF4 form (the f32 copy is dropped).
+    pub fn quantize_nf4(&mut self, double_quant: bool) -> Result<()> {
+        for (_, _, lin) in self.linears_mut() {
+            if let Base::Dense(w) = &lin.base {
+                let (rows, cols) = w.dims2()?;
+                let data = w.flatten_all()?.to_vec1::<f32>()?;
+                let q = Nf4Matrix::quantize(&data, rows, cols, double_quant);
+                lin.base = Base::Nf4(Nf4MatMul {
+                    weight: std::sync::Arc::new(q),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds fresh LoRA adapters to the projections named in `targets` and returns their
+    /// parameters, named as PEFT names them (`model.layers.0.self_attn.q_proj.lora_A.weight`).
+    pub fn add_lora(
+        &mut self,
+        targets: &[&str],
+        r: usize,
+        alpha: f64,
+        dropout: f32,
+        seed: u64,
+    ) -> Result<Vec<(String, candle_core::Var)>> {
+        let device = self.device.clone();
+        let mut params = Vec::new();
+        for (i, (layer, name, lin)) in self.linears_mut().enumerate() {
+            if !targets.contains(&name) {
+                continue;
+            }
+            let (out, inp) = lin.dims();
+            let lora = Lora::new(
+                inp,
+                out,
+                r,
+                alpha,
+                dropout,
+                seed.wrapping_add(i as u64),
+                &device,
+            )?;
+            let module = format!(
+                "model.layers.{layer}.{}.{name}",
+                if ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&name) {
+                    "self_attn"
+                } else {
+                    "mlp"
+                }
+            );
+            params.push((format!("{module}.lora_A.weight"), lora.a.clone()));
+            params.push((format!("{module}.lora_B.weight"), lora.b.clone()));
+            lin.lora = Some(lora);
+        }
+        Ok(params)
+    }
+
+    /// Turns LoRA dropout on (training) or off (evaluation).
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
     }
 
     pub fn config(&self) -> &Config {
@@ -276,8 +407,9 @@ impl Llama {
             let x1 = (residual + h)?;
             let h = block.post_norm.forward(&x1)?;
             let m = &block.mlp;
-            let g = candle_nn::ops::silu(&m.gate.forward(&h)?)?;
-            let h = m.down.forward(&(g * m.up.forward(&h)?)?)?;
+            let train = self.training;
+            let g = candle_nn::ops::silu(&m.gate.forward(&h, train)?)?;
+            let h = m.down.forward(&(g * m.up.forward(&h, train)?)?, train)?;
             x = (x1 + h)?;
         }
         cache.layers = new_layers;
@@ -334,9 +466,19 @@ impl Llama {
             self.config.num_kv_heads,
             self.config.head_dim(),
         );
-        let q = a.q.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = a.k.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let v = a.v.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let train = self.training;
+        let q =
+            a.q.forward(x, train)?
+                .reshape((b, t, nh, hd))?
+                .transpose(1, 2)?;
+        let k =
+            a.k.forward(x, train)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?;
+        let v =
+            a.v.forward(x, train)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?;
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
         let v = v.contiguous()?;
@@ -355,13 +497,18 @@ impl Llama {
             Some(m) => att.broadcast_add(m)?,
             None => att,
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        // The fused softmax has no backward pass; use the composed one when training.
+        let att = if att.track_op() {
+            candle_nn::ops::softmax(&att, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
         let y = att.reshape((b, nkv, rep * t, total))?.matmul(&v)?;
         let y = y
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        Ok((a.o.forward(&y)?, (k, v)))
+        Ok((a.o.forward(&y, train)?, (k, v)))
     }
 }
 
@@ -402,5 +549,163 @@ impl KvCache {
             .map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
             .collect::<candle_core::Result<_>>()?;
         Ok(KvCache { layers })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// A random 2-layer model: hidden 64, 4 heads over 2 key heads, vocab 50.
+    fn tiny() -> Llama {
+        let config = Config {
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            vocab_size: 50,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+        };
+        let dev = Device::Cpu;
+        let mut t = HashMap::new();
+        let mut seed = 1;
+        let mut add = |name: String, shape: (usize, usize), scale: f32| {
+            seed += 1;
+            let v = uniform(shape.0 * shape.1, scale, seed);
+            t.insert(name, Tensor::from_vec(v, shape, &dev).unwrap());
+        };
+        add("model.embed_tokens.weight".into(), (50, 64), 1.0);
+        for l in 0..2 {
+            let p = format!("model.layers.{l}");
+            for (n, shape) in [
+                ("self_attn.q_proj", (64, 64)),
+                ("self_attn.k_proj", (32, 64)),
+                ("self_attn.v_proj", (32, 64)),
+                ("self_attn.o_proj", (64, 64)),
+                ("mlp.gate_proj", (128, 64)),
+                ("mlp.up_proj", (128, 64)),
+                ("mlp.down_proj", (64, 128)),
+            ] {
+                add(format!("{p}.{n}.weight"), shape, 0.2);
+            }
+        }
+        let ones = |n| Tensor::ones(n, DType::F32, &dev).unwrap();
+        for l in 0..2 {
+            t.insert(format!("model.layers.{l}.input_layernorm.weight"), ones(64));
+            t.insert(
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+                ones(64),
+            );
+        }
+        t.insert("model.norm.weight".into(), ones(64));
+        Llama::new(config, &mut Weights::new(t), &dev).unwrap()
+    }
+
+    /// Mean next-token cross-entropy of `ids` under the model.
+    fn loss(model: &Llama, ids: &[u32]) -> Tensor {
+        let h = model
+            .forward(&[ids.to_vec()], &[0], None, &mut KvCache::default())
+            .unwrap();
+        let t = ids.len();
+        let logits = model.logits(&h.reshape((t, 64)).unwrap()).unwrap();
+        let logp =
+            candle_nn::ops::log_softmax(&logits.narrow(0, 0, t - 1).unwrap(), D::Minus1).unwrap();
+        let targets = Tensor::new(&ids[1..], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        (logp.gather(&targets, 1).unwrap().mean_all().unwrap() * -1.0).unwrap()
+    }
+
+    #[test]
+    fn lora_gradients_through_nf4_layers_match_finite_differences() {
+        let mut model = tiny();
+        model.quantize_nf4(true).unwrap();
+        let params = model.add_lora(&TARGETS, 4, 8.0, 0.0, 3).unwrap();
+        assert_eq!(params.len(), 2 * 7 * 2);
+        // Non-zero B everywhere, so that every A has a gradient too.
+        for (i, (name, var)) in params.iter().enumerate() {
+            if name.contains("lora_B") {
+                let n = var.as_tensor().elem_count();
+                let v = Tensor::from_vec(
+                    uniform(n, 0.1, 100 + i as u64),
+                    var.as_tensor().shape(),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                var.set(&v).unwrap();
+            }
+        }
+        let ids: Vec<u32> = vec![3, 17, 42, 8, 8, 25, 1, 49, 30];
+        let grads = loss(&model, &ids).backward().unwrap();
+        // Check a few coordinates of A and B in the first and the last layer.
+        for (name, var) in params.iter().filter(|(n, _)| {
+            n.contains("layers.0.self_attn.q_proj")
+                || n.contains("layers.1.mlp.down_proj")
+                || n.contains("layers.0.mlp.up_proj")
+        }) {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let base = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for &i in &[0usize, 7, base.len() / 2, base.len() - 1] {
+                let eps = 1e-2f32;
+                let at = |delta: f32| {
+                    let mut v = base.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    loss(&model, &ids).to_scalar::<f32>().unwrap()
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                var.set(
+                    &Tensor::from_vec(base.clone(), var.as_tensor().shape(), &Device::Cpu).unwrap(),
+                )
+                .unwrap();
+                assert!(
+                    (fd - g[i]).abs() <= 2e-3 + 0.05 * g[i].abs(),
+                    "{name}[{i}]: autograd {} vs finite difference {fd}",
+                    g[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nf4_base_changes_logits_only_by_quantization_error() {
+        let dense = tiny();
+        let mut q = tiny();
+        q.quantize_nf4(true).unwrap();
+        let ids = [1u32, 2, 3, 4];
+        let a = loss(&dense, &ids).to_scalar::<f32>().unwrap();
+        let b = loss(&q, &ids).to_scalar::<f32>().unwrap();
+        assert!((a - b).abs() < 0.2 * a.abs(), "{a} vs {b}");
     }
 }

@@ -1,0 +1,118 @@
+//! LoRA adapters (Hu et al. 2021) on a linear layer: `y += (alpha / r) · dropout(x) · Aᵀ · Bᵀ`.
+//!
+//! A starts Kaiming-uniform (as PEFT does: bound 1/sqrt(in)) and B at zero, so a fresh adapter
+//! changes nothing; dropout applies to the adapter's input only, and only while training. A and
+//! B are candle `Var`s, the only parameters that train.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+/// One adapter: A (r, in), B (out, r).
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+impl Lora {
+    /// A fresh adapter for a layer `in_dim -> out_dim`; `seed` makes A reproducible.
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        r: usize,
+        alpha: f64,
+        dropout: f32,
+        seed: u64,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let a = seeded_uniform(r * in_dim, bound as f32, seed);
+        Ok(Lora {
+            a: Var::from_vec(a, (r, in_dim), device)?,
+            b: Var::zeros((out_dim, r), DType::F32, device)?,
+            scale: alpha / r as f64,
+            dropout,
+        })
+    }
+
+    /// An adapter with given A and B (loaded from a file, or for tests).
+    pub fn from_tensors(
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+        dropout: f32,
+    ) -> candle_core::Result<Self> {
+        Ok(Lora {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scale,
+            dropout,
+        })
+    }
+
+    /// The adapter's contribution for `x` (m, in): (m, out).
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let x = if train && self.dropout > 0.0 {
+            candle_nn::ops::dropout(x, self.dropout)?
+        } else {
+            x.clone()
+        };
+        let h = x.matmul(&self.a.as_tensor().t()?)?;
+        h.matmul(&self.b.as_tensor().t()?)? * self.scale
+    }
+}
+
+/// Uniform values in [-bound, bound) from a 64-bit LCG: reproducible across platforms and runs.
+fn seeded_uniform(n: usize, bound: f32, seed: u64) -> Vec<f32> {
+    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+            (u * 2.0 - 1.0) * bound
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_adapter_changes_nothing_and_a_is_bounded() {
+        let l = Lora::new(64, 32, 8, 16.0, 0.1, 1, &Device::Cpu).unwrap();
+        let x = Tensor::ones((3, 64), DType::F32, &Device::Cpu).unwrap();
+        let y = l.forward(&x, true).unwrap();
+        assert_eq!(
+            y.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        let a =
+            l.a.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+        assert!(a.iter().all(|v| v.abs() <= 0.125));
+        assert_eq!(l.scale, 2.0);
+    }
+
+    #[test]
+    fn dropout_only_while_training() {
+        let a = Tensor::ones((2, 16), DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::ones((4, 2), DType::F32, &Device::Cpu).unwrap();
+        let l = Lora::from_tensors(a, b, 1.0, 0.5).unwrap();
+        let x = Tensor::ones((100, 16), DType::F32, &Device::Cpu).unwrap();
+        let eval = l.forward(&x, false).unwrap().to_vec2::<f32>().unwrap();
+        assert!(eval.iter().flatten().all(|&v| v == 32.0));
+        let train = l.forward(&x, true).unwrap().to_vec2::<f32>().unwrap();
+        assert!(train.iter().flatten().any(|&v| v != 32.0));
+    }
+}
