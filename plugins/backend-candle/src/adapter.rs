@@ -161,6 +161,90 @@ impl LoraAdapter {
     }
 }
 
+/// How an adapter was made, for its `adapter_config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+    pub base_model: String,
+}
+
+/// Writes adapter parameters (named `model.layers.0.self_attn.q_proj.lora_A.weight`, ...) in
+/// PEFT's layout, loadable by `PeftModel.from_pretrained` and by [`LoraAdapter::load`].
+pub fn save_peft(
+    dir: &Path,
+    spec: &AdapterSpec,
+    params: &[(String, candle_core::Var)],
+) -> Result<()> {
+    let io = |path: PathBuf| move |cause| BackendError::Io { path, cause };
+    std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": spec.base_model,
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": spec.target_modules,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "use_dora": false,
+        "modules_to_save": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    });
+    let text =
+        serde_json::to_string_pretty(&config).map_err(|e| BackendError::Internal(e.to_string()))?;
+    write_then_rename(&dir.join("adapter_config.json"), text.as_bytes())?;
+
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = params
+        .iter()
+        .map(|(name, var)| {
+            let t = var.as_tensor();
+            let bytes: Vec<u8> = t
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            Ok((format!("base_model.model.{name}"), t.dims().to_vec(), bytes))
+        })
+        .collect::<Result<_>>()?;
+    let views = data
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| BackendError::Internal(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    let bytes = safetensors::serialize(views, &metadata)
+        .map_err(|e| BackendError::Internal(e.to_string()))?;
+    write_then_rename(&dir.join("adapter_model.safetensors"), &bytes)
+}
+
+/// Writes to a temporary name and renames, so a half-written adapter never exists.
+fn write_then_rename(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|cause| BackendError::Io {
+        path: tmp.clone(),
+        cause,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|cause| BackendError::Io {
+        path: path.to_path_buf(),
+        cause,
+    })
+}
+
 /// `base_model.model.model.layers.0.mlp.down_proj.lora_A.weight` -> (`model.layers.0.mlp.down_proj`, 'A').
 /// Also accepts the adapter-name form `lora_A.default.weight`.
 fn split_key(key: &str) -> Option<(&str, char)> {
@@ -191,5 +275,57 @@ mod tests {
             Some(("model.layers.0.mlp.up_proj", 'A'))
         );
         assert_eq!(split_key("base_model.model.lm_head.weight"), None);
+    }
+
+    #[test]
+    fn a_saved_adapter_merged_into_the_base_gives_the_adapted_model() {
+        use crate::llama::testing::{tiny_model, tiny_weights, uniform};
+        use crate::llama::{KvCache, TARGETS};
+
+        let mut adapted = tiny_model();
+        let params = adapted.add_lora(&TARGETS[..3], 4, 8.0, 0.1, 5).unwrap();
+        for (i, (_, var)) in params.iter().enumerate() {
+            let n = var.as_tensor().elem_count();
+            let v = Tensor::from_vec(
+                uniform(n, 0.2, 40 + i as u64),
+                var.as_tensor().shape(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            var.set(&v).unwrap();
+        }
+        let ids = vec![vec![4u32, 9, 33, 2, 17]];
+        let logits = |m: &crate::llama::Llama| {
+            let h = m
+                .forward(&ids, &[0], None, &mut KvCache::default())
+                .unwrap();
+            m.logits(&h.reshape((5, 64)).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let want = logits(&adapted);
+
+        let dir = std::env::temp_dir().join(format!("adapter-roundtrip-{}", std::process::id()));
+        let spec = AdapterSpec {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            target_modules: TARGETS[..3].iter().map(|s| s.to_string()).collect(),
+            base_model: "tiny".into(),
+        };
+        save_peft(&dir, &spec, &params).unwrap();
+        let adapter = LoraAdapter::load(&dir, &Device::Cpu).unwrap();
+        assert_eq!(adapter.pairs.len(), 2 * 3);
+        let (config, mut weights) = tiny_weights();
+        adapter.merge_into(&mut weights).unwrap();
+        let merged = crate::llama::Llama::new(config, &mut weights, &Device::Cpu).unwrap();
+        let got = logits(&merged);
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() < 1e-3 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

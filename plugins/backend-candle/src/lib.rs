@@ -16,6 +16,7 @@ pub mod llama;
 pub mod lora;
 pub mod nf4;
 pub mod nf4_linear;
+pub mod trainer;
 pub mod weights;
 
 use std::path::PathBuf;

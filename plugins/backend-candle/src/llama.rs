@@ -552,13 +552,14 @@ impl KvCache {
     }
 }
 
+/// A tiny random model for tests of this crate.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use std::collections::HashMap;
 
     use super::*;
 
-    fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+    pub fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -571,7 +572,13 @@ mod tests {
     }
 
     /// A random 2-layer model: hidden 64, 4 heads over 2 key heads, vocab 50.
-    fn tiny() -> Llama {
+    pub fn tiny_model() -> Llama {
+        let (config, mut weights) = tiny_weights();
+        Llama::new(config, &mut weights, &Device::Cpu).unwrap()
+    }
+
+    /// The configuration and weights of [`tiny_model`].
+    pub fn tiny_weights() -> (Config, Weights) {
         let config = Config {
             hidden_size: 64,
             intermediate_size: 128,
@@ -616,8 +623,14 @@ mod tests {
             );
         }
         t.insert("model.norm.weight".into(), ones(64));
-        Llama::new(config, &mut Weights::new(t), &dev).unwrap()
+        (config, Weights::new(t))
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{tiny_model as tiny, uniform};
+    use super::*;
 
     /// Mean next-token cross-entropy of `ids` under the model.
     fn loss(model: &Llama, ids: &[u32]) -> Tensor {
