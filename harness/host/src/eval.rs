@@ -20,7 +20,7 @@ use crate::registry::{Entry, Registry};
 use crate::run_dir::{self, Component, ModelRecord, RunRecord, SampleWriter};
 use crate::stats::{self, MetricScores};
 
-fn plugin_result<T>(
+pub(crate) fn plugin_result<T>(
     entry: &Entry,
     r: RResult<T, harness_abi::abi_stable::std_types::RString>,
 ) -> Result<T> {
@@ -35,7 +35,7 @@ fn plugin_result<T>(
     })
 }
 
-fn component(entry: &Entry, options: String) -> Result<Component> {
+pub(crate) fn component(entry: &Entry, options: String) -> Result<Component> {
     Ok(Component {
         name: entry.info.name.to_string(),
         version: entry.info.version.to_string(),

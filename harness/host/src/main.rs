@@ -12,6 +12,7 @@ mod plan;
 mod registry;
 mod run_dir;
 mod stats;
+mod train;
 
 use std::process::ExitCode;
 
@@ -54,6 +55,11 @@ fn run(cli: Cli) -> Result<()> {
             let reg = load_registry(&cli)?;
             let command_line = std::env::args().collect::<Vec<_>>().join(" ");
             eval::run(&reg, plan, command_line)
+        }
+        Command::Train(args) => {
+            let reg = load_registry(&cli)?;
+            let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+            train::run(&reg, args, command_line)
         }
         Command::Fetch(args) => fetch::run(args.force),
     }

@@ -28,7 +28,7 @@ pub struct EvalPlan {
 }
 
 /// `KEY=VALUE` into the table; VALUE is read as TOML (`3`, `true`, `"x"`), else kept as text.
-fn insert_pair(table: &mut Table, pair: &str, flag: &str) -> Result<()> {
+pub(crate) fn insert_pair(table: &mut Table, pair: &str, flag: &str) -> Result<()> {
     let Some((key, value)) = pair.split_once('=') else {
         bail!("{flag} expects KEY=VALUE, got `{pair}`");
     };

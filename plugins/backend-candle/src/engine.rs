@@ -57,6 +57,13 @@ impl Engine {
         &self.tokenizer
     }
 
+    /// The model, for changes such as quantization or adapters; forgets cached prefixes, which
+    /// the change makes stale.
+    pub fn model_mut(&mut self) -> &mut Llama {
+        self.last = None;
+        &mut self.model
+    }
+
     /// Token ids of `text`, without special tokens added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self

@@ -17,6 +17,7 @@ pub mod lora;
 pub mod nf4;
 pub mod nf4_linear;
 pub mod trainer;
+pub mod training;
 pub mod weights;
 
 use std::path::PathBuf;
@@ -30,8 +31,8 @@ use harness_abi::{
     guard, not_provided,
     options::Options,
     Backend, BackendBox, BackendStats, Backend_TO, ChoiceRequest, ChoiceScore, GenerateRequest,
-    Generation, MetricBox, ModelInfo, PluginInfo, PluginKind, PluginLib, PluginLibRef, TD_Opaque,
-    TaskBox, TokenLogprob,
+    Generation, MetricBox, ModelInfo, PluginInfo, PluginKind, PluginLib, PluginLibRef,
+    ProgressSinkBox, TD_Opaque, TaskBox, TokenLogprob, TrainExample, TrainStep, TrainSummary,
 };
 
 use crate::engine::Engine;
@@ -96,6 +97,8 @@ impl Config {
 pub struct CandleBackend {
     engine: Engine,
     info: ModelInfo,
+    /// The adapter of the last training run, for `save_adapter`.
+    trained: Option<training::Trained>,
 }
 
 impl CandleBackend {
@@ -127,6 +130,7 @@ impl CandleBackend {
         Ok(CandleBackend {
             engine: Engine::new(model, ckpt.tokenizer, ckpt.eos, config.max_batch),
             info,
+            trained: None,
         })
     }
 
@@ -210,6 +214,58 @@ impl Backend for CandleBackend {
 
     fn stats(&self) -> BackendStats {
         self.engine.stats()
+    }
+
+    fn train(
+        &mut self,
+        examples: RVec<TrainExample>,
+        options: RStr<'_>,
+        mut progress: ProgressSinkBox,
+    ) -> RResult<TrainSummary, RString> {
+        guard(NAME, || {
+            if self.trained.is_some() {
+                return Err("this backend already trained an adapter; load the model again to train another".into());
+            }
+            let opts = training::TrainOptions::from_toml(options.as_str()).map_err(text)?;
+            let name = self.info.name.to_string();
+            let (trained, outcome) =
+                training::run(&mut self.engine, &name, &examples, &opts, |r| {
+                    progress.report(TrainStep {
+                        step: r.step as u64,
+                        total_steps: r.total_steps as u64,
+                        epoch: r.epoch as u64,
+                        loss: r.loss,
+                        lr: r.lr,
+                        grad_norm: r.grad_norm,
+                        tokens: r.tokens as u64,
+                    })
+                })
+                .map_err(text)?;
+            let summary = TrainSummary {
+                steps: outcome.reports.len() as u64,
+                examples: outcome.examples as u64,
+                tokens: outcome.reports.iter().map(|r| r.tokens as u64).sum(),
+                seconds: outcome.seconds,
+                final_loss: outcome.reports.last().map(|r| r.loss).unwrap_or(f64::NAN),
+                trainable_parameters: trained.parameter_count(),
+                stopped_early: outcome.stopped_early,
+                resolved_options: opts.to_toml().into(),
+            };
+            self.trained = Some(trained);
+            Ok(summary)
+        })
+    }
+
+    fn save_adapter(&self, dir: RStr<'_>) -> RResult<(), RString> {
+        guard(NAME, || {
+            let trained = self
+                .trained
+                .as_ref()
+                .ok_or("no adapter to save: train first")?;
+            trained
+                .save(std::path::Path::new(dir.as_str()))
+                .map_err(text)
+        })
     }
 }
 

@@ -1,0 +1,407 @@
+//! `harness train`: examples from a task or a JSONL file, the backend trains LoRA adapters on its
+//! frozen NF4 base, the adapter is saved in PEFT layout with the loss curve beside it.
+//!
+//! Ctrl-C stops after the current optimiser step and saves the adapter trained so far (marked as
+//! stopped early in train.toml).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use harness_abi::abi_stable::std_types::{RStr, RVec};
+use harness_abi::{
+    BackendBox, PluginKind, ProgressSink, ProgressSink_TO, TD_Opaque, TaskBox, TrainExample,
+    TrainStep,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use toml::{Table, Value};
+
+use crate::cli::TrainArgs;
+use crate::eval::{component, plugin_result};
+use crate::plan::insert_pair;
+use crate::registry::Registry;
+use crate::run_dir::{self, write_atomic};
+
+/// A training plan: file values first, flags on top.
+struct TrainPlan {
+    task: Option<String>,
+    task_options: Table,
+    examples: Option<u64>,
+    data: Option<PathBuf>,
+    out: PathBuf,
+    model: Option<PathBuf>,
+    backend: String,
+    train: Table,
+}
+
+fn plan(args: &TrainArgs) -> Result<TrainPlan> {
+    let mut file = Table::new();
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        file = text
+            .parse::<Table>()
+            .map_err(|e| anyhow!("{} is not valid TOML: {}", path.display(), e.message()))?;
+        const KEYS: [&str; 8] = [
+            "task",
+            "examples",
+            "data",
+            "model",
+            "out",
+            "backend",
+            "task_options",
+            "train",
+        ];
+        for key in file.keys() {
+            if !KEYS.contains(&key.as_str()) {
+                bail!(
+                    "{}: unknown key `{key}`; valid keys are {}",
+                    path.display(),
+                    KEYS.join(", ")
+                );
+            }
+        }
+    }
+    let text = |key: &str| -> Result<Option<String>> {
+        match file.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => bail!("config key `{key}` must be a string, got {other}"),
+        }
+    };
+    let table = |key: &str| -> Result<Table> {
+        match file.get(key) {
+            None => Ok(Table::new()),
+            Some(Value::Table(t)) => Ok(t.clone()),
+            Some(other) => bail!("config key `{key}` must be a table, got {other}"),
+        }
+    };
+    let mut task_options = table("task_options")?;
+    if let Some(d) = &args.digits {
+        task_options.insert("digits".into(), Value::String(d.clone()));
+    }
+    if let Some(s) = args.seed {
+        task_options.insert("seed".into(), Value::Integer(s as i64));
+    }
+    for pair in &args.options {
+        insert_pair(&mut task_options, pair, "--option")?;
+    }
+    let mut train = table("train")?;
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            train.insert(k.to_string(), v);
+        }
+    };
+    put("r", args.r.map(|x| Value::Integer(x as i64)));
+    put("alpha", args.alpha.map(Value::Float));
+    put("lr", args.lr.map(Value::Float));
+    put("epochs", args.epochs.map(|x| Value::Integer(x as i64)));
+    put(
+        "micro_batch",
+        args.micro_batch.map(|x| Value::Integer(x as i64)),
+    );
+    put("seed", args.seed.map(|x| Value::Integer(x as i64)));
+    for pair in &args.train_options {
+        insert_pair(&mut train, pair, "--train-option")?;
+    }
+    let examples = match (args.examples, file.get("examples")) {
+        (Some(n), _) => Some(n),
+        (None, Some(Value::Integer(n))) if *n > 0 => Some(*n as u64),
+        (None, Some(other)) => {
+            bail!("config key `examples` must be a positive integer, got {other}")
+        }
+        (None, None) => None,
+    };
+    let out = args
+        .out
+        .clone()
+        .or(text("out")?.map(PathBuf::from))
+        .ok_or_else(|| {
+            anyhow!("say where the adapter goes with --out DIR (or `out` in the config file)")
+        })?;
+    if out.join("adapter_model.safetensors").exists() {
+        bail!(
+            "{} already holds an adapter; choose another --out or remove it",
+            out.display()
+        );
+    }
+    let p = TrainPlan {
+        task: args.task.clone().or(text("task")?),
+        task_options,
+        examples,
+        data: args.data.clone().or(text("data")?.map(PathBuf::from)),
+        out,
+        model: args.model.clone().or(text("model")?.map(PathBuf::from)),
+        backend: args
+            .backend
+            .clone()
+            .or(text("backend")?)
+            .unwrap_or_else(|| "candle".into()),
+        train,
+    };
+    if p.task.is_none() && p.data.is_none() {
+        bail!("give the examples: --task NAME --examples N, or --data PAIRS.jsonl");
+    }
+    if p.data.is_none() && p.examples.is_none() {
+        bail!("say how many examples the task should make with --examples N");
+    }
+    Ok(p)
+}
+
+/// Reads {"prompt", "completion"} pairs, one JSON object per line.
+pub fn read_pairs(path: &Path) -> Result<Vec<TrainExample>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow!("{}: not valid JSON: {e}", at()))?;
+        let field = |k: &str| -> Result<String> {
+            v.get(k)
+                .and_then(|x| x.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("{}: missing string field `{k}`", at()))
+        };
+        out.push(TrainExample {
+            prompt: field("prompt")?.into(),
+            completion: field("completion")?.into(),
+            group: v
+                .get("group")
+                .and_then(|g| g.as_str())
+                .unwrap_or("all")
+                .into(),
+        });
+    }
+    if out.is_empty() {
+        bail!("{} holds no examples", path.display());
+    }
+    Ok(out)
+}
+
+/// The host's end of training progress: a progress bar, the loss curve, and Ctrl-C.
+struct Sink {
+    bar: ProgressBar,
+    steps: Arc<Mutex<Vec<TrainStep>>>,
+    stop: Arc<AtomicBool>,
+    start: Instant,
+    tokens: u64,
+}
+
+impl ProgressSink for Sink {
+    fn report(&mut self, step: TrainStep) -> bool {
+        self.tokens += step.tokens;
+        let rate = self.tokens as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
+        self.bar.set_length(step.total_steps);
+        self.bar.set_position(step.step);
+        self.bar
+            .set_message(format!("loss {:.4}  {:.0} tok/s", step.loss, rate));
+        if let Ok(mut s) = self.steps.lock() {
+            s.push(step);
+        }
+        !self.stop.load(Ordering::SeqCst)
+    }
+}
+
+pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()> {
+    let p = plan(args)?;
+    let mut task_record = None;
+    let examples: Vec<TrainExample> = match &p.data {
+        Some(path) => read_pairs(path)?,
+        None => {
+            let name = p.task.clone().expect("checked in plan");
+            let entry = reg.get(PluginKind::Task, &name)?;
+            let opts = p.task_options.to_string();
+            let task: TaskBox = plugin_result(
+                entry,
+                (entry.lib.new_task())(RStr::from(name.as_str()), RStr::from(opts.as_str())),
+            )?;
+            let n = p.examples.expect("checked in plan");
+            let ex = plugin_result(entry, task.train_examples(n))?;
+            task_record = Some(component(entry, task.resolved_options().to_string())?);
+            ex.into_iter().collect()
+        }
+    };
+    let backend_entry = reg.get(PluginKind::Backend, &p.backend)?;
+    let model = p
+        .model
+        .clone()
+        .unwrap_or_else(harness_abi::paths::default_model);
+    if !model.exists() {
+        bail!(
+            "model {} not found; run `harness fetch` for the default model or pass --model",
+            model.display()
+        );
+    }
+    let mut backend_opts = Table::new();
+    backend_opts.insert("model".into(), Value::String(model.display().to_string()));
+    let backend_opts = backend_opts.to_string();
+    let train_opts = p.train.to_string();
+    println!(
+        "train on {} examples -> {}",
+        examples.len(),
+        p.out.display()
+    );
+    let mut backend: BackendBox = plugin_result(
+        backend_entry,
+        (backend_entry.lib.new_backend())(
+            RStr::from(p.backend.as_str()),
+            RStr::from(backend_opts.as_str()),
+        ),
+    )?;
+    let info = backend.info();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C while stopping falls through to the default (exit).
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping after this step; the adapter trained so far will be saved");
+        });
+    }
+    let bar = if std::io::stdout().is_terminal() {
+        let b = ProgressBar::new(1);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] step {pos}/{len}  {msg}  ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let steps = Arc::new(Mutex::new(Vec::new()));
+    let sink = Sink {
+        bar: bar.clone(),
+        steps: steps.clone(),
+        stop: stop.clone(),
+        start: Instant::now(),
+        tokens: 0,
+    };
+    let result = backend.train(
+        RVec::from(examples),
+        RStr::from(train_opts.as_str()),
+        ProgressSink_TO::from_value(sink, TD_Opaque),
+    );
+    bar.finish_and_clear();
+    let curve = steps.lock().map(|s| s.clone()).unwrap_or_default();
+    if !curve.is_empty() {
+        std::fs::create_dir_all(&p.out)
+            .with_context(|| format!("cannot create {}", p.out.display()))?;
+        write_atomic(&p.out.join("train.csv"), loss_curve(&curve).as_bytes())?;
+    }
+    let summary = match result.into_result() {
+        Ok(s) => s,
+        Err(e) => {
+            // The parameters of the last good step are still in the backend: keep them.
+            let saved = backend
+                .save_adapter(RStr::from(p.out.display().to_string().as_str()))
+                .is_ok();
+            bail!(
+                "{e}{}",
+                if saved {
+                    format!(
+                        "; the adapter of the last good step is in {}",
+                        p.out.display()
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+    };
+    plugin_result(
+        backend_entry,
+        backend.save_adapter(RStr::from(p.out.display().to_string().as_str())),
+    )?;
+    let (_, created) = run_dir::utc_now();
+    let record = toml::toml! {
+        harness_version = (env!("CARGO_PKG_VERSION"))
+        created_utc = created
+        command = command_line
+    };
+    let mut record = record;
+    if let Some(t) = task_record {
+        record.insert("task".into(), Value::try_from(t)?);
+    }
+    if let Some(d) = &p.data {
+        record.insert("data".into(), Value::String(d.display().to_string()));
+        record.insert(
+            "data_sha256".into(),
+            Value::String(run_dir::sha256_path(d)?),
+        );
+    }
+    let mut model_t = Table::new();
+    model_t.insert("name".into(), Value::String(info.name.to_string()));
+    model_t.insert("path".into(), Value::String(info.path.to_string()));
+    model_t.insert(
+        "sha256".into(),
+        Value::String(run_dir::sha256_path(Path::new(info.path.as_str()))?),
+    );
+    record.insert("model".into(), Value::Table(model_t));
+    record.insert(
+        "backend".into(),
+        Value::try_from(component(backend_entry, info.resolved_options.to_string())?)?,
+    );
+    record.insert(
+        "train_options".into(),
+        Value::String(summary.resolved_options.to_string()),
+    );
+    let mut s = Table::new();
+    s.insert("steps".into(), Value::Integer(summary.steps as i64));
+    s.insert("examples".into(), Value::Integer(summary.examples as i64));
+    s.insert("tokens".into(), Value::Integer(summary.tokens as i64));
+    s.insert("seconds".into(), Value::Float(summary.seconds));
+    s.insert("final_loss".into(), Value::Float(summary.final_loss));
+    s.insert(
+        "trainable_parameters".into(),
+        Value::Integer(summary.trainable_parameters as i64),
+    );
+    s.insert(
+        "stopped_early".into(),
+        Value::Boolean(summary.stopped_early),
+    );
+    record.insert("summary".into(), Value::Table(s));
+    write_atomic(
+        &p.out.join("train.toml"),
+        toml::to_string(&record)?.as_bytes(),
+    )?;
+    println!(
+        "{} steps on {} examples in {:.1} s ({:.0} tokens/s), final loss {:.4}, {} trainable parameters{}",
+        summary.steps,
+        summary.examples,
+        summary.seconds,
+        summary.tokens as f64 / summary.seconds.max(1e-9),
+        summary.final_loss,
+        summary.trainable_parameters,
+        if summary.stopped_early { " (stopped early)" } else { "" }
+    );
+    println!(
+        "adapter: {} (use it with `harness eval --adapter {}`)",
+        p.out.display(),
+        p.out.display()
+    );
+    Ok(())
+}
+
+fn loss_curve(steps: &[TrainStep]) -> String {
+    let mut s = String::from("step,epoch,loss,lr,grad_norm,tokens\n");
+    for t in steps {
+        s.push_str(&format!(
+            "{},{},{:.6},{:.8},{:.6},{}\n",
+            t.step, t.epoch, t.loss, t.lr, t.grad_norm, t.tokens
+        ));
+    }
+    s
+}

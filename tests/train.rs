@@ -1,0 +1,131 @@
+//! End-to-end tests of `harness train` on a tiny random model: the adapter lands in PEFT layout
+//! with its loss curve, evaluates with `--adapter`, and bad inputs are one clear line.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn train_then_eval_with_the_adapter() {
+    let dir = temp_dir("train-tiny");
+    write_tiny_model(&dir.join("model"), 3);
+    let out = ok(harness()
+        .args([
+            "train",
+            "--task",
+            "addition",
+            "--digits",
+            "1-2",
+            "--examples",
+            "8",
+            "--micro-batch",
+            "4",
+            "--r",
+            "4",
+            "--lr",
+            "1e-3",
+            "--model",
+        ])
+        .arg(dir.join("model"))
+        .arg("--out")
+        .arg(dir.join("adapter")));
+    assert!(out.contains("2 steps on 8 examples"), "{out}");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "train.csv",
+        "train.toml",
+    ] {
+        assert!(dir.join("adapter").join(f).is_file(), "{f} missing");
+    }
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    let curve = std::fs::read_to_string(dir.join("adapter/train.csv")).unwrap();
+    assert_eq!(curve.lines().count(), 3, "{curve}");
+    let record = std::fs::read_to_string(dir.join("adapter/train.toml")).unwrap();
+    assert!(
+        record.contains("r = 4") && record.contains("final_loss"),
+        "{record}"
+    );
+
+    ok(harness()
+        .args([
+            "eval", "--task", "addition", "--digits", "1", "--n", "3", "--model",
+        ])
+        .arg(dir.join("model"))
+        .arg("--adapter")
+        .arg(dir.join("adapter"))
+        .arg("--out")
+        .arg(dir.join("run")));
+
+    // The same adapter folder is not overwritten.
+    let e = fails(
+        harness()
+            .args(["train", "--task", "addition", "--examples", "8", "--model"])
+            .arg(dir.join("model"))
+            .arg("--out")
+            .arg(dir.join("adapter")),
+    );
+    assert!(e.contains("already holds an adapter"), "{e}");
+}
+
+#[test]
+fn training_pairs_come_from_a_jsonl_file_with_errors_by_line() {
+    let dir = temp_dir("train-pairs");
+    write_tiny_model(&dir.join("model"), 4);
+    let pairs = dir.join("pairs.jsonl");
+    std::fs::write(&pairs, "{\"prompt\": \"Q: 1+1\\nA:\", \"completion\": \" 2\\n\"}\n{\"prompt\": \"Q: 2+2\\nA:\", \"completion\": \" 4\\n\"}\n").unwrap();
+    let out = ok(harness()
+        .args(["train", "--data"])
+        .arg(&pairs)
+        .args(["--r", "2", "--model"])
+        .arg(dir.join("model"))
+        .arg("--out")
+        .arg(dir.join("a")));
+    assert!(out.contains("on 2 examples"), "{out}");
+
+    std::fs::write(
+        &pairs,
+        "{\"prompt\": \"Q\", \"completion\": \" 2\"}\n{\"prompt\": \"Q\"}\n",
+    )
+    .unwrap();
+    let e = fails(
+        harness()
+            .args(["train", "--data"])
+            .arg(&pairs)
+            .arg("--out")
+            .arg(dir.join("b")),
+    );
+    assert!(
+        e.contains("line 2: missing string field `completion`"),
+        "{e}"
+    );
+
+    let e = fails(
+        harness()
+            .args(["train", "--task", "addition", "--out"])
+            .arg(dir.join("c")),
+    );
+    assert!(e.contains("--examples N"), "{e}");
+    let e = fails(
+        harness()
+            .args([
+                "train",
+                "--task",
+                "addition",
+                "--examples",
+                "4",
+                "--train-option",
+                "rank=3",
+                "--model",
+            ])
+            .arg(dir.join("model"))
+            .arg("--out")
+            .arg(dir.join("d")),
+    );
+    assert!(e.contains("unknown option `rank`"), "{e}");
+}
