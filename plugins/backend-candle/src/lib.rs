@@ -10,6 +10,7 @@ pub mod adapter;
 pub mod checkpoint;
 pub mod engine;
 pub mod error;
+pub mod frozen_linear;
 pub mod gguf_tokenizer;
 pub mod kernels;
 pub mod llama;

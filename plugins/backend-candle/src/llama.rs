@@ -78,11 +78,12 @@ impl Linear {
     }
 }
 
-/// `x` (m, k) times `w` (n, k) transposed: the decoding kernel for a few rows, else gemm (always
-/// gemm when a gradient must flow through `x`: the kernel is not differentiable).
+/// `x` (m, k) times `w` (n, k) transposed: the decoding kernel for a few rows, else gemm; when a
+/// gradient must flow through `x`, the frozen-weight op that computes no weight gradient.
 fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if x.track_op() {
-        return x.matmul(&w.t()?);
+        // Frozen weight: the gradient goes to x only.
+        return crate::frozen_linear::FrozenMatMul { weight: w.clone() }.forward(x);
     }
     match crate::kernels::skinny_matmul_t(x, w)? {
         Some(y) => Ok(y),
