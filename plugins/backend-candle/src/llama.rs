@@ -63,7 +63,7 @@ impl Linear {
         }
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, train: bool, seed: u64) -> candle_core::Result<Tensor> {
         // x: (B, T, in) -> (B*T, in) @ (in, out)
         let (b, t, i) = x.dims3()?;
         let x = x.reshape((b * t, i))?;
@@ -72,7 +72,7 @@ impl Linear {
             Base::Nf4(op) => op.forward(&x)?,
         };
         if let Some(lora) = &self.lora {
-            y = (y + lora.forward(&x, train)?)?;
+            y = (y + lora.forward(&x, train, seed)?)?;
         }
         y.reshape((b, t, ()))
     }
@@ -126,6 +126,13 @@ struct Block {
     attn: Attention,
     post_norm: RmsNorm,
     mlp: Mlp,
+}
+
+/// What every layer of one forward pass shares: rotary tables and the attention mask.
+pub struct Pass {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
 }
 
 /// Keys and values of the positions already processed, per layer: (B, kv_heads, T, head_dim).
@@ -383,10 +390,29 @@ impl Llama {
                 limit: self.config.max_position_embeddings,
             });
         }
+        let (mut x, pass) = self.embed(tokens, positions, key_valid, past)?;
+        let mut new_layers = Vec::with_capacity(self.blocks.len());
+        for l in 0..self.blocks.len() {
+            let (y, kv) = self.block(l, &x, &pass, cache.layers.get(l), 0)?;
+            new_layers.push(kv);
+            x = y;
+        }
+        cache.layers = new_layers;
+        self.final_norm(&x)
+    }
+
+    /// Token embeddings (B, T, hidden) and the per-pass inputs every layer shares.
+    pub fn embed(
+        &self,
+        tokens: &[Vec<u32>],
+        positions: &[usize],
+        key_valid: Option<&[Vec<bool>]>,
+        past: usize,
+    ) -> Result<(Tensor, Pass)> {
+        let (b, t) = (tokens.len(), tokens[0].len());
         let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, (b * t,), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.reshape((b, t, ()))?;
-
+        let x = self.embed.index_select(&ids, 0)?.reshape((b, t, ()))?;
         // Rotary tables for each row's positions: (B, 1, T, head_dim/2).
         let pos: Vec<u32> = positions
             .iter()
@@ -396,25 +422,52 @@ impl Llama {
         let half = self.config.head_dim() / 2;
         let cos = self.cos.index_select(&pos, 0)?.reshape((b, 1, t, half))?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, 1, t, half))?;
-
         let mask = self.mask(b, t, past, key_valid)?;
-        let mut new_layers = Vec::with_capacity(self.blocks.len());
-        for (l, block) in self.blocks.iter().enumerate() {
-            let residual = &x;
-            let h = block.input_norm.forward(&x)?;
-            let past_kv = cache.layers.get(l);
-            let (h, kv) = self.attention(&block.attn, &h, &cos, &sin, past_kv, &mask)?;
-            new_layers.push(kv);
-            let x1 = (residual + h)?;
-            let h = block.post_norm.forward(&x1)?;
-            let m = &block.mlp;
-            let train = self.training;
-            let g = candle_nn::ops::silu(&m.gate.forward(&h, train)?)?;
-            let h = m.down.forward(&(g * m.up.forward(&h, train)?)?, train)?;
-            x = (x1 + h)?;
-        }
-        cache.layers = new_layers;
-        Ok(self.norm.forward(&x)?)
+        Ok((x, Pass { cos, sin, mask }))
+    }
+
+    /// Layer `l` on `x` (B, T, hidden): the new hidden states and this pass's keys and values.
+    /// `dropout_seed` fixes the LoRA dropout masks, so a recomputation repeats them exactly.
+    pub fn block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        pass: &Pass,
+        past_kv: Option<&(Tensor, Tensor)>,
+        dropout_seed: u64,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let block = &self.blocks[l];
+        let h = block.input_norm.forward(x)?;
+        let seed = dropout_seed
+            .wrapping_mul(0x9e37_79b9)
+            .wrapping_add(l as u64 * 16);
+        let (h, kv) = self.attention(
+            &block.attn,
+            &h,
+            &pass.cos,
+            &pass.sin,
+            past_kv,
+            &pass.mask,
+            seed,
+        )?;
+        let x1 = (x + h)?;
+        let h = block.post_norm.forward(&x1)?;
+        let m = &block.mlp;
+        let train = self.training;
+        let g = candle_nn::ops::silu(&m.gate.forward(&h, train, seed + 4)?)?;
+        let h = m
+            .down
+            .forward(&(g * m.up.forward(&h, train, seed + 5)?)?, train, seed + 6)?;
+        Ok(((x1 + h)?, kv))
+    }
+
+    /// The final normalisation of the hidden states.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.norm.forward(x)?)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
     }
 
     /// Logits (N, vocab) of hidden states (N, hidden).
@@ -460,6 +513,7 @@ impl Llama {
         sin: &Tensor,
         past: Option<&(Tensor, Tensor)>,
         mask: &Option<Tensor>,
+        seed: u64,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
@@ -469,15 +523,15 @@ impl Llama {
         );
         let train = self.training;
         let q =
-            a.q.forward(x, train)?
+            a.q.forward(x, train, seed)?
                 .reshape((b, t, nh, hd))?
                 .transpose(1, 2)?;
         let k =
-            a.k.forward(x, train)?
+            a.k.forward(x, train, seed + 1)?
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?;
         let v =
-            a.v.forward(x, train)?
+            a.v.forward(x, train, seed + 2)?
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?;
         let q = rope(&q, cos, sin)?;
@@ -509,7 +563,7 @@ impl Llama {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        Ok((a.o.forward(&y, train)?, (k, v)))
+        Ok((a.o.forward(&y, train, seed + 3)?, (k, v)))
     }
 }
 

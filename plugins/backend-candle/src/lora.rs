@@ -50,10 +50,24 @@ impl Lora {
         })
     }
 
-    /// The adapter's contribution for `x` (m, in): (m, out).
-    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    /// The adapter's contribution for `x` (m, in): (m, out). While training, dropout zeroes
+    /// inputs with a mask drawn from `seed`, so the same seed repeats the same mask (the
+    /// checkpointed backward pass recomputes layers and must see what the forward saw).
+    pub fn forward(&self, x: &Tensor, train: bool, seed: u64) -> candle_core::Result<Tensor> {
         let x = if train && self.dropout > 0.0 {
-            candle_nn::ops::dropout(x, self.dropout)?
+            let keep = 1.0 - self.dropout;
+            let u = seeded_uniform(x.elem_count(), 1.0, seed);
+            let mask: Vec<f32> = u
+                .iter()
+                .map(|&v| {
+                    if (v + 1.0) / 2.0 < keep {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
         } else {
             x.clone()
         };
@@ -84,7 +98,7 @@ mod tests {
     fn a_fresh_adapter_changes_nothing_and_a_is_bounded() {
         let l = Lora::new(64, 32, 8, 16.0, 0.1, 1, &Device::Cpu).unwrap();
         let x = Tensor::ones((3, 64), DType::F32, &Device::Cpu).unwrap();
-        let y = l.forward(&x, true).unwrap();
+        let y = l.forward(&x, true, 0).unwrap();
         assert_eq!(
             y.abs()
                 .unwrap()
@@ -110,9 +124,11 @@ mod tests {
         let b = Tensor::ones((4, 2), DType::F32, &Device::Cpu).unwrap();
         let l = Lora::from_tensors(a, b, 1.0, 0.5).unwrap();
         let x = Tensor::ones((100, 16), DType::F32, &Device::Cpu).unwrap();
-        let eval = l.forward(&x, false).unwrap().to_vec2::<f32>().unwrap();
+        let eval = l.forward(&x, false, 0).unwrap().to_vec2::<f32>().unwrap();
         assert!(eval.iter().flatten().all(|&v| v == 32.0));
-        let train = l.forward(&x, true).unwrap().to_vec2::<f32>().unwrap();
+        let train = l.forward(&x, true, 9).unwrap().to_vec2::<f32>().unwrap();
         assert!(train.iter().flatten().any(|&v| v != 32.0));
+        let again = l.forward(&x, true, 9).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(train, again, "the same seed repeats the mask");
     }
 }

@@ -187,11 +187,14 @@ pub fn train(
             let mut sum: Option<Vec<Tensor>> = None;
             let mut loss_sum = 0.0;
             let mut tokens = 0;
-            for batch in &micro {
+            for (k, batch) in micro.iter().enumerate() {
                 let rows: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
                 tokens += rows.iter().map(|e| e.ids.len()).sum::<usize>();
-                let loss = completion_loss(model, &rows)?;
-                let value = f64::from(loss.to_scalar::<f32>()?);
+                let seed = config
+                    .seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add((step * 64 + k) as u64);
+                let (value, g) = loss_and_grads(model, &rows, params, seed)?;
                 if !value.is_finite() {
                     model.set_training(false);
                     return Err(BackendError::Internal(format!(
@@ -200,14 +203,6 @@ pub fn train(
                     )));
                 }
                 loss_sum += value;
-                let grads = loss.backward()?;
-                let g: Vec<Tensor> = params
-                    .iter()
-                    .map(|p| match grads.get(p.as_tensor()) {
-                        Some(g) => Ok(g.clone()),
-                        None => p.as_tensor().zeros_like(),
-                    })
-                    .collect::<candle_core::Result<_>>()?;
                 sum = Some(match sum {
                     None => g,
                     Some(acc) => acc
@@ -257,9 +252,9 @@ pub fn train(
     Ok(reports)
 }
 
-/// Mean cross-entropy over the completion tokens of a right-padded micro-batch. Padding sits
-/// after each sequence, so causal attention keeps it out of every real position.
-pub fn completion_loss(model: &Llama, rows: &[&Example]) -> Result<Tensor> {
+/// The right-padded token rows of a micro-batch, and for the loss: the flat positions whose next
+/// token is a completion token, with those tokens.
+fn batch_layout(rows: &[&Example]) -> (Vec<Vec<u32>>, Vec<u32>, Vec<u32>) {
     let longest = rows.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     let tokens: Vec<Vec<u32>> = rows
         .iter()
@@ -278,16 +273,86 @@ pub fn completion_loss(model: &Llama, rows: &[&Example]) -> Result<Tensor> {
             targets.push(e.ids[p + 1]);
         }
     }
-    let positions = vec![0; rows.len()];
-    let hidden = model.forward(&tokens, &positions, None, &mut KvCache::default())?;
-    let h = hidden.dims3()?.2;
+    (tokens, at, targets)
+}
+
+/// Mean cross-entropy over the completion tokens of `hidden` (B, T, H), final-normalised.
+fn head_loss(model: &Llama, hidden: &Tensor, at: &[u32], targets: &[u32]) -> Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
     let device = Device::Cpu;
     let picked = hidden
-        .reshape((rows.len() * longest, h))?
-        .index_select(&Tensor::new(at.as_slice(), &device)?, 0)?;
+        .reshape((b * t, h))?
+        .index_select(&Tensor::new(at, &device)?, 0)?;
     let logp = candle_nn::ops::log_softmax(&model.logits(&picked)?, D::Minus1)?;
-    let targets = Tensor::new(targets.as_slice(), &device)?.unsqueeze(1)?;
+    let targets = Tensor::new(targets, &device)?.unsqueeze(1)?;
     Ok((logp.gather(&targets, 1)?.mean_all()? * -1.0)?)
+}
+
+/// Mean cross-entropy over the completion tokens of a right-padded micro-batch, as one graph
+/// (the reference the checkpointed pass is tested against). Padding sits after each sequence,
+/// so causal attention keeps it out of every real position.
+pub fn completion_loss(model: &Llama, rows: &[&Example]) -> Result<Tensor> {
+    let (tokens, at, targets) = batch_layout(rows);
+    let positions = vec![0; rows.len()];
+    let hidden = model.forward(&tokens, &positions, None, &mut KvCache::default())?;
+    head_loss(model, &hidden, &at, &targets)
+}
+
+/// The loss of a micro-batch and the gradient of every parameter, with activation
+/// checkpointing: the forward pass keeps only each layer's input; the backward pass recomputes
+/// one layer at a time (with the same dropout masks) and backpropagates through it alone. Peak
+/// memory holds one layer's graph instead of all of them, for one extra forward pass.
+pub fn loss_and_grads(
+    model: &Llama,
+    rows: &[&Example],
+    params: &[Var],
+    dropout_seed: u64,
+) -> Result<(f64, Vec<Tensor>)> {
+    let (tokens, at, targets) = batch_layout(rows);
+    let positions = vec![0; rows.len()];
+    let (mut x, pass) = model.embed(&tokens, &positions, None, 0)?;
+    let layers = model.num_layers();
+    let mut inputs = Vec::with_capacity(layers);
+    for l in 0..layers {
+        let (y, _) = model.block(l, &x, &pass, None, dropout_seed)?;
+        inputs.push(x);
+        x = y.detach();
+    }
+    let top = Var::from_tensor(&x)?;
+    let loss = head_loss(model, &model.final_norm(top.as_tensor())?, &at, &targets)?;
+    let value = f64::from(loss.to_scalar::<f32>()?);
+    let store = loss.backward()?;
+    let mut grad_out = store
+        .get(top.as_tensor())
+        .cloned()
+        .ok_or_else(|| BackendError::Internal("no gradient reached the last layer".into()))?;
+    let mut sums: Vec<Option<Tensor>> = vec![None; params.len()];
+    for l in (0..layers).rev() {
+        let input = Var::from_tensor(&inputs[l])?;
+        let (y, _) = model.block(l, input.as_tensor(), &pass, None, dropout_seed)?;
+        let store = (y * &grad_out)?.sum_all()?.backward()?;
+        for (i, p) in params.iter().enumerate() {
+            if let Some(g) = store.get(p.as_tensor()) {
+                sums[i] = Some(match sums[i].take() {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        grad_out = store
+            .get(input.as_tensor())
+            .cloned()
+            .ok_or_else(|| BackendError::Internal(format!("no gradient reached layer {l}")))?;
+    }
+    let grads = sums
+        .into_iter()
+        .zip(params)
+        .map(|(g, p)| match g {
+            Some(g) => Ok(g),
+            None => p.as_tensor().zeros_like(),
+        })
+        .collect::<candle_core::Result<_>>()?;
+    Ok((value, grads))
 }
 
 /// A seeded permutation of 0..n (Fisher-Yates over a 64-bit LCG).
@@ -371,6 +436,42 @@ mod tests {
         let first = reports[0].loss;
         let last = reports.last().unwrap().loss;
         assert!(last < first / 3.0, "loss went from {first} to {last}");
+    }
+
+    #[test]
+    fn checkpointed_gradients_equal_whole_graph_gradients() {
+        let mut model = crate::llama::testing::tiny_model();
+        model.quantize_nf4(false).unwrap();
+        let named = model
+            .add_lora(&crate::llama::TARGETS, 4, 8.0, 0.0, 2)
+            .unwrap();
+        let params: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+        for (i, p) in params.iter().enumerate() {
+            let n = p.as_tensor().elem_count();
+            let v = crate::llama::testing::uniform(n, 0.1, 70 + i as u64);
+            p.set(&Tensor::from_vec(v, p.as_tensor().shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let a = Example::new(vec![1, 2, 3, 4], vec![5, 6], 32).unwrap();
+        let b = Example::new(vec![9, 8], vec![7, 6, 5], 32).unwrap();
+        let rows = [&a, &b];
+        let whole = completion_loss(&model, &rows).unwrap();
+        let store = whole.backward().unwrap();
+        let (value, grads) = loss_and_grads(&model, &rows, &params, 0).unwrap();
+        assert!((value - f64::from(whole.to_scalar::<f32>().unwrap())).abs() < 1e-5);
+        for (p, g) in params.iter().zip(&grads) {
+            let want = store
+                .get(p.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (x, y) in want.iter().zip(&got) {
+                assert!((x - y).abs() < 1e-4 + 1e-3 * x.abs(), "{x} vs {y}");
+            }
+        }
     }
 
     #[test]
