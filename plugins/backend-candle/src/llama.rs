@@ -509,10 +509,8 @@ impl Llama {
         &self,
         a: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        pass: &Pass,
         past: Option<&(Tensor, Tensor)>,
-        mask: &Option<Tensor>,
         seed: u64,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, _) = x.dims3()?;
@@ -534,8 +532,8 @@ impl Llama {
             a.v.forward(x, train, seed + 2)?
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?;
-        let q = rope(&q, cos, sin)?;
-        let k = rope(&k, cos, sin)?;
+        let q = rope(&q, &pass.cos, &pass.sin)?;
+        let k = rope(&k, &pass.cos, &pass.sin)?;
         let v = v.contiguous()?;
         let (k, v) = match past {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
@@ -548,7 +546,7 @@ impl Llama {
         let scale = 1.0 / (hd as f64).sqrt();
         let att = (qg.matmul(&k.t()?)? * scale)?;
         let att = att.reshape((b, nh, t, total))?;
-        let att = match mask {
+        let att = match &pass.mask {
             Some(m) => att.broadcast_add(m)?,
             None => att,
         };
