@@ -441,15 +441,7 @@ impl Llama {
         let seed = dropout_seed
             .wrapping_mul(0x9e37_79b9)
             .wrapping_add(l as u64 * 16);
-        let (h, kv) = self.attention(
-            &block.attn,
-            &h,
-            &pass.cos,
-            &pass.sin,
-            past_kv,
-            &pass.mask,
-            seed,
-        )?;
+        let (h, kv) = self.attention(&block.attn, &h, pass, past_kv, seed)?;
         let x1 = (x + h)?;
         let h = block.post_norm.forward(&x1)?;
         let m = &block.mlp;
