@@ -135,8 +135,23 @@ fn bench_train_reports_speed_and_memory() {
     let dir = temp_dir("bench-tiny");
     write_tiny_model(&dir.join("model"), 5);
     let out = ok(harness()
-        .args(["bench", "train", "--steps", "2", "--seq-len", "16", "--micro-batch", "2", "--r", "4", "--model"])
+        .args([
+            "bench",
+            "train",
+            "--steps",
+            "2",
+            "--seq-len",
+            "16",
+            "--micro-batch",
+            "2",
+            "--r",
+            "4",
+            "--model",
+        ])
         .arg(dir.join("model")));
     assert!(out.contains("micro-batch 2 x 16 tokens"), "{out}");
-    assert!(out.contains("tokens/s: median") && out.contains("peak resident memory"), "{out}");
+    assert!(
+        out.contains("tokens/s: median") && out.contains("peak resident memory"),
+        "{out}"
+    );
 }

@@ -82,6 +82,11 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
 
+    /// Base weights: `f32` (the checkpoint, dequantized) or `nf4` (their 4-bit NormalFloat round
+    /// trip, the base QLoRA trains on). Default: nf4 with --adapter, else f32.
+    #[arg(long, value_name = "nf4|f32")]
+    pub base: Option<String>,
+
     /// addition: digit counts k, as `5`, `1-7` or `1,3,12` (default 1-12).
     #[arg(long, value_name = "SPEC")]
     pub digits: Option<String>,

@@ -101,6 +101,9 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
             Value::String(adapter.display().to_string()),
         );
     }
+    if let Some(base) = &args.base {
+        b.insert("base".into(), Value::String(base.clone()));
+    }
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
@@ -142,6 +145,7 @@ fn resume(args: &EvalArgs, dir: &std::path::Path) -> Result<EvalPlan> {
         ("--metric", !args.metrics.is_empty()),
         ("--model", args.model.is_some()),
         ("--adapter", args.adapter.is_some()),
+        ("--base", args.base.is_some()),
         ("--digits", args.digits.is_some()),
         ("--n", args.n.is_some()),
         ("--shots", args.shots.is_some()),

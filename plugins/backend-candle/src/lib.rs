@@ -40,7 +40,7 @@ use crate::engine::Engine;
 use crate::error::{BackendError, Result};
 
 const NAME: &str = "candle";
-const OPTIONS: &[&str] = &["model", "adapter", "max_batch", "device"];
+const OPTIONS: &[&str] = &["model", "adapter", "base", "max_batch", "device"];
 
 /// The validated options of the backend.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +49,9 @@ pub struct Config {
     pub model: PathBuf,
     /// A PEFT LoRA adapter folder merged into the base weights.
     pub adapter: Option<PathBuf>,
+    /// Whether the base weights are the checkpoint's (`f32`) or their NF4 round trip (`nf4`,
+    /// the QLoRA base; the default when an adapter is given).
+    pub nf4_base: bool,
     /// Requests decoded together.
     pub max_batch: usize,
 }
@@ -86,9 +89,20 @@ impl Config {
             .string("adapter")
             .map_err(BackendError::Options)?
             .map(PathBuf::from);
+        let nf4_base = match o.string("base").map_err(BackendError::Options)?.as_deref() {
+            None => adapter.is_some(),
+            Some("nf4") => true,
+            Some("f32") => false,
+            Some(other) => {
+                return Err(BackendError::Options(format!(
+                    "base `{other}` is not `nf4` or `f32`"
+                )))
+            }
+        };
         Ok(Config {
             model,
             adapter,
+            nf4_base,
             max_batch,
         })
     }
@@ -106,6 +120,9 @@ impl CandleBackend {
     pub fn load(config: &Config) -> Result<Self> {
         let device = Device::Cpu;
         let mut ckpt = checkpoint::load(&config.model, &device)?;
+        if config.nf4_base {
+            ckpt.weights.round_projections_to_nf4(true)?;
+        }
         if let Some(dir) = &config.adapter {
             adapter::LoraAdapter::load(dir, &device)?.merge_into(&mut ckpt.weights)?;
         }
@@ -117,13 +134,14 @@ impl CandleBackend {
             parameters: ckpt.parameters,
             device: "cpu".into(),
             resolved_options: format!(
-                "model = {:?}\n{}max_batch = {}\ndevice = \"cpu\"\n",
+                "model = {:?}\n{}base = \"{}\"\nmax_batch = {}\ndevice = \"cpu\"\n",
                 config.model.display().to_string(),
                 config
                     .adapter
                     .as_ref()
                     .map(|a| format!("adapter = {:?}\n", a.display().to_string()))
                     .unwrap_or_default(),
+                if config.nf4_base { "nf4" } else { "f32" },
                 config.max_batch
             )
             .into(),
@@ -275,7 +293,7 @@ extern "C" fn manifest() -> RVec<PluginInfo> {
         kind: PluginKind::Backend,
         name: NAME.into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        description: "LLaMA-family models (GGUF or HF safetensors) on candle, CPU (options: model, adapter, max_batch, device)".into(),
+        description: "LLaMA-family models (GGUF or HF safetensors) on candle, CPU (options: model, adapter, base, max_batch, device)".into(),
     }])
 }
 

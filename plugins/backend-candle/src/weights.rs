@@ -30,6 +30,21 @@ impl Weights {
         self.tensors.insert(name, tensor);
     }
 
+    /// Replaces every projection weight (`*_proj.weight`) by its NF4 round trip: the values a
+    /// QLoRA base holds, kept in f32 so inference runs at full speed on exactly those numbers.
+    pub fn round_projections_to_nf4(&mut self, double_quant: bool) -> Result<()> {
+        for (name, t) in self.tensors.iter_mut() {
+            if !name.ends_with("_proj.weight") {
+                continue;
+            }
+            let (rows, cols) = t.dims2()?;
+            let data = t.flatten_all()?.to_vec1::<f32>()?;
+            let q = crate::nf4::Nf4Matrix::quantize(&data, rows, cols, double_quant);
+            *t = Tensor::from_vec(q.dequantize(), (rows, cols), t.device())?;
+        }
+        Ok(())
+    }
+
     /// Total number of scalar parameters.
     pub fn parameter_count(&self) -> u64 {
         self.tensors.values().map(|t| t.elem_count() as u64).sum()
