@@ -112,8 +112,9 @@ impl Options {
     }
 }
 
-/// Plain Levenshtein distance, enough to suggest the nearest option name.
-fn edit_distance(a: &str, b: &str) -> usize {
+/// Plain Levenshtein distance, enough to suggest the nearest name (plugins use it for their own
+/// names, such as MMLU subjects).
+pub fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {

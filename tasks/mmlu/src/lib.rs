@@ -17,7 +17,7 @@ use harness_abi::{
         std_types::{RResult, RStr, RString, RVec},
     },
     guard, not_provided,
-    options::Options,
+    options::{edit_distance, Options},
     BackendBox, ChoiceRequest, Instance, MetricBox, PluginInfo, PluginKind, PluginLib,
     PluginLibRef, Request, TD_Opaque, Task, TaskBox, Task_TO, TrainExample,
 };
@@ -240,21 +240,6 @@ fn resolve_subjects(spec: &str, data: &Dataset) -> Result<Vec<String>, String> {
         return Err("mmlu: --subject names no subject".into());
     }
     Ok(out)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 /// A stable 64-bit hash of a subject name, to give each subject its own random stream.
