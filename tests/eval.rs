@@ -202,12 +202,7 @@ fn fixture_readme() -> String {
 }
 
 fn real_model() -> PathBuf {
-    let model = harness().arg("--version").output().map(|_| ()).ok();
-    let _ = model;
-    let path = std::env::var_os("HARNESS_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/harness"))
-        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = harness_abi::paths::default_model();
     assert!(
         path.is_file(),
         "the default model is missing at {}; run `harness fetch` first",

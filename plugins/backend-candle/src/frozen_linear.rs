@@ -29,28 +29,9 @@ impl CustomOp1 for FrozenMatMul {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (out, k) = self.weight.dims2()?;
-        let dims = layout.shape().dims();
-        if dims.last() != Some(&k) {
-            candle_core::bail!(
-                "frozen-matmul: input has shape {dims:?}, the weight expects {k} features"
-            );
-        }
-        let m = layout.shape().elem_count() / k;
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("frozen-matmul needs a contiguous input".into())
-        })?;
-        let x = Tensor::from_slice(
-            &storage.as_slice::<f32>()?[start..end],
-            (m, k),
-            &Device::Cpu,
-        )?;
-        let y = x
-            .matmul(&self.weight.t()?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("non-empty") = out;
-        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+        let (x, dims) = input_rows(storage, layout, k, self.name())?;
+        let y = x.matmul(&self.weight.t()?)?;
+        output(y, &dims, out)
     }
 
     fn bwd(
@@ -63,6 +44,41 @@ impl CustomOp1 for FrozenMatMul {
         let g = grad_res.reshape(((), out))?.contiguous()?;
         Ok(Some(g.matmul(&self.weight)?.reshape(arg.shape())?))
     }
+}
+
+/// The input of a matmul-like custom op as a (rows, k) tensor, with its original dims.
+pub(crate) fn input_rows(
+    storage: &CpuStorage,
+    layout: &Layout,
+    k: usize,
+    op: &str,
+) -> candle_core::Result<(Tensor, Vec<usize>)> {
+    let dims = layout.shape().dims().to_vec();
+    if dims.last() != Some(&k) {
+        candle_core::bail!("{op}: input has shape {dims:?}, the weight expects {k} features");
+    }
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op} needs a contiguous input")))?;
+    let m = layout.shape().elem_count() / k;
+    let x = Tensor::from_slice(
+        &storage.as_slice::<f32>()?[start..end],
+        (m, k),
+        &Device::Cpu,
+    )?;
+    Ok((x, dims))
+}
+
+/// The (rows, out) result as storage of the input's dims with the last one replaced by `out`.
+pub(crate) fn output(
+    y: Tensor,
+    dims: &[usize],
+    out: usize,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("checked non-empty") = out;
+    let y = y.flatten_all()?.to_vec1::<f32>()?;
+    Ok((CpuStorage::F32(y), Shape::from(out_dims)))
 }
 
 #[cfg(test)]

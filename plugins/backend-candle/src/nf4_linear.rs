@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
+use crate::frozen_linear::{input_rows, output};
 use crate::nf4::Nf4Matrix;
 
 /// Output rows dequantized at once: large enough for gemm to run well, small enough to stay in
@@ -76,29 +77,8 @@ impl CustomOp1 for Nf4MatMul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = layout.shape().dims();
-        let k = *dims
-            .last()
-            .ok_or_else(|| candle_core::Error::Msg("nf4-matmul on a scalar".into()))?;
-        if k != self.weight.cols {
-            candle_core::bail!(
-                "nf4-matmul: input has {k} features, the weight expects {}",
-                self.weight.cols
-            );
-        }
-        let m = layout.shape().elem_count() / k;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("nf4-matmul needs a contiguous input".into()))?;
-        let x = Tensor::from_slice(
-            &storage.as_slice::<f32>()?[start..end],
-            (m, k),
-            &Device::Cpu,
-        )?;
-        let y = self.matmul_t(&x)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("non-empty") = self.weight.rows;
-        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+        let (x, dims) = input_rows(storage, layout, self.weight.cols, self.name())?;
+        output(self.matmul_t(&x)?, &dims, self.weight.rows)
     }
 
     fn bwd(
