@@ -52,7 +52,10 @@ pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
             model.display()
         );
     }
-    let opts = format!("model = {:?}", model.display().to_string());
+    let opts = format!(
+        "model = {:?}\nbase = \"nf4-packed\"",
+        model.display().to_string()
+    );
     let mut backend: BackendBox = plugin_result(
         entry,
         (entry.lib.new_backend())(RStr::from("candle"), RStr::from(opts.as_str())),

@@ -241,6 +241,11 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
     }
     let mut backend_opts = Table::new();
     backend_opts.insert("model".into(), Value::String(model.display().to_string()));
+    // The QLoRA base: projections packed to NF4 as they are read, never all in f32 at once.
+    backend_opts.insert("base".into(), Value::String("nf4-packed".into()));
+    if let Some(dq) = p.train.get("double_quant") {
+        backend_opts.insert("double_quant".into(), dq.clone());
+    }
     let backend_opts = backend_opts.to_string();
     let train_opts = p.train.to_string();
     println!(

@@ -155,7 +155,7 @@ impl LoraAdapter {
                     ),
                 ));
             }
-            weights.insert(name.clone(), (w + delta)?);
+            weights.insert(name.clone(), (w + delta)?)?;
         }
         Ok(())
     }

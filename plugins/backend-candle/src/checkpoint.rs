@@ -6,7 +6,6 @@
 //! model runs rotate-half rotary embeddings on HF-layout weights whatever the source, and a
 //! PEFT adapter (trained on HF layout) applies to GGUF weights unchanged.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -32,12 +31,14 @@ pub struct Checkpoint {
     pub parameters: u64,
 }
 
-/// Loads `path`: a folder is read as a HF checkpoint, a file as GGUF.
-pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
+/// Loads `path`: a folder is read as a HF checkpoint, a file as GGUF. With
+/// `pack = Some(double_quant)` each projection is packed to NF4 as soon as it is read (see
+/// [`Weights`]); tensors are read one at a time either way.
+pub fn load(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpoint> {
     if path.is_dir() {
-        load_hf(path, device)
+        load_hf(path, device, pack)
     } else if path.exists() {
-        load_gguf(path, device)
+        load_gguf(path, device, pack)
     } else {
         Err(BackendError::Io {
             path: path.to_path_buf(),
@@ -53,7 +54,7 @@ fn corrupt(path: &Path, cause: impl ToString) -> BackendError {
     }
 }
 
-fn load_gguf(path: &Path, device: &Device) -> Result<Checkpoint> {
+fn load_gguf(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpoint> {
     let io = |cause| BackendError::Io {
         path: path.to_path_buf(),
         cause,
@@ -99,7 +100,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Checkpoint> {
     let num_kv_heads = num("attention.head_count_kv").unwrap_or(num_heads);
     let hidden_size = num("embedding_length")?;
 
-    let mut tensors = HashMap::new();
+    let mut weights = Weights::empty(pack);
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
     for gguf_name in names {
         let Some(hf_name) = hf_name(&gguf_name) else {
@@ -116,9 +117,8 @@ fn load_gguf(path: &Path, device: &Device) -> Result<Checkpoint> {
         } else if gguf_name.ends_with("attn_k.weight") {
             t = unpermute(&t, num_kv_heads)?;
         }
-        tensors.insert(hf_name, t);
+        weights.insert(hf_name, t)?;
     }
-    let weights = Weights::new(tensors);
     let parameters = weights.parameter_count();
     let vocab_size = {
         let info = content
@@ -231,7 +231,7 @@ fn default_positions() -> usize {
     2048
 }
 
-fn load_hf(dir: &Path, device: &Device) -> Result<Checkpoint> {
+fn load_hf(dir: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpoint> {
     let read = |name: &str| -> Result<(PathBuf, String)> {
         let p = dir.join(name);
         let text = std::fs::read_to_string(&p).map_err(|cause| BackendError::Io {
@@ -263,14 +263,19 @@ fn load_hf(dir: &Path, device: &Device) -> Result<Checkpoint> {
     if files.is_empty() {
         return Err(corrupt(dir, "the folder has no *.safetensors file"));
     }
-    let mut tensors = HashMap::new();
+    let mut weights = Weights::empty(pack);
     for f in &files {
-        let loaded = candle_core::safetensors::load(f, device).map_err(|e| corrupt(f, e))?;
-        for (name, t) in loaded {
-            tensors.insert(name, t.to_dtype(DType::F32)?);
+        // SAFETY: the file is mapped read-only and only read while `mapped` lives; a checkpoint
+        // changed on disk meanwhile is outside what any loader can guard against.
+        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }
+            .map_err(|e| corrupt(f, e))?;
+        let mut names: Vec<String> = mapped.tensors().into_iter().map(|(n, _)| n).collect();
+        names.sort();
+        for name in names {
+            let t = mapped.load(&name, device).map_err(|e| corrupt(f, e))?;
+            weights.insert(name, t.to_dtype(DType::F32)?)?;
         }
     }
-    let weights = Weights::new(tensors);
     let parameters = weights.parameter_count();
     let eos = match &hf.eos_token_id {
         Some(serde_json::Value::Number(n)) => {

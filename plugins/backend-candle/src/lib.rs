@@ -11,10 +11,12 @@ pub mod checkpoint;
 pub mod engine;
 pub mod error;
 pub mod frozen_linear;
+pub mod fused;
 pub mod gguf_tokenizer;
 pub mod kernels;
 pub mod llama;
 pub mod lora;
+pub mod matmul;
 pub mod nf4;
 pub mod nf4_linear;
 pub mod trainer;
@@ -40,7 +42,14 @@ use crate::engine::Engine;
 use crate::error::{BackendError, Result};
 
 const NAME: &str = "candle";
-const OPTIONS: &[&str] = &["model", "adapter", "base", "max_batch", "device"];
+const OPTIONS: &[&str] = &[
+    "model",
+    "adapter",
+    "base",
+    "double_quant",
+    "max_batch",
+    "device",
+];
 
 /// The validated options of the backend.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,11 +58,35 @@ pub struct Config {
     pub model: PathBuf,
     /// A PEFT LoRA adapter folder merged into the base weights.
     pub adapter: Option<PathBuf>,
-    /// Whether the base weights are the checkpoint's (`f32`) or their NF4 round trip (`nf4`,
-    /// the QLoRA base; the default when an adapter is given).
-    pub nf4_base: bool,
+    /// How the projection weights are held.
+    pub base: BaseKind,
+    /// Double quantization of the NF4 block maxima (`nf4` and `nf4-packed`).
+    pub double_quant: bool,
     /// Requests decoded together.
     pub max_batch: usize,
+}
+
+/// How the base's projection weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseKind {
+    /// The checkpoint's values in f32.
+    F32,
+    /// Their NF4 round trip, held in f32: the numbers of the QLoRA base at full inference speed
+    /// (the default when an adapter is given).
+    Nf4,
+    /// Packed NF4 from the moment each is read, dequantized tile by tile in every product: the
+    /// QLoRA training base, with no full-precision copy of the projections at any time.
+    Nf4Packed,
+}
+
+impl BaseKind {
+    fn name(self) -> &'static str {
+        match self {
+            BaseKind::F32 => "f32",
+            BaseKind::Nf4 => "nf4",
+            BaseKind::Nf4Packed => "nf4-packed",
+        }
+    }
 }
 
 impl Config {
@@ -89,20 +122,32 @@ impl Config {
             .string("adapter")
             .map_err(BackendError::Options)?
             .map(PathBuf::from);
-        let nf4_base = match o.string("base").map_err(BackendError::Options)?.as_deref() {
-            None => adapter.is_some(),
-            Some("nf4") => true,
-            Some("f32") => false,
+        let base = match o.string("base").map_err(BackendError::Options)?.as_deref() {
+            None if adapter.is_some() => BaseKind::Nf4,
+            None => BaseKind::F32,
+            Some("nf4") => BaseKind::Nf4,
+            Some("f32") => BaseKind::F32,
+            Some("nf4-packed") => BaseKind::Nf4Packed,
             Some(other) => {
                 return Err(BackendError::Options(format!(
-                    "base `{other}` is not `nf4` or `f32`"
+                    "base `{other}` is not `nf4`, `f32` or `nf4-packed`"
                 )))
             }
         };
+        if base == BaseKind::Nf4Packed && adapter.is_some() {
+            return Err(BackendError::Options(
+                "an adapter is merged into f32 weights, not a packed base; use base = \"nf4\" to evaluate on the QLoRA base".into(),
+            ));
+        }
+        let double_quant = o
+            .bool("double_quant")
+            .map_err(BackendError::Options)?
+            .unwrap_or(true);
         Ok(Config {
             model,
             adapter,
-            nf4_base,
+            base,
+            double_quant,
             max_batch,
         })
     }
@@ -119,9 +164,10 @@ pub struct CandleBackend {
 impl CandleBackend {
     pub fn load(config: &Config) -> Result<Self> {
         let device = Device::Cpu;
-        let mut ckpt = checkpoint::load(&config.model, &device)?;
-        if config.nf4_base {
-            ckpt.weights.round_projections_to_nf4(true)?;
+        let pack = (config.base == BaseKind::Nf4Packed).then_some(config.double_quant);
+        let mut ckpt = checkpoint::load(&config.model, &device, pack)?;
+        if config.base == BaseKind::Nf4 {
+            ckpt.weights.round_projections_to_nf4(config.double_quant)?;
         }
         if let Some(dir) = &config.adapter {
             adapter::LoraAdapter::load(dir, &device)?.merge_into(&mut ckpt.weights)?;
@@ -141,7 +187,7 @@ impl CandleBackend {
                     .as_ref()
                     .map(|a| format!("adapter = {:?}\n", a.display().to_string()))
                     .unwrap_or_default(),
-                if config.nf4_base { "nf4" } else { "f32" },
+                config.base.name(),
                 config.max_batch
             )
             .into(),

@@ -6,13 +6,16 @@
 //! LoRA on every projection, hence this module. Weights are held in HF names and layout (GGUF
 //! q/k weights are un-permuted at load, see `checkpoint`), so PEFT adapters apply unchanged.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{BackendError, Result};
+use crate::fused::{CausalAttention, Frozen, LoraLinear, RopeTable};
 use crate::lora::Lora;
 use crate::nf4::Nf4Matrix;
 use crate::nf4_linear::Nf4MatMul;
-use crate::weights::Weights;
+use crate::weights::{Projection, Weights};
 
 /// Hyper-parameters of a LLaMA-family model.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +66,25 @@ impl Linear {
         }
     }
 
+    /// The frozen weight as the fused training ops take it.
+    fn frozen(&self) -> Frozen {
+        match &self.base {
+            Base::Dense(w) => Frozen::Dense(w.clone()),
+            Base::Nf4(op) => Frozen::Nf4(op.weight.clone()),
+        }
+    }
+
     fn forward(&self, x: &Tensor, train: bool, seed: u64) -> candle_core::Result<Tensor> {
+        if let (true, Some(lora)) = (train, &self.lora) {
+            // Training: base and adapter as one op that keeps only x for the backward pass.
+            let op = LoraLinear {
+                base: self.frozen(),
+                scale: lora.scale as f32,
+                dropout: lora.dropout,
+                seed,
+            };
+            return op.forward(x, lora.a.as_tensor(), lora.b.as_tensor());
+        }
         // x: (B, T, in) -> (B*T, in) @ (in, out)
         let (b, t, i) = x.dims3()?;
         let x = x.reshape((b * t, i))?;
@@ -98,10 +119,14 @@ struct RmsNorm {
 
 impl RmsNorm {
     /// candle's fused RMSNorm has no backward pass: when a gradient must flow through `x`
-    /// (training LoRA), the composed version is used instead.
+    /// (training LoRA), ours is used instead.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if x.track_op() {
-            candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32)
+            let op = crate::fused::RmsNorm {
+                weight: self.weight.clone(),
+                eps: self.eps as f32,
+            };
+            op.forward(x)
         } else {
             candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
         }
@@ -133,6 +158,9 @@ pub struct Pass {
     cos: Tensor,
     sin: Tensor,
     mask: Option<Tensor>,
+    /// When every row starts at position 0 with nothing cached and no padding mask (training):
+    /// the rotary tables of positions 0..T, for the fused causal attention.
+    from_zero: Option<(RopeTable, RopeTable)>,
 }
 
 /// Keys and values of the positions already processed, per layer: (B, kv_heads, T, head_dim).
@@ -228,7 +256,13 @@ impl Llama {
     /// Builds the model from weights in HF names (`model.layers.0.self_attn.q_proj.weight`, ...).
     pub fn new(config: Config, weights: &mut Weights, device: &Device) -> Result<Self> {
         let linear = |w: &mut Weights, name: String| -> Result<Linear> {
-            Ok(Linear::dense(w.take(&name)?.contiguous()?))
+            Ok(match w.take_projection(&name)? {
+                Projection::F32(t) => Linear::dense(t.contiguous()?),
+                Projection::Nf4(weight) => Linear {
+                    base: Base::Nf4(Nf4MatMul { weight }),
+                    lora: None,
+                },
+            })
         };
         let norm = |w: &mut Weights, name: String| -> Result<RmsNorm> {
             Ok(RmsNorm {
@@ -394,10 +428,15 @@ impl Llama {
         let mut new_layers = Vec::with_capacity(self.blocks.len());
         for l in 0..self.blocks.len() {
             let (y, kv) = self.block(l, &x, &pass, cache.layers.get(l), 0)?;
-            new_layers.push(kv);
+            new_layers.extend(kv);
             x = y;
         }
-        cache.layers = new_layers;
+        // The fused training attention keeps no keys: then nothing is cached.
+        cache.layers = if new_layers.len() == self.blocks.len() {
+            new_layers
+        } else {
+            Vec::new()
+        };
         self.final_norm(&x)
     }
 
@@ -423,11 +462,29 @@ impl Llama {
         let cos = self.cos.index_select(&pos, 0)?.reshape((b, 1, t, half))?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, 1, t, half))?;
         let mask = self.mask(b, t, past, key_valid)?;
-        Ok((x, Pass { cos, sin, mask }))
+        let from_zero = if past == 0 && key_valid.is_none() && positions.iter().all(|&p| p == 0) {
+            let table = |x: &Tensor| -> Result<RopeTable> {
+                Ok(Arc::new(
+                    x.narrow(0, 0, t)?.flatten_all()?.to_vec1::<f32>()?,
+                ))
+            };
+            Some((table(&self.cos)?, table(&self.sin)?))
+        } else {
+            None
+        };
+        Ok((
+            x,
+            Pass {
+                cos,
+                sin,
+                mask,
+                from_zero,
+            },
+        ))
     }
 
-    /// Layer `l` on `x` (B, T, hidden): the new hidden states and this pass's keys and values.
-    /// `dropout_seed` fixes the LoRA dropout masks, so a recomputation repeats them exactly.
+    /// Layer `l` on `x` (B, T, hidden): the new hidden states and this pass's keys and values
+    /// (none in training mode, whose fused attention caches nothing). `dropout_seed` fixes the LoRA dropout masks, so a recomputation repeats them exactly.
     pub fn block(
         &self,
         l: usize,
@@ -435,7 +492,7 @@ impl Llama {
         pass: &Pass,
         past_kv: Option<&(Tensor, Tensor)>,
         dropout_seed: u64,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let block = &self.blocks[l];
         let h = block.input_norm.forward(x)?;
         let seed = dropout_seed
@@ -446,10 +503,14 @@ impl Llama {
         let h = block.post_norm.forward(&x1)?;
         let m = &block.mlp;
         let train = self.training;
-        let g = candle_nn::ops::silu(&m.gate.forward(&h, train, seed + 4)?)?;
-        let h = m
-            .down
-            .forward(&(g * m.up.forward(&h, train, seed + 5)?)?, train, seed + 6)?;
+        let gate = m.gate.forward(&h, train, seed + 4)?;
+        let up = m.up.forward(&h, train, seed + 5)?;
+        let g = if gate.track_op() || up.track_op() {
+            crate::fused::SwiGlu::forward(&gate, &up)?
+        } else {
+            (candle_nn::ops::silu(&gate)? * up)?
+        };
+        let h = m.down.forward(&g, train, seed + 6)?;
         Ok(((x1 + h)?, kv))
     }
 
@@ -460,6 +521,11 @@ impl Llama {
 
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// The output projection (vocab, hidden) as the fused loss takes it.
+    pub fn output_projection(&self) -> Frozen {
+        Frozen::Dense(self.lm_head.clone())
     }
 
     /// Logits (N, vocab) of hidden states (N, hidden).
@@ -504,7 +570,7 @@ impl Llama {
         pass: &Pass,
         past: Option<&(Tensor, Tensor)>,
         seed: u64,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
             self.config.num_heads,
@@ -512,6 +578,22 @@ impl Llama {
             self.config.head_dim(),
         );
         let train = self.training;
+        if let (true, None, Some((cos, sin))) = (train, past, &pass.from_zero) {
+            // Training: rotary embedding and causal attention as one op on the projections.
+            let op = CausalAttention {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                cos: cos.clone(),
+                sin: sin.clone(),
+            };
+            let y = op.forward(
+                &a.q.forward(x, train, seed)?,
+                &a.k.forward(x, train, seed + 1)?,
+                &a.v.forward(x, train, seed + 2)?,
+            )?;
+            return Ok((a.o.forward(&y, train, seed + 3)?, None));
+        }
         let q =
             a.q.forward(x, train, seed)?
                 .reshape((b, t, nh, hd))?
@@ -553,7 +635,7 @@ impl Llama {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        Ok((a.o.forward(&y, train, seed + 3)?, (k, v)))
+        Ok((a.o.forward(&y, train, seed + 3)?, Some((k, v))))
     }
 }
 

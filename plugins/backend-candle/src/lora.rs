@@ -55,18 +55,7 @@ impl Lora {
     /// checkpointed backward pass recomputes layers and must see what the forward saw).
     pub fn forward(&self, x: &Tensor, train: bool, seed: u64) -> candle_core::Result<Tensor> {
         let x = if train && self.dropout > 0.0 {
-            let keep = 1.0 - self.dropout;
-            let u = seeded_uniform(x.elem_count(), 1.0, seed);
-            let mask: Vec<f32> = u
-                .iter()
-                .map(|&v| {
-                    if (v + 1.0) / 2.0 < keep {
-                        1.0 / keep
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
+            let mask = dropout_mask(x.elem_count(), self.dropout, seed);
             (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
         } else {
             x.clone()
@@ -74,6 +63,22 @@ impl Lora {
         let h = x.matmul(&self.a.as_tensor().t()?)?;
         h.matmul(&self.b.as_tensor().t()?)? * self.scale
     }
+}
+
+/// The inverted-dropout mask for `n` inputs: each is kept (scaled by 1 / (1 - dropout)) or zeroed,
+/// drawn from `seed`, so the same seed gives the same mask.
+pub(crate) fn dropout_mask(n: usize, dropout: f32, seed: u64) -> Vec<f32> {
+    let keep = 1.0 - dropout;
+    seeded_uniform(n, 1.0, seed)
+        .into_iter()
+        .map(|v| {
+            if (v + 1.0) / 2.0 < keep {
+                1.0 / keep
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 /// Uniform values in [-bound, bound) from a 64-bit LCG: reproducible across platforms and runs.

@@ -7,6 +7,8 @@
 //! quantization the block maxima are themselves stored in 8 bits: centred on their mean and scaled
 //! per group of 256 blocks, so the cost per parameter falls from 4.5 to about 4.127 bits.
 
+use rayon::prelude::*;
+
 /// Values per quantization block.
 pub const BLOCK: usize = 64;
 /// Block maxima per second-level block (double quantization).
@@ -195,18 +197,43 @@ impl Nf4Matrix {
         }
     }
 
-    /// Dequantizes rows `first..first + out.len() / cols` into `out`, block by block.
+    /// Dequantizes rows `first..first + out.len() / cols` into `out`, block by block (one
+    /// absmax per 64 values, two codes per byte), split across threads for large tiles.
     pub fn dequantize_rows(&self, first: usize, out: &mut [f32]) {
         let start = first * self.cols;
-        for (j, o) in out.iter_mut().enumerate() {
-            let i = start + j;
-            let byte = self.packed[i / 2];
-            let code = if i.is_multiple_of(2) {
-                byte >> 4
-            } else {
-                byte & 0x0f
-            };
-            *o = LEVELS[code as usize] * self.absmax.get(i / BLOCK);
+        debug_assert!(start.is_multiple_of(BLOCK) || self.cols.is_multiple_of(2));
+        let decode = |offset: usize, dst: &mut [f32]| {
+            // `offset` is a multiple of BLOCK (and so even) for every chunk but a ragged tail.
+            for (j, pair) in dst.chunks_mut(BLOCK).enumerate() {
+                let i0 = offset + j * BLOCK;
+                let scale = self.absmax.get(i0 / BLOCK);
+                let bytes = &self.packed[i0 / 2..(i0 + pair.len()).div_ceil(2)];
+                for (o, &byte) in pair.chunks_mut(2).zip(bytes) {
+                    o[0] = LEVELS[(byte >> 4) as usize] * scale;
+                    if let Some(second) = o.get_mut(1) {
+                        *second = LEVELS[(byte & 0x0f) as usize] * scale;
+                    }
+                }
+            }
+        };
+        if start.is_multiple_of(BLOCK) && out.len() >= 16 * 1024 {
+            const CHUNK: usize = 64 * BLOCK;
+            out.par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(c, dst)| decode(start + c * CHUNK, dst));
+        } else if start.is_multiple_of(BLOCK) {
+            decode(start, out);
+        } else {
+            for (j, o) in out.iter_mut().enumerate() {
+                let i = start + j;
+                let byte = self.packed[i / 2];
+                let code = if i.is_multiple_of(2) {
+                    byte >> 4
+                } else {
+                    byte & 0x0f
+                };
+                *o = LEVELS[code as usize] * self.absmax.get(i / BLOCK);
+            }
         }
     }
 

@@ -5,10 +5,11 @@
 //! Everything is seeded: the order of examples per epoch and the LoRA initialisation, so the same
 //! inputs give the same adapter.
 
-use candle_core::{Device, Tensor, Var, D};
+use candle_core::{Device, Tensor, Var};
 
 use crate::error::{BackendError, Result};
-use crate::llama::{KvCache, Llama};
+use crate::fused::CrossEntropy;
+use crate::llama::Llama;
 
 /// Learning-rate schedule after the warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,11 @@ pub struct TrainConfig {
     /// Global gradient-norm limit (0 = no clipping).
     pub clip: f64,
     pub seed: u64,
+    /// Micro-batches of more tokens (rows x longest row) than this use activation checkpointing:
+    /// the backward pass recomputes each layer instead of keeping every layer's activations
+    /// (about 36 KB per token and layer for SmolLM2). Shorter ones keep the whole graph and
+    /// compute nothing twice. 0 checkpoints always.
+    pub checkpoint_tokens: usize,
 }
 
 impl Default for TrainConfig {
@@ -54,6 +60,7 @@ impl Default for TrainConfig {
             epochs: 1,
             clip: 0.3,
             seed: 0,
+            checkpoint_tokens: 2048,
         }
     }
 }
@@ -194,7 +201,9 @@ pub fn train(
                     .seed
                     .wrapping_mul(1_000_003)
                     .wrapping_add((step * 64 + k) as u64);
-                let (value, g) = loss_and_grads(model, &rows, params, seed)?;
+                let longest = rows.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+                let checkpoint = rows.len() * longest > config.checkpoint_tokens;
+                let (value, g) = loss_and_grads(model, &rows, params, seed, checkpoint)?;
                 if !value.is_finite() {
                     model.set_training(false);
                     return Err(BackendError::Internal(format!(
@@ -276,38 +285,72 @@ fn batch_layout(rows: &[&Example]) -> (Vec<Vec<u32>>, Vec<u32>, Vec<u32>) {
     (tokens, at, targets)
 }
 
-/// Mean cross-entropy over the completion tokens of `hidden` (B, T, H), final-normalised.
+/// Mean cross-entropy over the completion tokens of `hidden` (B, T, H), final-normalised:
+/// logits are made for those positions only, a few rows at a time (see [`CrossEntropy`]).
 fn head_loss(model: &Llama, hidden: &Tensor, at: &[u32], targets: &[u32]) -> Result<Tensor> {
     let (b, t, h) = hidden.dims3()?;
-    let device = Device::Cpu;
     let picked = hidden
         .reshape((b * t, h))?
-        .index_select(&Tensor::new(at, &device)?, 0)?;
-    let logp = candle_nn::ops::log_softmax(&model.logits(&picked)?, D::Minus1)?;
-    let targets = Tensor::new(targets, &device)?.unsqueeze(1)?;
-    Ok((logp.gather(&targets, 1)?.mean_all()? * -1.0)?)
+        .index_select(&Tensor::new(at, &Device::Cpu)?, 0)?;
+    let op = CrossEntropy::new(model.output_projection(), targets.to_vec());
+    Ok(op.forward(&picked)?)
 }
 
 /// Mean cross-entropy over the completion tokens of a right-padded micro-batch, as one graph
-/// (the reference the checkpointed pass is tested against). Padding sits after each sequence,
-/// so causal attention keeps it out of every real position.
-pub fn completion_loss(model: &Llama, rows: &[&Example]) -> Result<Tensor> {
+/// (padding sits after each sequence, so causal attention keeps it out of every real position).
+pub fn completion_loss(model: &Llama, rows: &[&Example], dropout_seed: u64) -> Result<Tensor> {
     let (tokens, at, targets) = batch_layout(rows);
     let positions = vec![0; rows.len()];
-    let hidden = model.forward(&tokens, &positions, None, &mut KvCache::default())?;
-    head_loss(model, &hidden, &at, &targets)
+    let (mut x, pass) = model.embed(&tokens, &positions, None, 0)?;
+    for l in 0..model.num_layers() {
+        x = model.block(l, &x, &pass, None, dropout_seed)?.0;
+    }
+    head_loss(model, &model.final_norm(&x)?, &at, &targets)
 }
 
-/// The loss of a micro-batch and the gradient of every parameter, with activation
-/// checkpointing: the forward pass keeps only each layer's input; the backward pass recomputes
-/// one layer at a time (with the same dropout masks) and backpropagates through it alone. Peak
-/// memory holds one layer's graph instead of all of them, for one extra forward pass.
+/// The loss of a micro-batch and the gradient of every parameter (zeros where none reached).
+///
+/// With `checkpoint` (activation checkpointing) the forward pass keeps only each layer's
+/// input; the backward pass recomputes one layer at a time (with the same dropout masks) and
+/// backpropagates through it alone. Peak memory then holds one layer's graph instead of all of
+/// them, for one extra forward pass. Without it the whole graph is kept and walked once.
 pub fn loss_and_grads(
     model: &Llama,
     rows: &[&Example],
     params: &[Var],
     dropout_seed: u64,
+    checkpoint: bool,
 ) -> Result<(f64, Vec<Tensor>)> {
+    let mut sums: Vec<Option<Tensor>> = vec![None; params.len()];
+    let value = if checkpoint {
+        checkpointed(model, rows, params, dropout_seed, &mut sums)?
+    } else {
+        let loss = completion_loss(model, rows, dropout_seed)?;
+        let store = loss.backward()?;
+        for (sum, p) in sums.iter_mut().zip(params) {
+            *sum = store.get(p.as_tensor()).cloned();
+        }
+        f64::from(loss.to_scalar::<f32>()?)
+    };
+    let grads = sums
+        .into_iter()
+        .zip(params)
+        .map(|(g, p)| match g {
+            Some(g) => Ok(g),
+            None => p.as_tensor().zeros_like(),
+        })
+        .collect::<candle_core::Result<_>>()?;
+    Ok((value, grads))
+}
+
+/// The checkpointed pass of [`loss_and_grads`]: adds each parameter's gradient into `sums`.
+fn checkpointed(
+    model: &Llama,
+    rows: &[&Example],
+    params: &[Var],
+    dropout_seed: u64,
+    sums: &mut [Option<Tensor>],
+) -> Result<f64> {
     let (tokens, at, targets) = batch_layout(rows);
     let positions = vec![0; rows.len()];
     let (mut x, pass) = model.embed(&tokens, &positions, None, 0)?;
@@ -326,14 +369,13 @@ pub fn loss_and_grads(
         .get(top.as_tensor())
         .cloned()
         .ok_or_else(|| BackendError::Internal("no gradient reached the last layer".into()))?;
-    let mut sums: Vec<Option<Tensor>> = vec![None; params.len()];
     for l in (0..layers).rev() {
         let input = Var::from_tensor(&inputs[l])?;
         let (y, _) = model.block(l, input.as_tensor(), &pass, None, dropout_seed)?;
         let store = (y * &grad_out)?.sum_all()?.backward()?;
-        for (i, p) in params.iter().enumerate() {
+        for (sum, p) in sums.iter_mut().zip(params) {
             if let Some(g) = store.get(p.as_tensor()) {
-                sums[i] = Some(match sums[i].take() {
+                *sum = Some(match sum.take() {
                     Some(acc) => (acc + g)?,
                     None => g.clone(),
                 });
@@ -344,15 +386,7 @@ pub fn loss_and_grads(
             .cloned()
             .ok_or_else(|| BackendError::Internal(format!("no gradient reached layer {l}")))?;
     }
-    let grads = sums
-        .into_iter()
-        .zip(params)
-        .map(|(g, p)| match g {
-            Some(g) => Ok(g),
-            None => p.as_tensor().zeros_like(),
-        })
-        .collect::<candle_core::Result<_>>()?;
-    Ok((value, grads))
+    Ok(value)
 }
 
 /// A seeded permutation of 0..n (Fisher-Yates over a 64-bit LCG).
@@ -438,12 +472,12 @@ mod tests {
         assert!(last < first / 3.0, "loss went from {first} to {last}");
     }
 
-    #[test]
-    fn checkpointed_gradients_equal_whole_graph_gradients() {
+    /// The loss and gradients of `rows` on the tiny NF4 model with random (non-zero) adapters.
+    fn tiny_gradients(training: bool, dropout: f32, checkpoint: bool) -> (f64, Vec<Vec<f32>>) {
         let mut model = crate::llama::testing::tiny_model();
         model.quantize_nf4(false).unwrap();
         let named = model
-            .add_lora(&crate::llama::TARGETS, 4, 8.0, 0.0, 2)
+            .add_lora(&crate::llama::TARGETS, 4, 8.0, dropout, 2)
             .unwrap();
         let params: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
         for (i, p) in params.iter().enumerate() {
@@ -452,26 +486,43 @@ mod tests {
             p.set(&Tensor::from_vec(v, p.as_tensor().shape(), &Device::Cpu).unwrap())
                 .unwrap();
         }
+        model.set_training(training);
         let a = Example::new(vec![1, 2, 3, 4], vec![5, 6], 32).unwrap();
         let b = Example::new(vec![9, 8], vec![7, 6, 5], 32).unwrap();
-        let rows = [&a, &b];
-        let whole = completion_loss(&model, &rows).unwrap();
-        let store = whole.backward().unwrap();
-        let (value, grads) = loss_and_grads(&model, &rows, &params, 0).unwrap();
-        assert!((value - f64::from(whole.to_scalar::<f32>().unwrap())).abs() < 1e-5);
-        for (p, g) in params.iter().zip(&grads) {
-            let want = store
-                .get(p.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let got = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for (x, y) in want.iter().zip(&got) {
-                assert!((x - y).abs() < 1e-4 + 1e-3 * x.abs(), "{x} vs {y}");
-            }
+        let (value, grads) = loss_and_grads(&model, &[&a, &b], &params, 5, checkpoint).unwrap();
+        let grads = grads
+            .iter()
+            .map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        (value, grads)
+    }
+
+    fn assert_same(a: &(f64, Vec<Vec<f32>>), b: &(f64, Vec<Vec<f32>>)) {
+        assert!((a.0 - b.0).abs() < 1e-5, "loss {} vs {}", a.0, b.0);
+        for (x, y) in a.1.iter().flatten().zip(b.1.iter().flatten()) {
+            assert!((x - y).abs() < 1e-4 + 1e-3 * x.abs(), "{x} vs {y}");
         }
+    }
+
+    #[test]
+    fn checkpointed_gradients_equal_whole_graph_gradients() {
+        // Composed ops (evaluation mode, no dropout) and fused training ops with dropout.
+        assert_same(
+            &tiny_gradients(false, 0.0, true),
+            &tiny_gradients(false, 0.0, false),
+        );
+        assert_same(
+            &tiny_gradients(true, 0.2, true),
+            &tiny_gradients(true, 0.2, false),
+        );
+    }
+
+    #[test]
+    fn fused_training_ops_give_the_gradients_of_the_composed_model() {
+        assert_same(
+            &tiny_gradients(true, 0.0, false),
+            &tiny_gradients(false, 0.0, false),
+        );
     }
 
     #[test]

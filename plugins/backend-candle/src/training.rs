@@ -32,6 +32,7 @@ const KEYS: &[&str] = &[
     "clip",
     "seed",
     "double_quant",
+    "checkpoint_tokens",
 ];
 
 /// LoRA and optimiser options, with the QLoRA paper's defaults.
@@ -115,6 +116,11 @@ impl TrainOptions {
                     .max(1) as usize,
                 clip: o.f64("clip").map_err(e)?.unwrap_or(d.clip),
                 seed: o.u64("seed").map_err(e)?.unwrap_or(d.seed),
+                checkpoint_tokens: o
+                    .u64("checkpoint_tokens")
+                    .map_err(e)?
+                    .unwrap_or(d.checkpoint_tokens as u64)
+                    as usize,
             },
         };
         if !(0.0..1.0).contains(&opts.dropout) {
@@ -126,11 +132,11 @@ impl TrainOptions {
     pub fn to_toml(&self) -> String {
         let c = &self.optimizer;
         format!(
-            "r = {}\nalpha = {:?}\ndropout = {:?}\ntargets = {:?}\ndouble_quant = {}\nlr = {:?}\nbeta1 = {:?}\nbeta2 = {:?}\nweight_decay = {:?}\nwarmup_ratio = {:?}\nschedule = \"{}\"\nmicro_batch = {}\ngrad_accum = {}\nmax_seq_len = {}\nepochs = {}\nclip = {:?}\nseed = {}\n",
+            "r = {}\nalpha = {:?}\ndropout = {:?}\ntargets = {:?}\ndouble_quant = {}\nlr = {:?}\nbeta1 = {:?}\nbeta2 = {:?}\nweight_decay = {:?}\nwarmup_ratio = {:?}\nschedule = \"{}\"\nmicro_batch = {}\ngrad_accum = {}\nmax_seq_len = {}\nepochs = {}\nclip = {:?}\nseed = {}\ncheckpoint_tokens = {}\n",
             self.r, self.alpha, self.dropout, self.targets.join(","), self.double_quant, c.lr, c.beta1,
             c.beta2, c.weight_decay, c.warmup_ratio,
             match c.schedule { Schedule::Constant => "constant", Schedule::Linear => "linear", Schedule::Cosine => "cosine" },
-            c.micro_batch, c.grad_accum, c.max_seq_len, c.epochs, c.clip, c.seed
+            c.micro_batch, c.grad_accum, c.max_seq_len, c.epochs, c.clip, c.seed, c.checkpoint_tokens
         )
     }
 }

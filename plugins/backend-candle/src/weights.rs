@@ -1,19 +1,68 @@
-//! A named set of f32 tensors in HF naming, taken out one by one as the model is built, so
-//! that a name the model expects but the checkpoint lacks is reported by name.
+//! A named set of tensors in HF naming, taken out one by one as the model is built, so that a
+//! name the model expects but the checkpoint lacks is reported by name.
+//!
+//! When the base is to be packed to NF4 (QLoRA training), each projection weight is quantized
+//! the moment the loader hands it over, and its f32 values are dropped: at no point does a
+//! full-precision copy of all projections exist.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
 use crate::error::{BackendError, Result};
+use crate::nf4::Nf4Matrix;
+
+/// A projection weight as the model will hold it.
+pub enum Projection {
+    F32(Tensor),
+    Nf4(Arc<Nf4Matrix>),
+}
 
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    packed: HashMap<String, Arc<Nf4Matrix>>,
+    /// `Some(double_quant)`: projections are packed to NF4 as they are inserted.
+    pack: Option<bool>,
+}
+
+/// Whether `name` is the weight of a linear projection (the layers QLoRA quantizes).
+fn is_projection(name: &str) -> bool {
+    name.ends_with("_proj.weight")
 }
 
 impl Weights {
+    /// An empty set; with `pack = Some(double_quant)` projections are stored as NF4.
+    pub fn empty(pack: Option<bool>) -> Self {
+        Weights {
+            tensors: HashMap::new(),
+            packed: HashMap::new(),
+            pack,
+        }
+    }
+
     pub fn new(tensors: HashMap<String, Tensor>) -> Self {
-        Weights { tensors }
+        Weights {
+            tensors,
+            ..Weights::empty(None)
+        }
+    }
+
+    /// Adds a tensor (f32); a projection is packed now when packing is on.
+    pub fn insert(&mut self, name: String, tensor: Tensor) -> Result<()> {
+        match self.pack {
+            Some(double_quant) if is_projection(&name) => {
+                let (rows, cols) = tensor.dims2()?;
+                let data = tensor.flatten_all()?.to_vec1::<f32>()?;
+                drop(tensor);
+                let q = Nf4Matrix::quantize(&data, rows, cols, double_quant);
+                self.packed.insert(name, Arc::new(q));
+            }
+            _ => {
+                self.tensors.insert(name, tensor);
+            }
+        }
+        Ok(())
     }
 
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
@@ -22,24 +71,28 @@ impl Weights {
             .ok_or_else(|| BackendError::Checkpoint(format!("tensor `{name}` is missing")))
     }
 
+    /// A projection weight, packed or f32.
+    pub fn take_projection(&mut self, name: &str) -> Result<Projection> {
+        match self.packed.remove(name) {
+            Some(q) => Ok(Projection::Nf4(q)),
+            None => self.take(name).map(Projection::F32),
+        }
+    }
+
     pub fn try_take(&mut self, name: &str) -> Option<Tensor> {
         self.tensors.remove(name)
     }
 
-    pub fn insert(&mut self, name: String, tensor: Tensor) {
-        self.tensors.insert(name, tensor);
-    }
-
-    /// Replaces every projection weight (`*_proj.weight`) by its NF4 round trip: the values a
-    /// QLoRA base holds, kept in f32 so inference runs at full speed on exactly those numbers.
+    /// Replaces every f32 projection weight by its NF4 round trip: the values a QLoRA base
+    /// holds, kept in f32 so inference runs at full speed on exactly those numbers.
     pub fn round_projections_to_nf4(&mut self, double_quant: bool) -> Result<()> {
         for (name, t) in self.tensors.iter_mut() {
-            if !name.ends_with("_proj.weight") {
+            if !is_projection(name) {
                 continue;
             }
             let (rows, cols) = t.dims2()?;
             let data = t.flatten_all()?.to_vec1::<f32>()?;
-            let q = crate::nf4::Nf4Matrix::quantize(&data, rows, cols, double_quant);
+            let q = Nf4Matrix::quantize(&data, rows, cols, double_quant);
             *t = Tensor::from_vec(q.dequantize(), (rows, cols), t.device())?;
         }
         Ok(())
@@ -47,6 +100,8 @@ impl Weights {
 
     /// Total number of scalar parameters.
     pub fn parameter_count(&self) -> u64 {
-        self.tensors.values().map(|t| t.elem_count() as u64).sum()
+        let dense: u64 = self.tensors.values().map(|t| t.elem_count() as u64).sum();
+        let packed: u64 = self.packed.values().map(|q| (q.rows * q.cols) as u64).sum();
+        dense + packed
     }
 }
