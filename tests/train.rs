@@ -74,6 +74,87 @@ fn train_then_eval_with_the_adapter() {
 }
 
 #[test]
+fn ctrl_c_saves_a_run_that_resume_finishes_as_if_never_stopped() {
+    let dir = temp_dir("train-resume");
+    write_tiny_model(&dir.join("model"), 5);
+    let train = |out: &str| {
+        let mut cmd = harness();
+        cmd.args([
+            "train",
+            "--task",
+            "addition",
+            "--digits",
+            "1-3",
+            "--examples",
+            "1000",
+            "--micro-batch",
+            "1",
+            "--r",
+            "4",
+            "--lr",
+            "1e-3",
+            "--model",
+        ])
+        .arg(dir.join("model"))
+        .arg("--out")
+        .arg(dir.join(out));
+        cmd
+    };
+    ok(&mut train("whole"));
+
+    let child = train("split")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let curve = dir.join("split/train.csv");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&curve).map_or(0, |c| c.lines().count()) < 4 {
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "no training steps appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("(stopped early)") && text.contains("--resume"),
+        "{text}"
+    );
+    assert!(dir.join("split/optimizer.safetensors").is_file());
+
+    let e = fails(&mut train("split"));
+    assert!(e.contains("harness train --resume"), "{e}");
+    let e = fails(
+        harness()
+            .args(["train", "--r", "8", "--resume"])
+            .arg(dir.join("split")),
+    );
+    assert!(e.contains("give no other training option"), "{e}");
+
+    ok(harness().args(["train", "--resume"]).arg(dir.join("split")));
+    let read = |p: &str| std::fs::read(dir.join(p)).unwrap();
+    assert!(
+        read("whole/adapter_model.safetensors") == read("split/adapter_model.safetensors"),
+        "the resumed adapter differs from the uninterrupted one"
+    );
+    assert_eq!(
+        String::from_utf8(read("whole/train.csv")).unwrap(),
+        String::from_utf8(read("split/train.csv")).unwrap()
+    );
+    assert!(!dir.join("split/optimizer.safetensors").exists());
+    let e = fails(harness().args(["train", "--resume"]).arg(dir.join("split")));
+    assert!(e.contains("nothing to resume"), "{e}");
+}
+
+#[test]
 fn training_pairs_come_from_a_jsonl_file_with_errors_by_line() {
     let dir = temp_dir("train-pairs");
     write_tiny_model(&dir.join("model"), 4);

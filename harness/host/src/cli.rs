@@ -40,6 +40,10 @@ pub enum Command {
     /// Examples come from a task (`--task addition --digits 1-7 --examples 20000`) or from a
     /// JSONL file of {"prompt": ..., "completion": ...} pairs (`--data FILE`). Every option can
     /// also come from a TOML file (`--config train.toml`); flags override it.
+    ///
+    /// The loss curve is appended to OUT/train.csv step by step. Ctrl-C stops after the current
+    /// step and saves the adapter with the optimiser state; `harness train --resume OUT`
+    /// continues from there and ends with the same adapter an uninterrupted run would give.
     Train(Box<TrainArgs>),
     /// Measure the speed and memory of the backend's hot paths.
     #[command(subcommand)]
@@ -206,9 +210,14 @@ pub struct TrainArgs {
 
     /// Any other training option, as KEY=VALUE (repeatable): dropout, targets, beta1, beta2,
     /// weight_decay, warmup_ratio, schedule (constant|linear|cosine), grad_accum, max_seq_len,
-    /// clip, double_quant.
+    /// clip, double_quant, checkpoint_tokens.
     #[arg(long = "train-option", value_name = "KEY=VALUE")]
     pub train_options: Vec<String>,
+
+    /// Continue a run stopped with Ctrl-C, given its folder (its --out); every setting comes
+    /// from the train.toml there, so no other option may be given.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

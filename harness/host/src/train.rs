@@ -37,6 +37,120 @@ struct TrainPlan {
     train: Table,
 }
 
+impl TrainPlan {
+    /// The plan as train.toml's `[plan]` table, from which `--resume` rebuilds it.
+    fn to_table(&self) -> Table {
+        let mut t = Table::new();
+        let mut put = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                t.insert(k.into(), v);
+            }
+        };
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| Value::String(p.display().to_string()));
+        put("task", self.task.clone().map(Value::String));
+        put(
+            "task_options",
+            Some(Value::Table(self.task_options.clone())),
+        );
+        put("examples", self.examples.map(|n| Value::Integer(n as i64)));
+        put("data", path(&self.data));
+        put("out", Some(Value::String(self.out.display().to_string())));
+        put("model", path(&self.model));
+        put("backend", Some(Value::String(self.backend.clone())));
+        put("train", Some(Value::Table(self.train.clone())));
+        t
+    }
+
+    fn from_table(t: &Table, origin: &Path) -> Result<TrainPlan> {
+        let bad = |k: &str| anyhow!("{}: `plan.{k}` is missing or malformed", origin.display());
+        let string = |k: &str| t.get(k).and_then(Value::as_str).map(str::to_string);
+        let table = |k: &str| match t.get(k) {
+            Some(Value::Table(x)) => Ok(x.clone()),
+            _ => Err(bad(k)),
+        };
+        Ok(TrainPlan {
+            task: string("task"),
+            task_options: table("task_options")?,
+            examples: t
+                .get("examples")
+                .and_then(Value::as_integer)
+                .map(|n| n as u64),
+            data: string("data").map(PathBuf::from),
+            out: string("out").map(PathBuf::from).ok_or_else(|| bad("out"))?,
+            model: string("model").map(PathBuf::from),
+            backend: string("backend").ok_or_else(|| bad("backend"))?,
+            train: table("train")?,
+        })
+    }
+}
+
+/// Where a resumed run continues: its plan, and the last step its checkpoint holds.
+struct Resumed {
+    step: u64,
+}
+
+/// The plan of the stopped run in `dir`, from its train.toml.
+fn resume_plan(dir: &Path, args: &TrainArgs) -> Result<(TrainPlan, Resumed)> {
+    let given = args.config.is_some()
+        || args.task.is_some()
+        || args.examples.is_some()
+        || args.data.is_some()
+        || args.out.is_some()
+        || args.model.is_some()
+        || args.backend.is_some()
+        || args.digits.is_some()
+        || args.seed.is_some()
+        || !args.options.is_empty()
+        || args.r.is_some()
+        || args.alpha.is_some()
+        || args.lr.is_some()
+        || args.epochs.is_some()
+        || args.micro_batch.is_some()
+        || !args.train_options.is_empty();
+    if given {
+        bail!("--resume continues a run with the settings in its train.toml; give no other training option");
+    }
+    let path = dir.join("train.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {}; is {} a training run's --out folder?",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let record = text
+        .parse::<Table>()
+        .map_err(|e| anyhow!("{} is not valid TOML: {}", path.display(), e.message()))?;
+    let plan = match record.get("plan") {
+        Some(Value::Table(t)) => TrainPlan::from_table(t, &path)?,
+        _ => bail!(
+            "{} has no [plan]; it was written by an older harness and cannot be resumed",
+            path.display()
+        ),
+    };
+    let summary = record.get("summary").and_then(Value::as_table);
+    let stopped = summary
+        .and_then(|s| s.get("stopped_early"))
+        .and_then(Value::as_bool);
+    let step = summary
+        .and_then(|s| s.get("last_step"))
+        .and_then(Value::as_integer);
+    match (stopped, step) {
+        (Some(true), Some(step)) => Ok((
+            TrainPlan {
+                out: dir.to_path_buf(),
+                ..plan
+            },
+            Resumed { step: step as u64 },
+        )),
+        (Some(false), _) => bail!("the run in {} finished; there is nothing to resume", dir.display()),
+        _ => bail!(
+            "the run in {} saved no checkpoint (it was killed, not stopped with Ctrl-C); start it again",
+            dir.display()
+        ),
+    }
+}
+
 fn plan(args: &TrainArgs) -> Result<TrainPlan> {
     let mut file = Table::new();
     if let Some(path) = &args.config {
@@ -123,6 +237,13 @@ fn plan(args: &TrainArgs) -> Result<TrainPlan> {
             anyhow!("say where the adapter goes with --out DIR (or `out` in the config file)")
         })?;
     if out.join("adapter_model.safetensors").exists() {
+        if out.join("optimizer.safetensors").exists() {
+            bail!(
+                "{} holds a stopped run; continue it with `harness train --resume {}`, or choose another --out",
+                out.display(),
+                out.display()
+            );
+        }
         bail!(
             "{} already holds an adapter; choose another --out or remove it",
             out.display()
@@ -185,10 +306,12 @@ pub fn read_pairs(path: &Path) -> Result<Vec<TrainExample>> {
     Ok(out)
 }
 
-/// The host's end of training progress: a progress bar, the loss curve, and Ctrl-C.
+/// The host's end of training progress: a progress bar, the loss curve (appended to train.csv
+/// and flushed at every step, so a killed run keeps it), and Ctrl-C.
 struct Sink {
     bar: ProgressBar,
     steps: Arc<Mutex<Vec<TrainStep>>>,
+    csv: std::fs::File,
     stop: Arc<AtomicBool>,
     start: Instant,
     tokens: u64,
@@ -196,6 +319,16 @@ struct Sink {
 
 impl ProgressSink for Sink {
     fn report(&mut self, step: TrainStep) -> bool {
+        use std::io::Write;
+        // A failed write must not stop training; the adapter matters more than the curve.
+        if let Err(e) = self
+            .csv
+            .write_all(curve_row(&step).as_bytes())
+            .and_then(|_| self.csv.flush())
+        {
+            self.bar
+                .println(format!("warning: cannot append to train.csv: {e}"));
+        }
         self.tokens += step.tokens;
         let rate = self.tokens as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
         self.bar.set_length(step.total_steps);
@@ -210,7 +343,13 @@ impl ProgressSink for Sink {
 }
 
 pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()> {
-    let p = plan(args)?;
+    let (p, resumed) = match &args.resume {
+        Some(dir) => {
+            let (p, r) = resume_plan(dir, args)?;
+            (p, Some(r))
+        }
+        None => (plan(args)?, None),
+    };
     let mut task_record = None;
     let examples: Vec<TrainExample> = match &p.data {
         Some(path) => read_pairs(path)?,
@@ -247,12 +386,24 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
         backend_opts.insert("double_quant".into(), dq.clone());
     }
     let backend_opts = backend_opts.to_string();
-    let train_opts = p.train.to_string();
-    println!(
-        "train on {} examples -> {}",
-        examples.len(),
-        p.out.display()
-    );
+    let mut train_table = p.train.clone();
+    if resumed.is_some() {
+        train_table.insert("resume".into(), Value::String(p.out.display().to_string()));
+    }
+    let train_opts = train_table.to_string();
+    match &resumed {
+        Some(r) => println!(
+            "resume training on {} examples after step {} -> {}",
+            examples.len(),
+            r.step,
+            p.out.display()
+        ),
+        None => println!(
+            "train on {} examples -> {}",
+            examples.len(),
+            p.out.display()
+        ),
+    }
     let mut backend: BackendBox = plugin_result(
         backend_entry,
         (backend_entry.lib.new_backend())(
@@ -287,9 +438,25 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
         ProgressBar::hidden()
     };
     let steps = Arc::new(Mutex::new(Vec::new()));
+    std::fs::create_dir_all(&p.out)
+        .with_context(|| format!("cannot create {}", p.out.display()))?;
+    let (_, created) = run_dir::utc_now();
+    let mut record = toml::toml! {
+        harness_version = (env!("CARGO_PKG_VERSION"))
+        created_utc = created
+        command = command_line
+    };
+    record.insert("plan".into(), Value::Table(p.to_table()));
+    // Written before training too, so that the folder says what it is while it fills.
+    write_atomic(
+        &p.out.join("train.toml"),
+        toml::to_string(&record)?.as_bytes(),
+    )?;
+    let csv = open_curve(&p.out.join("train.csv"), resumed.as_ref().map(|r| r.step))?;
     let sink = Sink {
         bar: bar.clone(),
         steps: steps.clone(),
+        csv,
         stop: stop.clone(),
         start: Instant::now(),
         tokens: 0,
@@ -301,11 +468,6 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
     );
     bar.finish_and_clear();
     let curve = steps.lock().map(|s| s.clone()).unwrap_or_default();
-    if !curve.is_empty() {
-        std::fs::create_dir_all(&p.out)
-            .with_context(|| format!("cannot create {}", p.out.display()))?;
-        write_atomic(&p.out.join("train.csv"), loss_curve(&curve).as_bytes())?;
-    }
     let summary = match result.into_result() {
         Ok(s) => s,
         Err(e) => {
@@ -330,13 +492,6 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
         backend_entry,
         backend.save_adapter(RStr::from(p.out.display().to_string().as_str())),
     )?;
-    let (_, created) = run_dir::utc_now();
-    let record = toml::toml! {
-        harness_version = (env!("CARGO_PKG_VERSION"))
-        created_utc = created
-        command = command_line
-    };
-    let mut record = record;
     if let Some(t) = task_record {
         record.insert("task".into(), Value::try_from(t)?);
     }
@@ -377,6 +532,15 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
         "stopped_early".into(),
         Value::Boolean(summary.stopped_early),
     );
+    let last_step = curve
+        .last()
+        .map(|t| t.step)
+        .or(resumed.as_ref().map(|r| r.step))
+        .unwrap_or(0);
+    s.insert("last_step".into(), Value::Integer(last_step as i64));
+    if let Some(r) = &resumed {
+        s.insert("resumed_after_step".into(), Value::Integer(r.step as i64));
+    }
     record.insert("summary".into(), Value::Table(s));
     write_atomic(
         &p.out.join("train.toml"),
@@ -392,21 +556,51 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
         summary.trainable_parameters,
         if summary.stopped_early { " (stopped early)" } else { "" }
     );
-    println!(
-        "adapter: {} (use it with `harness eval --adapter {}`)",
-        p.out.display(),
-        p.out.display()
-    );
+    if summary.stopped_early {
+        println!(
+            "stopped after step {last_step}: continue with `harness train --resume {}`",
+            p.out.display()
+        );
+    } else {
+        println!(
+            "adapter: {} (use it with `harness eval --adapter {}`)",
+            p.out.display(),
+            p.out.display()
+        );
+    }
     Ok(())
 }
 
-fn loss_curve(steps: &[TrainStep]) -> String {
-    let mut s = String::from("step,epoch,loss,lr,grad_norm,tokens\n");
-    for t in steps {
-        s.push_str(&format!(
-            "{},{},{:.6},{:.8},{:.6},{}\n",
-            t.step, t.epoch, t.loss, t.lr, t.grad_norm, t.tokens
-        ));
-    }
-    s
+const CURVE_HEADER: &str = "step,epoch,loss,lr,grad_norm,tokens\n";
+
+/// Opens train.csv for appending: a fresh run starts it with the header; a resumed one keeps
+/// the rows up to the step its checkpoint holds.
+fn open_curve(path: &Path, resumed_after: Option<u64>) -> Result<std::fs::File> {
+    let kept = match resumed_after {
+        None => CURVE_HEADER.to_string(),
+        Some(step) => {
+            let old = std::fs::read_to_string(path).unwrap_or_default();
+            let mut kept = String::from(CURVE_HEADER);
+            for line in old.lines().skip(1) {
+                let n = line.split(',').next().and_then(|x| x.parse::<u64>().ok());
+                if n.is_some_and(|n| n <= step) {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+            kept
+        }
+    };
+    write_atomic(path, kept.as_bytes())?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
+fn curve_row(t: &TrainStep) -> String {
+    format!(
+        "{},{},{:.6},{:.8},{:.6},{}\n",
+        t.step, t.epoch, t.loss, t.lr, t.grad_norm, t.tokens
+    )
 }

@@ -202,17 +202,30 @@ pub fn save_peft(
         serde_json::to_string_pretty(&config).map_err(|e| BackendError::Internal(e.to_string()))?;
     write_then_rename(&dir.join("adapter_config.json"), text.as_bytes())?;
 
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = params
+    let tensors: Vec<(String, Tensor)> = params
         .iter()
-        .map(|(name, var)| {
-            let t = var.as_tensor();
+        .map(|(name, var)| (format!("base_model.model.{name}"), var.as_tensor().clone()))
+        .collect();
+    let meta = [("format".to_string(), "pt".to_string())];
+    write_tensors(&dir.join("adapter_model.safetensors"), &tensors, &meta)
+}
+
+/// Writes f32 tensors and string metadata as a safetensors file, atomically.
+pub fn write_tensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    meta: &[(String, String)],
+) -> Result<()> {
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
             let bytes: Vec<u8> = t
                 .flatten_all()?
                 .to_vec1::<f32>()?
                 .iter()
                 .flat_map(|x| x.to_le_bytes())
                 .collect();
-            Ok((format!("base_model.model.{name}"), t.dims().to_vec(), bytes))
+            Ok((name.clone(), t.dims().to_vec(), bytes))
         })
         .collect::<Result<_>>()?;
     let views = data
@@ -223,13 +236,14 @@ pub fn save_peft(
                 .map_err(|e| BackendError::Internal(e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
+    let metadata = Some(
+        meta.iter()
+            .cloned()
+            .collect::<std::collections::HashMap<_, _>>(),
+    );
     let bytes = safetensors::serialize(views, &metadata)
         .map_err(|e| BackendError::Internal(e.to_string()))?;
-    write_then_rename(&dir.join("adapter_model.safetensors"), &bytes)
+    write_then_rename(path, &bytes)
 }
 
 /// Writes to a temporary name and renames, so a half-written adapter never exists.

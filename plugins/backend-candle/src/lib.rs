@@ -293,8 +293,14 @@ impl Backend for CandleBackend {
             }
             let opts = training::TrainOptions::from_toml(options.as_str()).map_err(text)?;
             let name = self.info.name.to_string();
-            let (trained, outcome) =
-                training::run(&mut self.engine, &name, &examples, &opts, |r| {
+            let mut trained = None;
+            let result = training::run(
+                &mut self.engine,
+                &name,
+                &examples,
+                &opts,
+                &mut trained,
+                |r| {
                     progress.report(TrainStep {
                         step: r.step as u64,
                         total_steps: r.total_steps as u64,
@@ -304,19 +310,22 @@ impl Backend for CandleBackend {
                         grad_norm: r.grad_norm,
                         tokens: r.tokens as u64,
                     })
-                })
-                .map_err(text)?;
+                },
+            );
+            // Kept even when training failed: the adapter of the last good step can be saved.
+            self.trained = trained;
+            let outcome = result.map_err(text)?;
+            let parameters = self.trained.as_ref().map_or(0, |t| t.parameter_count());
             let summary = TrainSummary {
                 steps: outcome.reports.len() as u64,
                 examples: outcome.examples as u64,
                 tokens: outcome.reports.iter().map(|r| r.tokens as u64).sum(),
                 seconds: outcome.seconds,
                 final_loss: outcome.reports.last().map(|r| r.loss).unwrap_or(f64::NAN),
-                trainable_parameters: trained.parameter_count(),
+                trainable_parameters: parameters,
                 stopped_early: outcome.stopped_early,
                 resolved_options: opts.to_toml().into(),
             };
-            self.trained = Some(trained);
             Ok(summary)
         })
     }

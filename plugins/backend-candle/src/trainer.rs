@@ -136,6 +136,39 @@ impl AdamW {
         Ok(AdamW { params, m, v, t: 0 })
     }
 
+    /// The optimiser's state: steps taken and the first and second moments.
+    pub fn state(&self, step: usize) -> Resume {
+        Resume {
+            step,
+            m: self.m.clone(),
+            v: self.v.clone(),
+        }
+    }
+
+    /// Continues from a saved state (moments in parameter order).
+    pub fn restore(&mut self, state: Resume) -> Result<()> {
+        if state.m.len() != self.params.len() || state.v.len() != self.params.len() {
+            return Err(BackendError::Options(format!(
+                "the saved optimiser state holds {} tensors for {} parameters",
+                state.m.len(),
+                self.params.len()
+            )));
+        }
+        for ((p, m), v) in self.params.iter().zip(&state.m).zip(&state.v) {
+            if m.shape() != p.as_tensor().shape() || v.shape() != p.as_tensor().shape() {
+                return Err(BackendError::Options(format!(
+                    "the saved optimiser state has shape {:?} for a parameter of shape {:?}",
+                    m.shape(),
+                    p.as_tensor().shape()
+                )));
+            }
+        }
+        self.t = state.step as i32;
+        self.m = state.m;
+        self.v = state.v;
+        Ok(())
+    }
+
     /// One update with `grads` (same order as the parameters) at learning rate `lr`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64, c: &TrainConfig) -> Result<()> {
         self.t += 1;
@@ -155,6 +188,15 @@ impl AdamW {
     }
 }
 
+/// Where a run stands: optimiser steps taken, and AdamW's moments (in parameter order). Saved
+/// when a run stops early, so that it can resume exactly where it left off.
+#[derive(Clone)]
+pub struct Resume {
+    pub step: usize,
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+}
+
 /// What one optimiser step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
@@ -169,14 +211,17 @@ pub struct StepReport {
 }
 
 /// Trains the model's LoRA parameters on `examples`; `on_step` sees every step and may stop
-/// the run early by returning false. Returns the reports of all steps taken.
+/// the run early by returning false. With `resume` the first `resume.step` steps are skipped
+/// (the example order is seeded, so the run continues where it stopped) and the optimiser
+/// starts from the saved moments. Returns the reports of the steps taken and the final state.
 pub fn train(
     model: &mut Llama,
     params: &[Var],
     examples: &[Example],
     config: &TrainConfig,
+    resume: Option<Resume>,
     mut on_step: impl FnMut(&StepReport) -> bool,
-) -> Result<Vec<StepReport>> {
+) -> Result<(Vec<StepReport>, Resume)> {
     if examples.is_empty() {
         return Err(BackendError::Options("no training examples".into()));
     }
@@ -184,12 +229,25 @@ pub fn train(
     let steps_per_epoch = examples.len().div_ceil(per_step);
     let total = steps_per_epoch * config.epochs.max(1);
     let mut opt = AdamW::new(params.to_vec())?;
-    let mut reports = Vec::with_capacity(total);
+    let start = resume.as_ref().map_or(0, |r| r.step);
+    if start > total {
+        return Err(BackendError::Options(format!(
+            "the saved run took {start} steps but this one has only {total}"
+        )));
+    }
+    if let Some(state) = resume {
+        opt.restore(state)?;
+    }
+    let mut reports = Vec::with_capacity(total - start);
     model.set_training(true);
     let mut step = 0;
     'epochs: for epoch in 0..config.epochs.max(1) {
         let order = shuffled(examples.len(), config.seed.wrapping_add(epoch as u64));
         for chunk in order.chunks(per_step) {
+            if step < start {
+                step += 1;
+                continue;
+            }
             let micro: Vec<&[usize]> = chunk.chunks(config.micro_batch.max(1)).collect();
             let mut sum: Option<Vec<Tensor>> = None;
             let mut loss_sum = 0.0;
@@ -258,7 +316,7 @@ pub fn train(
         }
     }
     model.set_training(false);
-    Ok(reports)
+    Ok((reports, opt.state(step)))
 }
 
 /// The right-padded token rows of a micro-batch, and for the loss: the flat positions whose next
@@ -465,7 +523,7 @@ mod tests {
             clip: 1.0,
             ..TrainConfig::default()
         };
-        let reports = train(&mut model, &params, &examples, &config, |_| true).unwrap();
+        let (reports, _) = train(&mut model, &params, &examples, &config, None, |_| true).unwrap();
         assert_eq!(reports.len(), 40);
         let first = reports[0].loss;
         let last = reports.last().unwrap().loss;
@@ -523,6 +581,57 @@ mod tests {
             &tiny_gradients(true, 0.0, false),
             &tiny_gradients(false, 0.0, false),
         );
+    }
+
+    #[test]
+    fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
+        let setup = || {
+            let mut model = crate::llama::testing::tiny_model();
+            model.quantize_nf4(true).unwrap();
+            let params: Vec<Var> = model
+                .add_lora(&crate::llama::TARGETS, 4, 8.0, 0.1, 3)
+                .unwrap()
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect();
+            (model, params)
+        };
+        let values = |params: &[Var]| -> Vec<Vec<f32>> {
+            params
+                .iter()
+                .map(|p| p.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        let examples: Vec<Example> = (0..16u32)
+            .map(|i| Example::new(vec![i % 50, (i * 3) % 50], vec![7, 21], 64).unwrap())
+            .collect();
+        let config = TrainConfig {
+            lr: 1e-2,
+            micro_batch: 4,
+            epochs: 2,
+            warmup_ratio: 0.25,
+            schedule: Schedule::Linear,
+            ..TrainConfig::default()
+        };
+        let (mut m1, p1) = setup();
+        let (all, _) = train(&mut m1, &p1, &examples, &config, None, |_| true).unwrap();
+        assert_eq!(all.len(), 8);
+        let (mut m2, p2) = setup();
+        let (first, state) = train(&mut m2, &p2, &examples, &config, None, |r| r.step < 3).unwrap();
+        assert_eq!((first.len(), state.step), (3, 3));
+        let (mut m3, p3) = setup();
+        for (p, v) in p3.iter().zip(&p2) {
+            p.set(v.as_tensor()).unwrap();
+        }
+        let (rest, end) = train(&mut m3, &p3, &examples, &config, Some(state), |_| true).unwrap();
+        assert_eq!(rest.first().map(|r| r.step), Some(4));
+        assert_eq!(end.step, 8);
+        assert_eq!(
+            rest,
+            all[3..].to_vec(),
+            "the resumed steps repeat the uninterrupted ones"
+        );
+        assert_eq!(values(&p3), values(&p1));
     }
 
     #[test]

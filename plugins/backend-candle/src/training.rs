@@ -8,11 +8,11 @@ use candle_core::Var;
 use harness_abi::options::Options;
 use harness_abi::TrainExample;
 
-use crate::adapter::{save_peft, AdapterSpec};
+use crate::adapter::{save_peft, write_tensors, AdapterSpec};
 use crate::engine::Engine;
 use crate::error::{BackendError, Result};
 use crate::llama::TARGETS;
-use crate::trainer::{self, Example, Schedule, StepReport, TrainConfig};
+use crate::trainer::{self, Example, Resume, Schedule, StepReport, TrainConfig};
 
 const KEYS: &[&str] = &[
     "r",
@@ -33,6 +33,7 @@ const KEYS: &[&str] = &[
     "seed",
     "double_quant",
     "checkpoint_tokens",
+    "resume",
 ];
 
 /// LoRA and optimiser options, with the QLoRA paper's defaults.
@@ -44,6 +45,8 @@ pub struct TrainOptions {
     pub targets: Vec<String>,
     pub double_quant: bool,
     pub optimizer: TrainConfig,
+    /// An unfinished run's folder to continue from (its adapter and optimizer.safetensors).
+    pub resume: Option<std::path::PathBuf>,
 }
 
 impl TrainOptions {
@@ -87,6 +90,7 @@ impl TrainOptions {
             dropout: o.f64("dropout").map_err(e)?.unwrap_or(0.1),
             targets,
             double_quant: o.bool("double_quant").map_err(e)?.unwrap_or(true),
+            resume: o.string("resume").map_err(e)?.map(std::path::PathBuf::from),
             optimizer: TrainConfig {
                 lr: o.f64("lr").map_err(e)?.unwrap_or(d.lr),
                 beta1: o.f64("beta1").map_err(e)?.unwrap_or(d.beta1),
@@ -145,6 +149,8 @@ impl TrainOptions {
 pub struct Trained {
     pub spec: AdapterSpec,
     pub params: Vec<(String, Var)>,
+    /// The optimiser's state when the run stopped before its last step (saved for `resume`).
+    pub unfinished: Option<Resume>,
 }
 
 /// What [`run`] returns besides the adapter.
@@ -155,14 +161,20 @@ pub struct Outcome {
     pub stopped_early: bool,
 }
 
-/// Quantizes the base to NF4, attaches fresh adapters and trains them.
+/// The file beside the adapter that holds an unfinished run's optimiser state.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// Quantizes the base to NF4 (unless it was loaded packed), attaches fresh adapters (or the
+/// saved ones of `opts.resume`) and trains them. `trained` holds the adapter from the moment
+/// it exists, so that the last good step can be saved even when training fails (a NaN loss).
 pub fn run(
     engine: &mut Engine,
     model_name: &str,
     examples: &[TrainExample],
     opts: &TrainOptions,
+    trained: &mut Option<Trained>,
     mut on_step: impl FnMut(&StepReport) -> bool,
-) -> Result<(Trained, Outcome)> {
+) -> Result<Outcome> {
     let start = Instant::now();
     let mut tokenized = Vec::with_capacity(examples.len());
     for (i, ex) in examples.iter().enumerate() {
@@ -183,34 +195,128 @@ pub fn run(
         opts.dropout as f32,
         opts.optimizer.seed,
     )?;
-    let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
-    let mut stopped_early = false;
-    let reports = trainer::train(model, &vars, &tokenized, &opts.optimizer, |r| {
-        let go_on = on_step(r);
-        stopped_early = !go_on && r.step < r.total_steps;
-        go_on
-    })?;
-    let spec = AdapterSpec {
-        r: opts.r,
-        alpha: opts.alpha,
-        dropout: opts.dropout,
-        target_modules: opts.targets.clone(),
-        base_model: model_name.to_string(),
+    let resume = match &opts.resume {
+        Some(dir) => Some(load_state(dir, &params)?),
+        None => None,
     };
-    Ok((
-        Trained { spec, params },
-        Outcome {
-            reports,
-            examples: tokenized.len(),
-            seconds: start.elapsed().as_secs_f64(),
-            stopped_early,
+    let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
+    *trained = Some(Trained {
+        spec: AdapterSpec {
+            r: opts.r,
+            alpha: opts.alpha,
+            dropout: opts.dropout,
+            target_modules: opts.targets.clone(),
+            base_model: model_name.to_string(),
         },
-    ))
+        params,
+        unfinished: None,
+    });
+    let mut stopped_early = false;
+    let (reports, state) =
+        trainer::train(model, &vars, &tokenized, &opts.optimizer, resume, |r| {
+            let go_on = on_step(r);
+            stopped_early = !go_on && r.step < r.total_steps;
+            go_on
+        })?;
+    if let Some(t) = trained.as_mut() {
+        t.unfinished = stopped_early.then_some(state);
+    }
+    Ok(Outcome {
+        reports,
+        examples: tokenized.len(),
+        seconds: start.elapsed().as_secs_f64(),
+        stopped_early,
+    })
+}
+
+/// Loads an unfinished run from `dir`: its adapter into `params` (same names and shapes) and
+/// its optimiser state.
+fn load_state(dir: &Path, params: &[(String, Var)]) -> Result<Resume> {
+    let bad =
+        |why: String| BackendError::Options(format!("cannot resume from {}: {why}", dir.display()));
+    let adapter =
+        read_tensors(&dir.join("adapter_model.safetensors")).map_err(|e| bad(e.to_string()))?;
+    let (state, meta) = read_tensors_with_meta(&dir.join(OPTIMIZER_FILE)).map_err(|_| {
+        bad(format!(
+            "no {OPTIMIZER_FILE}: the run finished, or was killed before it could save (only Ctrl-C saves one)"
+        ))
+    })?;
+    let step: usize = meta
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(format!("{OPTIMIZER_FILE} does not say its step")))?;
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    for (name, var) in params {
+        let find = |map: &std::collections::HashMap<String, candle_core::Tensor>, key: &str| {
+            map.get(key).cloned().ok_or_else(|| {
+                bad(format!(
+                    "`{key}` is missing; was it trained with the same options?"
+                ))
+            })
+        };
+        let value = find(&adapter, &format!("base_model.model.{name}"))?;
+        if value.shape() != var.as_tensor().shape() {
+            return Err(bad(format!(
+                "`{name}` has shape {:?}, this run's has {:?}",
+                value.dims(),
+                var.as_tensor().dims()
+            )));
+        }
+        var.set(&value)?;
+        m.push(find(&state, &format!("m.{name}"))?);
+        v.push(find(&state, &format!("v.{name}"))?);
+    }
+    Ok(Resume { step, m, v })
+}
+
+fn read_tensors(path: &Path) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    Ok(read_tensors_with_meta(path)?.0)
+}
+
+/// The f32 tensors of a safetensors file and its metadata.
+#[allow(clippy::type_complexity)]
+fn read_tensors_with_meta(
+    path: &Path,
+) -> Result<(
+    std::collections::HashMap<String, candle_core::Tensor>,
+    std::collections::HashMap<String, String>,
+)> {
+    let bytes = std::fs::read(path).map_err(|cause| BackendError::Io {
+        path: path.to_path_buf(),
+        cause,
+    })?;
+    let corrupt = |e: String| BackendError::Checkpoint(format!("{}: {e}", path.display()));
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+        .map_err(|e| corrupt(e.to_string()))?;
+    Ok((tensors, meta))
 }
 
 impl Trained {
+    /// Writes the adapter in PEFT layout; an unfinished run also writes its optimiser state
+    /// (a finished one removes any left from before).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        save_peft(dir, &self.spec, &self.params)
+        save_peft(dir, &self.spec, &self.params)?;
+        let path = dir.join(OPTIMIZER_FILE);
+        match &self.unfinished {
+            Some(state) => {
+                let mut tensors = Vec::new();
+                for (i, (name, _)) in self.params.iter().enumerate() {
+                    tensors.push((format!("m.{name}"), state.m[i].clone()));
+                    tensors.push((format!("v.{name}"), state.v[i].clone()));
+                }
+                let meta = [("step".to_string(), state.step.to_string())];
+                write_tensors(&path, &tensors, &meta)
+            }
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(BackendError::Io { path, cause: e })
+                }
+                _ => Ok(()),
+            },
+        }
     }
 
     pub fn parameter_count(&self) -> u64 {
