@@ -66,19 +66,28 @@ impl Lora {
 }
 
 /// The inverted-dropout mask for `n` inputs: each is kept (scaled by 1 / (1 - dropout)) or zeroed,
-/// drawn from `seed`, so the same seed gives the same mask.
+/// drawn from `seed`, so the same seed gives the same mask. Element i's draw is a hash of
+/// (seed, i) (SplitMix64's finaliser), so the mask is made in parallel and needs no sequence.
 pub(crate) fn dropout_mask(n: usize, dropout: f32, seed: u64) -> Vec<f32> {
+    use rayon::prelude::*;
     let keep = 1.0 - dropout;
-    seeded_uniform(n, 1.0, seed)
-        .into_iter()
-        .map(|v| {
-            if (v + 1.0) / 2.0 < keep {
-                1.0 / keep
-            } else {
-                0.0
+    // Kept when the top 24 bits of the hash, as a fraction, fall below `keep`.
+    let threshold = (f64::from(keep) * (1u64 << 24) as f64) as u64;
+    let base = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03;
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(16 * 1024)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (j, m) in chunk.iter_mut().enumerate() {
+                let i = (c * 16 * 1024 + j) as u64;
+                let mut z = base.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                *m = if (z >> 40) < threshold { 1.0 / keep } else { 0.0 };
             }
-        })
-        .collect()
+        });
+    mask
 }
 
 /// Uniform values in [-bound, bound) from a 64-bit LCG: reproducible across platforms and runs.
@@ -121,6 +130,16 @@ mod tests {
                 .unwrap();
         assert!(a.iter().all(|v| v.abs() <= 0.125));
         assert_eq!(l.scale, 2.0);
+    }
+
+    #[test]
+    fn dropout_masks_keep_the_right_share_and_repeat_with_their_seed() {
+        let m = dropout_mask(100_000, 0.1, 7);
+        let kept = m.iter().filter(|&&v| v > 0.0).count() as f64 / m.len() as f64;
+        assert!((kept - 0.9).abs() < 0.005, "kept {kept}");
+        assert!(m.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
+        assert_eq!(m, dropout_mask(100_000, 0.1, 7));
+        assert_ne!(m, dropout_mask(100_000, 0.1, 8));
     }
 
     #[test]
