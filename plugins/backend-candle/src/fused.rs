@@ -16,6 +16,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::amx;
 use crate::lora::dropout_mask;
 use crate::matmul::{matmul, View};
 use crate::nf4::Nf4Matrix;
@@ -89,21 +90,35 @@ impl Frozen {
         Ok(())
     }
 
-    /// `y` (m, out) = `x` (m, in) · Wᵀ.
-    pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> R<()> {
+    /// `y` (m, out) = `x` (m, in) · Wᵀ; with `bf16`, on AMX tiles where the CPU has them.
+    pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32], bf16: bool) -> R<()> {
         let (out, inp) = self.dims()?;
-        self.tiles(|first, rows, w| {
-            let w = View::rows(w, rows, inp).t();
-            matmul(&mut y[first..], out, View::rows(x, m, inp), w, 1.0, false);
+        let xv = View::rows(x, m, inp);
+        let packed = (bf16 && amx::available()).then(|| amx::PackedA::new(xv));
+        self.tiles(|first, rows, w| match &packed {
+            Some(a) if amx::fits(inp, rows) => {
+                let b = amx::PackedB::transposed(w, rows, inp);
+                amx::matmul(&mut y[first..], out, a, &b, false);
+            }
+            _ => {
+                let w = View::rows(w, rows, inp).t();
+                matmul(&mut y[first..], out, xv, w, 1.0, false);
+            }
         })
     }
 
-    /// `dx` (m, in) += `dy` (m, out) · W.
-    pub fn backward(&self, dy: &[f32], m: usize, dx: &mut [f32]) -> R<()> {
+    /// `dx` (m, in) += `dy` (m, out) · W; with `bf16`, on AMX tiles where the CPU has them.
+    pub fn backward(&self, dy: &[f32], m: usize, dx: &mut [f32], bf16: bool) -> R<()> {
         let (out, inp) = self.dims()?;
+        let amx = bf16 && amx::available();
         self.tiles(|first, rows, w| {
             let dy = View::rows(dy, m, out).cols_range(first, rows);
-            matmul(dx, inp, dy, View::rows(w, rows, inp), 1.0, true);
+            if amx && amx::fits(rows, inp) {
+                let a = amx::PackedA::new(dy);
+                amx::matmul(dx, inp, &a, &amx::PackedB::rows(w, rows, inp), true);
+            } else {
+                matmul(dx, inp, dy, View::rows(w, rows, inp), 1.0, true);
+            }
         })
     }
 }
@@ -118,6 +133,8 @@ pub struct LoraLinear {
     /// Dropout probability; 0 outside training.
     pub dropout: f32,
     pub seed: u64,
+    /// The frozen product in bf16 on AMX tiles (where the CPU has them); the adapter stays f32.
+    pub bf16: bool,
 }
 
 impl LoraLinear {
@@ -167,7 +184,7 @@ impl CustomOp3 for LoraLinear {
         }
         let m = x.len() / inp;
         let mut y = vec![0f32; m * out];
-        self.base.forward(x, m, &mut y)?;
+        self.base.forward(x, m, &mut y, self.bf16)?;
         let (xd, _) = self.dropped(x);
         let mut u = vec![0f32; m * r];
         matmul(
@@ -198,7 +215,7 @@ impl CustomOp3 for LoraLinear {
         let (xs, av, bv, dy) = (values(x)?, values(a)?, values(b)?, values(grad)?);
         let m = xs.len() / inp;
         let mut dx = vec![0f32; m * inp];
-        self.base.backward(&dy, m, &mut dx)?;
+        self.base.backward(&dy, m, &mut dx, self.bf16)?;
         let (xd, mask) = self.dropped(&xs);
         let mut u = vec![0f32; m * r];
         matmul(
@@ -697,7 +714,7 @@ impl CustomOp1 for CrossEntropy {
             let rows = LOGIT_ROWS.min(n - first);
             let z = &mut logits[..rows * vocab];
             self.weight
-                .forward(&h[first * dim..(first + rows) * dim], rows, z)?;
+                .forward(&h[first * dim..(first + rows) * dim], rows, z, false)?;
             let losses: Vec<f64> = z
                 .par_chunks_mut(vocab)
                 .zip(&self.targets[first..first + rows])
@@ -716,7 +733,7 @@ impl CustomOp1 for CrossEntropy {
                 .collect();
             total += losses.iter().sum::<f64>();
             self.weight
-                .backward(z, rows, &mut grad[first * dim..(first + rows) * dim])?;
+                .backward(z, rows, &mut grad[first * dim..(first + rows) * dim], false)?;
         }
         *self
             .grad
@@ -805,6 +822,7 @@ mod tests {
                 scale: 2.0,
                 dropout,
                 seed: 11,
+                bf16: false,
             };
             let inputs = [
                 rand(&[2, m, inp], 1),

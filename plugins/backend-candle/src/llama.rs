@@ -38,6 +38,15 @@ impl Config {
     }
 }
 
+/// How a forward pass runs.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mode {
+    /// Training: LoRA dropout on, and the fused ops that keep little for the backward pass.
+    train: bool,
+    /// Training's frozen products in bf16 (AMX).
+    bf16: bool,
+}
+
 /// The frozen base weight of a linear layer.
 enum Base {
     /// (out, in) f32, contiguous.
@@ -74,14 +83,15 @@ impl Linear {
         }
     }
 
-    fn forward(&self, x: &Tensor, train: bool, seed: u64) -> candle_core::Result<Tensor> {
-        if let (true, Some(lora)) = (train, &self.lora) {
+    fn forward(&self, x: &Tensor, mode: Mode, seed: u64) -> candle_core::Result<Tensor> {
+        if let (true, Some(lora)) = (mode.train, &self.lora) {
             // Training: base and adapter as one op that keeps only x for the backward pass.
             let op = LoraLinear {
                 base: self.frozen(),
                 scale: lora.scale as f32,
                 dropout: lora.dropout,
                 seed,
+                bf16: mode.bf16,
             };
             return op.forward(x, lora.a.as_tensor(), lora.b.as_tensor());
         }
@@ -93,7 +103,7 @@ impl Linear {
             Base::Nf4(op) => op.forward(&x)?,
         };
         if let Some(lora) = &self.lora {
-            y = (y + lora.forward(&x, train, seed)?)?;
+            y = (y + lora.forward(&x, mode.train, seed)?)?;
         }
         y.reshape((b, t, ()))
     }
@@ -237,8 +247,8 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
-    /// Dropout in LoRA adapters is active only while training.
-    training: bool,
+    /// Training or evaluation, and the precision of frozen products in training.
+    mode: Mode,
 }
 
 /// The projections LoRA can target, by their PEFT names.
@@ -312,7 +322,7 @@ impl Llama {
             cos,
             sin,
             device: device.clone(),
-            training: false,
+            mode: Mode::default(),
         })
     }
 
@@ -388,9 +398,15 @@ impl Llama {
         Ok(params)
     }
 
-    /// Turns LoRA dropout on (training) or off (evaluation).
+    /// Turns training on (LoRA dropout, the fused training ops) or off (evaluation).
     pub fn set_training(&mut self, training: bool) {
-        self.training = training;
+        self.mode.train = training;
+    }
+
+    /// Whether training multiplies by the frozen weights in bf16 on AMX tiles (where the CPU has
+    /// them; elsewhere in f32 either way). Evaluation is always f32.
+    pub fn set_bf16(&mut self, bf16: bool) {
+        self.mode.bf16 = bf16;
     }
 
     pub fn config(&self) -> &Config {
@@ -502,15 +518,15 @@ impl Llama {
         let x1 = (x + h)?;
         let h = block.post_norm.forward(&x1)?;
         let m = &block.mlp;
-        let train = self.training;
-        let gate = m.gate.forward(&h, train, seed + 4)?;
-        let up = m.up.forward(&h, train, seed + 5)?;
+        let mode = self.mode;
+        let gate = m.gate.forward(&h, mode, seed + 4)?;
+        let up = m.up.forward(&h, mode, seed + 5)?;
         let g = if gate.track_op() || up.track_op() {
             crate::fused::SwiGlu::forward(&gate, &up)?
         } else {
             (candle_nn::ops::silu(&gate)? * up)?
         };
-        let h = m.down.forward(&g, train, seed + 6)?;
+        let h = m.down.forward(&g, mode, seed + 6)?;
         Ok(((x1 + h)?, kv))
     }
 
@@ -577,8 +593,8 @@ impl Llama {
             self.config.num_kv_heads,
             self.config.head_dim(),
         );
-        let train = self.training;
-        if let (true, None, Some((cos, sin))) = (train, past, &pass.from_zero) {
+        let mode = self.mode;
+        if let (true, None, Some((cos, sin))) = (mode.train, past, &pass.from_zero) {
             // Training: rotary embedding and causal attention as one op on the projections.
             let op = CausalAttention {
                 heads: nh,
@@ -588,22 +604,22 @@ impl Llama {
                 sin: sin.clone(),
             };
             let y = op.forward(
-                &a.q.forward(x, train, seed)?,
-                &a.k.forward(x, train, seed + 1)?,
-                &a.v.forward(x, train, seed + 2)?,
+                &a.q.forward(x, mode, seed)?,
+                &a.k.forward(x, mode, seed + 1)?,
+                &a.v.forward(x, mode, seed + 2)?,
             )?;
-            return Ok((a.o.forward(&y, train, seed + 3)?, None));
+            return Ok((a.o.forward(&y, mode, seed + 3)?, None));
         }
         let q =
-            a.q.forward(x, train, seed)?
+            a.q.forward(x, mode, seed)?
                 .reshape((b, t, nh, hd))?
                 .transpose(1, 2)?;
         let k =
-            a.k.forward(x, train, seed + 1)?
+            a.k.forward(x, mode, seed + 1)?
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?;
         let v =
-            a.v.forward(x, train, seed + 2)?
+            a.v.forward(x, mode, seed + 2)?
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?;
         let q = rope(&q, &pass.cos, &pass.sin)?;
@@ -635,7 +651,7 @@ impl Llama {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        Ok((a.o.forward(&y, train, seed + 3)?, Some((k, v))))
+        Ok((a.o.forward(&y, mode, seed + 3)?, Some((k, v))))
     }
 }
 

@@ -84,7 +84,11 @@ pub(crate) fn dropout_mask(n: usize, dropout: f32, seed: u64) -> Vec<f32> {
                 z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
                 z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
                 z ^= z >> 31;
-                *m = if (z >> 40) < threshold { 1.0 / keep } else { 0.0 };
+                *m = if (z >> 40) < threshold {
+                    1.0 / keep
+                } else {
+                    0.0
+                };
             }
         });
     mask

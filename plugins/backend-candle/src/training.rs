@@ -34,6 +34,7 @@ const KEYS: &[&str] = &[
     "double_quant",
     "checkpoint_tokens",
     "resume",
+    "compute",
 ];
 
 /// LoRA and optimiser options, with the QLoRA paper's defaults.
@@ -47,6 +48,9 @@ pub struct TrainOptions {
     pub optimizer: TrainConfig,
     /// An unfinished run's folder to continue from (its adapter and optimizer.safetensors).
     pub resume: Option<std::path::PathBuf>,
+    /// Products with the frozen base in bf16 on AMX tiles (`compute = "bf16"`, the default,
+    /// used where the CPU has AMX) or in f32 (`"f32"`). Adapters and optimiser are f32 always.
+    pub bf16: bool,
 }
 
 impl TrainOptions {
@@ -91,6 +95,15 @@ impl TrainOptions {
             targets,
             double_quant: o.bool("double_quant").map_err(e)?.unwrap_or(true),
             resume: o.string("resume").map_err(e)?.map(std::path::PathBuf::from),
+            bf16: match o.string("compute").map_err(e)?.as_deref() {
+                None | Some("bf16") => true,
+                Some("f32") => false,
+                Some(other) => {
+                    return Err(BackendError::Options(format!(
+                        "compute `{other}` is not `bf16` or `f32`"
+                    )))
+                }
+            },
             optimizer: TrainConfig {
                 lr: o.f64("lr").map_err(e)?.unwrap_or(d.lr),
                 beta1: o.f64("beta1").map_err(e)?.unwrap_or(d.beta1),
@@ -136,12 +149,17 @@ impl TrainOptions {
     pub fn to_toml(&self) -> String {
         let c = &self.optimizer;
         format!(
-            "r = {}\nalpha = {:?}\ndropout = {:?}\ntargets = {:?}\ndouble_quant = {}\nlr = {:?}\nbeta1 = {:?}\nbeta2 = {:?}\nweight_decay = {:?}\nwarmup_ratio = {:?}\nschedule = \"{}\"\nmicro_batch = {}\ngrad_accum = {}\nmax_seq_len = {}\nepochs = {}\nclip = {:?}\nseed = {}\ncheckpoint_tokens = {}\n",
+            "r = {}\nalpha = {:?}\ndropout = {:?}\ntargets = {:?}\ndouble_quant = {}\nlr = {:?}\nbeta1 = {:?}\nbeta2 = {:?}\nweight_decay = {:?}\nwarmup_ratio = {:?}\nschedule = \"{}\"\nmicro_batch = {}\ngrad_accum = {}\nmax_seq_len = {}\nepochs = {}\nclip = {:?}\nseed = {}\ncheckpoint_tokens = {}\ncompute = \"{}\"\n",
             self.r, self.alpha, self.dropout, self.targets.join(","), self.double_quant, c.lr, c.beta1,
             c.beta2, c.weight_decay, c.warmup_ratio,
             match c.schedule { Schedule::Constant => "constant", Schedule::Linear => "linear", Schedule::Cosine => "cosine" },
-            c.micro_batch, c.grad_accum, c.max_seq_len, c.epochs, c.clip, c.seed, c.checkpoint_tokens
-        )
+            c.micro_batch, c.grad_accum, c.max_seq_len, c.epochs, c.clip, c.seed, c.checkpoint_tokens,
+            if self.bf16 { "bf16" } else { "f32" }
+        ) + if self.bf16 && !crate::amx::available() {
+            "# compute ran in f32: this CPU has no AMX (or the OS refused its tile state)\n"
+        } else {
+            ""
+        }
     }
 }
 
@@ -188,6 +206,7 @@ pub fn run(
     }
     let model = engine.model_mut();
     model.quantize_nf4(opts.double_quant)?;
+    model.set_bf16(opts.bf16);
     let targets: Vec<&str> = opts.targets.iter().map(String::as_str).collect();
     let params = model.add_lora(
         &targets,
@@ -366,5 +385,108 @@ mod tests {
         assert!(e.contains("unknown LoRA target `lm_head`"), "{e}");
         let again = TrainOptions::from_toml(&o.to_toml()).unwrap();
         assert_eq!(again, o);
+    }
+
+    /// Writes a PEFT compatibility case for `scripts/peft_check.py` into $HARNESS_PEFT_CHECK:
+    /// a tiny random LLaMA in HF layout (model/), an adapter trained on it here (adapter/), and
+    /// our next-token logits with and without the adapter (cases.json).
+    #[test]
+    #[ignore]
+    fn export_peft_compatibility_case() {
+        use crate::adapter::write_tensors;
+        use crate::llama::{testing, KvCache, Llama, TARGETS};
+        let dir = std::path::PathBuf::from(
+            std::env::var("HARNESS_PEFT_CHECK").expect("set HARNESS_PEFT_CHECK to a folder"),
+        );
+        let (config, weights) = testing::tiny_weights();
+        std::fs::create_dir_all(dir.join("model")).unwrap();
+        let mut tensors: Vec<(String, candle_core::Tensor)> = weights
+            .tensors()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        write_tensors(
+            &dir.join("model/model.safetensors"),
+            &tensors,
+            &[("format".into(), "pt".into())],
+        )
+        .unwrap();
+        let hf = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads,
+            "vocab_size": config.vocab_size,
+            "rms_norm_eps": config.rms_norm_eps,
+            "rope_theta": config.rope_theta,
+            "max_position_embeddings": config.max_position_embeddings,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "mlp_bias": false,
+            "torch_dtype": "float32",
+        });
+        std::fs::write(dir.join("model/config.json"), hf.to_string()).unwrap();
+
+        let mut model = testing::tiny_model();
+        let params = model.add_lora(&TARGETS, 4, 8.0, 0.1, 9).unwrap();
+        let vars: Vec<candle_core::Var> = params.iter().map(|(_, v)| v.clone()).collect();
+        let examples: Vec<Example> = (0..32u32)
+            .map(|i| {
+                Example::new(vec![i % 50, (i * 7) % 50, 3], vec![(i * 11) % 50, 8], 64).unwrap()
+            })
+            .collect();
+        let config = TrainConfig {
+            lr: 1e-2,
+            micro_batch: 4,
+            epochs: 3,
+            ..TrainConfig::default()
+        };
+        trainer::train(&mut model, &vars, &examples, &config, None, |_| true).unwrap();
+        let spec = AdapterSpec {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            target_modules: TARGETS.iter().map(|s| s.to_string()).collect(),
+            base_model: "tiny-random-llama".into(),
+        };
+        save_peft(&dir.join("adapter"), &spec, &params).unwrap();
+
+        let base = testing::tiny_model();
+        let logits = |m: &Llama, ids: &[u32]| -> Vec<f32> {
+            let h = m
+                .forward(&[ids.to_vec()], &[0], None, &mut KvCache::default())
+                .unwrap();
+            let last = h
+                .narrow(1, ids.len() - 1, 1)
+                .unwrap()
+                .reshape((1, 64))
+                .unwrap();
+            m.logits(&last)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let cases: Vec<serde_json::Value> = [vec![1u32, 2, 3], vec![5, 9, 3, 30, 11, 7], vec![42]]
+            .iter()
+            .map(|ids| {
+                serde_json::json!({
+                    "ids": ids,
+                    "with_adapter": logits(&model, ids),
+                    "base": logits(&base, ids),
+                })
+            })
+            .collect();
+        std::fs::write(
+            dir.join("cases.json"),
+            serde_json::Value::from(cases).to_string(),
+        )
+        .unwrap();
     }
 }

@@ -98,6 +98,12 @@ impl Weights {
         Ok(())
     }
 
+    /// The f32 tensors by name (tests write them out as checkpoints).
+    #[cfg(test)]
+    pub fn tensors(&self) -> &HashMap<String, Tensor> {
+        &self.tensors
+    }
+
     /// Total number of scalar parameters.
     pub fn parameter_count(&self) -> u64 {
         let dense: u64 = self.tensors.values().map(|t| t.elem_count() as u64).sum();
