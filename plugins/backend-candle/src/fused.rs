@@ -66,7 +66,7 @@ impl Frozen {
     }
 
     /// Calls `f` with each block of rows of the weight, as (first row, rows, values).
-    fn tiles(&self, mut f: impl FnMut(usize, usize, &[f32])) -> R<()> {
+    pub fn tiles(&self, mut f: impl FnMut(usize, usize, &[f32])) -> R<()> {
         match self {
             Frozen::Dense(w) => {
                 let (out, inp) = w.dims2()?;
@@ -120,6 +120,61 @@ impl Frozen {
                 matmul(dx, inp, dy, View::rows(w, rows, inp), 1.0, true);
             }
         })
+    }
+}
+
+/// `y = x · Wᵀ` for a frozen weight, differentiable in `x` only: candle's matmul backward would
+/// also compute a weight-sized gradient nobody reads (for the tied output projection, 49152 x 576
+/// per step), and a dequantized NF4 weight would be a full-precision copy. Inference uses it too
+/// for NF4 weights, with the few-row kernel of decoding.
+#[derive(Clone)]
+pub struct FrozenLinear(pub Frozen);
+
+impl FrozenLinear {
+    pub fn forward(&self, x: &Tensor) -> R<Tensor> {
+        x.contiguous()?.apply_op1(self.clone())
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> R<(CpuStorage, Shape)> {
+        let (out, inp) = self.0.dims()?;
+        let x = input(storage, layout, self.name())?;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&inp) {
+            candle_core::bail!("frozen-linear: input {dims:?} does not fit a {out}x{inp} weight");
+        }
+        let m = x.len() / inp;
+        let mut y = vec![0f32; m * out];
+        if m <= crate::kernels::SKINNY_MAX_ROWS {
+            // Decoding: each weight row read once, dotted with the few input rows.
+            self.0.tiles(|first, rows, w| {
+                let yt = crate::kernels::skinny_matmul(x, m, inp, w, rows);
+                for (j, col) in yt.chunks(m).enumerate() {
+                    for (i, v) in col.iter().enumerate() {
+                        y[i * out + first + j] = *v;
+                    }
+                }
+            })?;
+        } else {
+            self.0.forward(x, m, &mut y, false)?;
+        }
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked") = out;
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> R<Option<Tensor>> {
+        let (_, inp) = self.0.dims()?;
+        let dy = values(grad)?;
+        let m = x.elem_count() / inp;
+        let mut dx = vec![0f32; m * inp];
+        self.0.backward(&dy, m, &mut dx, false)?;
+        Ok(Some(tensor(dx, x.shape())?))
     }
 }
 
@@ -968,5 +1023,25 @@ mod tests {
                 (logp.gather(&idx, 1).unwrap().mean_all().unwrap() * -1.0).unwrap()
             },
         );
+    }
+
+    #[test]
+    fn frozen_linear_matches_the_dense_layer_in_value_and_input_gradient() {
+        // 300 output rows: two NF4 tiles, the second partial; few rows take the decoding kernel.
+        let (out, inp) = (300, 64);
+        let w = crate::llama::testing::uniform(out * inp, 0.5, 21);
+        let q = Arc::new(Nf4Matrix::quantize(&w, out, inp, true));
+        let deq = Tensor::from_vec(q.dequantize(), (out, inp), &Device::Cpu).unwrap();
+        let dense = Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap();
+        for (base, weight) in [(Frozen::Nf4(q), deq), (Frozen::Dense(dense.clone()), dense)] {
+            let op = FrozenLinear(base);
+            for m in [1usize, 3, 40] {
+                check(
+                    &[rand(&[m, inp], 22 + m as u64)],
+                    |t| op.forward(t[0]).unwrap(),
+                    |t| t[0].matmul(&weight.t().unwrap()).unwrap(),
+                );
+            }
+        }
     }
 }

@@ -11,10 +11,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{BackendError, Result};
-use crate::fused::{CausalAttention, Frozen, LoraLinear, RopeTable};
+use crate::fused::{CausalAttention, Frozen, FrozenLinear, LoraLinear, RopeTable};
 use crate::lora::Lora;
 use crate::nf4::Nf4Matrix;
-use crate::nf4_linear::Nf4MatMul;
 use crate::weights::{Projection, Weights};
 
 /// Hyper-parameters of a LLaMA-family model.
@@ -47,47 +46,30 @@ struct Mode {
     bf16: bool,
 }
 
-/// The frozen base weight of a linear layer.
-enum Base {
-    /// (out, in) f32, contiguous.
-    Dense(Tensor),
-    /// NF4, dequantized tile by tile inside the matmul (the QLoRA base).
-    Nf4(Nf4MatMul),
-}
-
+/// A linear layer: a frozen base weight (f32, or NF4 for the QLoRA base) and maybe an adapter.
 struct Linear {
-    base: Base,
+    base: Frozen,
     lora: Option<Lora>,
 }
 
 impl Linear {
     fn dense(weight: Tensor) -> Self {
         Linear {
-            base: Base::Dense(weight),
+            base: Frozen::Dense(weight),
             lora: None,
         }
     }
 
+    /// (out, in).
     fn dims(&self) -> (usize, usize) {
-        match &self.base {
-            Base::Dense(w) => w.dims2().unwrap_or((0, 0)),
-            Base::Nf4(op) => (op.weight.rows, op.weight.cols),
-        }
-    }
-
-    /// The frozen weight as the fused training ops take it.
-    fn frozen(&self) -> Frozen {
-        match &self.base {
-            Base::Dense(w) => Frozen::Dense(w.clone()),
-            Base::Nf4(op) => Frozen::Nf4(op.weight.clone()),
-        }
+        self.base.dims().unwrap_or((0, 0))
     }
 
     fn forward(&self, x: &Tensor, mode: Mode, seed: u64) -> candle_core::Result<Tensor> {
         if let (true, Some(lora)) = (mode.train, &self.lora) {
             // Training: base and adapter as one op that keeps only x for the backward pass.
             let op = LoraLinear {
-                base: self.frozen(),
+                base: self.base.clone(),
                 scale: lora.scale as f32,
                 dropout: lora.dropout,
                 seed,
@@ -99,8 +81,8 @@ impl Linear {
         let (b, t, i) = x.dims3()?;
         let x = x.reshape((b * t, i))?;
         let mut y = match &self.base {
-            Base::Dense(w) => matmul_t(&x, w)?,
-            Base::Nf4(op) => op.forward(&x)?,
+            Frozen::Dense(w) => matmul_t(&x, w)?,
+            nf4 => FrozenLinear(nf4.clone()).forward(&x)?,
         };
         if let Some(lora) = &self.lora {
             y = (y + lora.forward(&x, mode.train, seed)?)?;
@@ -114,7 +96,7 @@ impl Linear {
 fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if x.track_op() {
         // Frozen weight: the gradient goes to x only.
-        return crate::frozen_linear::FrozenMatMul { weight: w.clone() }.forward(x);
+        return FrozenLinear(Frozen::Dense(w.clone())).forward(x);
     }
     match crate::kernels::skinny_matmul_t(x, w)? {
         Some(y) => Ok(y),
@@ -269,7 +251,7 @@ impl Llama {
             Ok(match w.take_projection(&name)? {
                 Projection::F32(t) => Linear::dense(t.contiguous()?),
                 Projection::Nf4(weight) => Linear {
-                    base: Base::Nf4(Nf4MatMul { weight }),
+                    base: Frozen::Nf4(weight),
                     lora: None,
                 },
             })
@@ -345,13 +327,11 @@ impl Llama {
     /// Replaces every projection's f32 weight by its NF4 form (the f32 copy is dropped).
     pub fn quantize_nf4(&mut self, double_quant: bool) -> Result<()> {
         for (_, _, lin) in self.linears_mut() {
-            if let Base::Dense(w) = &lin.base {
+            if let Frozen::Dense(w) = &lin.base {
                 let (rows, cols) = w.dims2()?;
                 let data = w.flatten_all()?.to_vec1::<f32>()?;
                 let q = Nf4Matrix::quantize(&data, rows, cols, double_quant);
-                lin.base = Base::Nf4(Nf4MatMul {
-                    weight: std::sync::Arc::new(q),
-                });
+                lin.base = Frozen::Nf4(Arc::new(q));
             }
         }
         Ok(())
