@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::amx;
 use crate::lora::dropout_mask;
-use crate::matmul::{matmul, View};
+use crate::matmul::{matmul, matmul_serial, View};
 use crate::nf4::Nf4Matrix;
 
 type R<T> = candle_core::Result<T>;
@@ -492,30 +492,6 @@ fn put_head(dst: &mut [f32], rows: &[f32], b: usize, t: usize, heads: usize, d: 
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `y += alpha · x`.
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
-    }
-}
-
 impl CausalAttention {
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> R<Tensor> {
         q.contiguous()?
@@ -546,21 +522,33 @@ impl CausalAttention {
         }
     }
 
-    /// Softmax probabilities of query row `p` over keys 0..=p, into `probs`.
-    fn probs(&self, qr: &[f32], kr: &[f32], p: usize, probs: &mut Vec<f32>) {
+    /// Causal softmax probabilities P (T, T) of rotated, scaled queries against rotated keys:
+    /// row p holds p + 1 probabilities, then zeros.
+    fn probs(&self, qr: &[f32], kr: &[f32], t: usize) -> Vec<f32> {
         let d = self.head_dim;
-        let q = &qr[p * d..(p + 1) * d];
-        probs.clear();
-        probs.extend((0..=p).map(|s| dot(q, &kr[s * d..(s + 1) * d])));
-        let max = probs.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0.0;
-        for v in probs.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
+        let mut p = vec![0f32; t * t];
+        matmul_serial(
+            &mut p,
+            t,
+            View::rows(qr, t, d),
+            View::rows(kr, t, d).t(),
+            1.0,
+            false,
+        );
+        for (i, row) in p.chunks_mut(t).enumerate() {
+            let (live, masked) = row.split_at_mut(i + 1);
+            let max = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0.0;
+            for v in live.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            for v in live.iter_mut() {
+                *v /= sum;
+            }
+            masked.fill(0.0);
         }
-        for v in probs.iter_mut() {
-            *v /= sum;
-        }
+        p
     }
 
     /// Rotated, scaled queries of head h and rotated keys of its key head, each (T, d).
@@ -627,15 +615,16 @@ impl CustomOp3 for CausalAttention {
                 let (bi, h) = (bh / nh, bh % nh);
                 let (qr, kr) = self.rotated(q, k, bi, t, h);
                 let vr = head_rows(v, bi, t, self.kv_heads, d, h / rep);
+                let p = self.probs(&qr, &kr, t);
                 let mut y = vec![0f32; t * d];
-                let mut probs = Vec::with_capacity(t);
-                for p in 0..t {
-                    self.probs(&qr, &kr, p, &mut probs);
-                    let yp = &mut y[p * d..(p + 1) * d];
-                    for (s, &w) in probs.iter().enumerate() {
-                        axpy(w, &vr[s * d..(s + 1) * d], yp);
-                    }
-                }
+                matmul_serial(
+                    &mut y,
+                    d,
+                    View::rows(&p, t, t),
+                    View::rows(&vr, t, d),
+                    1.0,
+                    false,
+                );
                 y
             })
             .collect();
@@ -668,26 +657,27 @@ impl CustomOp3 for CausalAttention {
                 let mut dk = vec![0f32; t * d];
                 let mut dv = vec![0f32; t * d];
                 let mut dqs = Vec::with_capacity(rep);
-                let mut probs = Vec::with_capacity(t);
-                let mut dp = Vec::with_capacity(t);
+                let mut dp = vec![0f32; t * t];
                 for h in g * rep..(g + 1) * rep {
                     let (qr, kr) = self.rotated(&qs, &ks, bi, t, h);
                     let dyh = head_rows(&dy, bi, t, nh, d, h);
-                    let mut dq = vec![0f32; t * d];
-                    for p in 0..t {
-                        self.probs(&qr, &kr, p, &mut probs);
-                        let dyp = &dyh[p * d..(p + 1) * d];
-                        dp.clear();
-                        dp.extend((0..=p).map(|s| dot(dyp, &vr[s * d..(s + 1) * d])));
-                        let mean: f32 = probs.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                        let qp = &qr[p * d..(p + 1) * d];
-                        for s in 0..=p {
-                            axpy(probs[s], dyp, &mut dv[s * d..(s + 1) * d]);
-                            let ds = probs[s] * (dp[s] - mean);
-                            axpy(ds, &kr[s * d..(s + 1) * d], &mut dq[p * d..(p + 1) * d]);
-                            axpy(ds, qp, &mut dk[s * d..(s + 1) * d]);
+                    let p = self.probs(&qr, &kr, t);
+                    let (pv, dyv) = (View::rows(&p, t, t), View::rows(&dyh, t, d));
+                    // dV += Pᵀ dY;  dP = dY Vᵀ;  dS = P ⊙ (dP - rowsum(P ⊙ dP));
+                    // d(qr) = dS K;  d(kr) += dSᵀ qr.
+                    matmul_serial(&mut dv, d, pv.t(), dyv, 1.0, true);
+                    matmul_serial(&mut dp, t, dyv, View::rows(&vr, t, d).t(), 1.0, false);
+                    for (i, (ds, pr)) in dp.chunks_mut(t).zip(p.chunks(t)).enumerate() {
+                        let mean: f32 = ds[..=i].iter().zip(&pr[..=i]).map(|(a, b)| a * b).sum();
+                        for (v, pv) in ds[..=i].iter_mut().zip(&pr[..=i]) {
+                            *v = pv * (*v - mean);
                         }
+                        ds[i + 1..].fill(0.0);
                     }
+                    let dsv = View::rows(&dp, t, t);
+                    let mut dq = vec![0f32; t * d];
+                    matmul_serial(&mut dq, d, dsv, View::rows(&kr, t, d), 1.0, false);
+                    matmul_serial(&mut dk, d, dsv.t(), View::rows(&qr, t, d), 1.0, true);
                     // The queries were scaled after rotation.
                     dq.iter_mut().for_each(|v| *v *= scale);
                     self.rotate(&mut dq, true);

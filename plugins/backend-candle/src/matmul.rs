@@ -59,6 +59,38 @@ impl<'a> View<'a> {
 /// `dst = scale · lhs · rhs`, or `dst += scale · lhs · rhs` when `accumulate`; `dst` is row-major
 /// with row stride `dst_rs` (at least `rhs.cols`). Runs on rayon's threads.
 pub fn matmul(dst: &mut [f32], dst_rs: usize, lhs: View, rhs: View, scale: f32, accumulate: bool) {
+    product(
+        dst,
+        dst_rs,
+        lhs,
+        rhs,
+        scale,
+        accumulate,
+        rayon::current_num_threads(),
+    );
+}
+
+/// [`matmul`] on the calling thread alone, for products inside a parallel task.
+pub fn matmul_serial(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: View,
+    rhs: View,
+    scale: f32,
+    accumulate: bool,
+) {
+    product(dst, dst_rs, lhs, rhs, scale, accumulate, 1);
+}
+
+fn product(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: View,
+    rhs: View,
+    scale: f32,
+    accumulate: bool,
+    threads: usize,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(k, rhs.rows, "matmul: inner dimensions differ");
     assert!(
@@ -80,7 +112,6 @@ pub fn matmul(dst: &mut [f32], dst_rs: usize, lhs: View, rhs: View, scale: f32, 
         }
         return;
     }
-    let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)
     } else {
