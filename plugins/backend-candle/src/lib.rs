@@ -382,3 +382,28 @@ pub fn plugin_lib() -> PluginLibRef {
 }
 
 harness_abi::export_plugin!(plugin_lib);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_kinds_parse_and_a_packed_base_takes_no_adapter() {
+        let base = |text: &str| Config::from_toml(text).map(|c| c.base);
+        assert_eq!(base("").unwrap(), BaseKind::F32);
+        assert_eq!(base("adapter = \"a\"").unwrap(), BaseKind::Nf4);
+        assert_eq!(
+            base("base = \"f32\"\nadapter = \"a\"").unwrap(),
+            BaseKind::F32
+        );
+        assert_eq!(base("base = \"nf4-packed\"").unwrap(), BaseKind::Nf4Packed);
+        let e = base("base = \"nf4-packed\"\nadapter = \"a\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use base = \"nf4\""), "{e}");
+        let e = base("base = \"int8\"").unwrap_err().to_string();
+        assert!(e.contains("`nf4`, `f32` or `nf4-packed`"), "{e}");
+        let c = Config::from_toml("base = \"nf4\"\ndouble_quant = false").unwrap();
+        assert!(!c.double_quant);
+    }
+}

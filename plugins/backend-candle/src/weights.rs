@@ -111,3 +111,27 @@ impl Weights {
         dense + packed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn packing_stores_projections_as_nf4_and_keeps_the_rest() {
+        let mut w = Weights::empty(Some(true));
+        let t = |n: usize| Tensor::ones((n, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+        w.insert("model.layers.0.self_attn.q_proj.weight".into(), t(64))
+            .unwrap();
+        w.insert("model.embed_tokens.weight".into(), t(10)).unwrap();
+        assert_eq!(w.parameter_count(), 64 * 64 + 10 * 64);
+        assert!(matches!(
+            w.take_projection("model.layers.0.self_attn.q_proj.weight")
+                .unwrap(),
+            Projection::Nf4(_)
+        ));
+        assert!(w.take("model.embed_tokens.weight").is_ok());
+        let e = w.take_projection("model.layers.0.mlp.up_proj.weight");
+        assert!(e.is_err_and(|e| e.to_string().contains("up_proj")));
+    }
+}
