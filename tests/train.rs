@@ -74,7 +74,7 @@ fn train_then_eval_with_the_adapter() {
 }
 
 #[test]
-fn ctrl_c_saves_a_run_that_resume_finishes_as_if_never_stopped() {
+fn stopped_or_killed_runs_resume_to_the_uninterrupted_result() {
     let dir = temp_dir("train-resume");
     write_tiny_model(&dir.join("model"), 5);
     let train = |out: &str| {
@@ -152,6 +152,36 @@ fn ctrl_c_saves_a_run_that_resume_finishes_as_if_never_stopped() {
     assert!(!dir.join("split/optimizer.safetensors").exists());
     let e = fails(harness().args(["train", "--resume"]).arg(dir.join("split")));
     assert!(e.contains("nothing to resume"), "{e}");
+
+    // Killed outright: the run resumes from its last periodic checkpoint.
+    let mut child = train("killed")
+        .args(["--train-option", "save_every=3"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let curve = dir.join("killed/train.csv");
+    let start = std::time::Instant::now();
+    while !dir.join("killed/optimizer.safetensors").is_file()
+        || std::fs::read_to_string(&curve).map_or(0, |c| c.lines().count()) < 6
+    {
+        assert!(start.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = ok(harness()
+        .args(["train", "--resume"])
+        .arg(dir.join("killed")));
+    assert!(out.contains("resume training"), "{out}");
+    assert!(
+        read("whole/adapter_model.safetensors") == read("killed/adapter_model.safetensors"),
+        "the adapter resumed after a kill differs from the uninterrupted one"
+    );
+    assert_eq!(
+        String::from_utf8(read("whole/train.csv")).unwrap(),
+        String::from_utf8(read("killed/train.csv")).unwrap()
+    );
 }
 
 #[test]

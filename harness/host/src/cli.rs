@@ -42,8 +42,9 @@ pub enum Command {
     /// also come from a TOML file (`--config train.toml`); flags override it.
     ///
     /// The loss curve is appended to OUT/train.csv step by step. Ctrl-C stops after the current
-    /// step and saves the adapter with the optimiser state; `harness train --resume OUT`
-    /// continues from there and ends with the same adapter an uninterrupted run would give.
+    /// step and saves the adapter with the optimiser state, and a checkpoint is also saved every
+    /// `save_every` steps (default 100) for runs that are killed; `harness train --resume OUT`
+    /// continues from the latest and ends with the same adapter an uninterrupted run would give.
     Train(Box<TrainArgs>),
     /// Measure the speed and memory of the backend's hot paths.
     #[command(subcommand)]
@@ -210,12 +211,12 @@ pub struct TrainArgs {
 
     /// Any other training option, as KEY=VALUE (repeatable): dropout, targets, beta1, beta2,
     /// weight_decay, warmup_ratio, schedule (constant|linear|cosine), grad_accum, max_seq_len,
-    /// clip, double_quant, checkpoint_tokens.
+    /// clip, double_quant, checkpoint_tokens, compute (bf16|f32), save_every.
     #[arg(long = "train-option", value_name = "KEY=VALUE")]
     pub train_options: Vec<String>,
 
-    /// Continue a run stopped with Ctrl-C, given its folder (its --out); every setting comes
-    /// from the train.toml there, so no other option may be given.
+    /// Continue a stopped or killed run from its latest checkpoint, given its folder (its
+    /// --out); every setting comes from the train.toml there, so no other option may be given.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
 }

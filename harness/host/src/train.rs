@@ -128,27 +128,54 @@ fn resume_plan(dir: &Path, args: &TrainArgs) -> Result<(TrainPlan, Resumed)> {
             path.display()
         ),
     };
-    let summary = record.get("summary").and_then(Value::as_table);
-    let stopped = summary
+    let finished = record
+        .get("summary")
+        .and_then(Value::as_table)
         .and_then(|s| s.get("stopped_early"))
-        .and_then(Value::as_bool);
-    let step = summary
-        .and_then(|s| s.get("last_step"))
-        .and_then(Value::as_integer);
-    match (stopped, step) {
-        (Some(true), Some(step)) => Ok((
-            TrainPlan {
-                out: dir.to_path_buf(),
-                ..plan
-            },
-            Resumed { step: step as u64 },
-        )),
-        (Some(false), _) => bail!("the run in {} finished; there is nothing to resume", dir.display()),
-        _ => bail!(
-            "the run in {} saved no checkpoint (it was killed, not stopped with Ctrl-C); start it again",
+        .and_then(Value::as_bool)
+        == Some(false);
+    if finished {
+        bail!(
+            "the run in {} finished; there is nothing to resume",
             dir.display()
-        ),
+        );
     }
+    let checkpoint = dir.join("optimizer.safetensors");
+    if !checkpoint.is_file() {
+        bail!(
+            "the run in {} saved no checkpoint before it ended (they are saved on Ctrl-C and every `save_every` steps); start it again",
+            dir.display()
+        );
+    }
+    let step = checkpoint_step(&checkpoint)?;
+    Ok((
+        TrainPlan {
+            out: dir.to_path_buf(),
+            ..plan
+        },
+        Resumed { step },
+    ))
+}
+
+/// The step a checkpoint holds: the `step` entry of its safetensors header's metadata.
+fn checkpoint_step(path: &Path) -> Result<u64> {
+    use std::io::Read;
+    let bad = || anyhow!("{} is not a readable checkpoint", path.display());
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|_| bad())?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(bad());
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(|_| bad())?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|_| bad())?;
+    header["__metadata__"]["step"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)
 }
 
 fn plan(args: &TrainArgs) -> Result<TrainPlan> {
@@ -387,6 +414,11 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
     }
     let backend_opts = backend_opts.to_string();
     let mut train_table = p.train.clone();
+    // Checkpoints (every `save_every` steps, and on Ctrl-C) go beside the adapter.
+    train_table.insert(
+        "checkpoint_dir".into(),
+        Value::String(p.out.display().to_string()),
+    );
     if resumed.is_some() {
         train_table.insert("resume".into(), Value::String(p.out.display().to_string()));
     }

@@ -210,8 +210,8 @@ pub struct StepReport {
     pub tokens: usize,
 }
 
-/// Trains the model's LoRA parameters on `examples`; `on_step` sees every step and may stop
-/// the run early by returning false. With `resume` the first `resume.step` steps are skipped
+/// Trains the model's LoRA parameters on `examples`; `on_step` sees every step (with the
+/// optimiser, whose state it may save) and may stop the run early by returning false. With `resume` the first `resume.step` steps are skipped
 /// (the example order is seeded, so the run continues where it stopped) and the optimiser
 /// starts from the saved moments. Returns the reports of the steps taken and the final state.
 pub fn train(
@@ -220,7 +220,7 @@ pub fn train(
     examples: &[Example],
     config: &TrainConfig,
     resume: Option<Resume>,
-    mut on_step: impl FnMut(&StepReport) -> bool,
+    mut on_step: impl FnMut(&StepReport, &AdamW) -> Result<bool>,
 ) -> Result<(Vec<StepReport>, Resume)> {
     if examples.is_empty() {
         return Err(BackendError::Options("no training examples".into()));
@@ -310,7 +310,7 @@ pub fn train(
             };
             reports.push(report);
             step += 1;
-            if !on_step(&report) {
+            if !on_step(&report, &opt)? {
                 break 'epochs;
             }
         }
@@ -523,7 +523,10 @@ mod tests {
             clip: 1.0,
             ..TrainConfig::default()
         };
-        let (reports, _) = train(&mut model, &params, &examples, &config, None, |_| true).unwrap();
+        let (reports, _) = train(&mut model, &params, &examples, &config, None, |_, _| {
+            Ok(true)
+        })
+        .unwrap();
         assert_eq!(reports.len(), 40);
         let first = reports[0].loss;
         let last = reports.last().unwrap().loss;
@@ -647,16 +650,27 @@ mod tests {
             ..TrainConfig::default()
         };
         let (mut m1, p1) = setup();
-        let (all, _) = train(&mut m1, &p1, &examples, &config, None, |_| true).unwrap();
+        let (all, _) = train(&mut m1, &p1, &examples, &config, None, |_, _| Ok(true)).unwrap();
         assert_eq!(all.len(), 8);
         let (mut m2, p2) = setup();
-        let (first, state) = train(&mut m2, &p2, &examples, &config, None, |r| r.step < 3).unwrap();
+        let (first, state) = train(
+            &mut m2,
+            &p2,
+            &examples,
+            &config,
+            None,
+            |r, _| Ok(r.step < 3),
+        )
+        .unwrap();
         assert_eq!((first.len(), state.step), (3, 3));
         let (mut m3, p3) = setup();
         for (p, v) in p3.iter().zip(&p2) {
             p.set(v.as_tensor()).unwrap();
         }
-        let (rest, end) = train(&mut m3, &p3, &examples, &config, Some(state), |_| true).unwrap();
+        let (rest, end) = train(&mut m3, &p3, &examples, &config, Some(state), |_, _| {
+            Ok(true)
+        })
+        .unwrap();
         assert_eq!(rest.first().map(|r| r.step), Some(4));
         assert_eq!(end.step, 8);
         assert_eq!(

@@ -35,6 +35,8 @@ const KEYS: &[&str] = &[
     "checkpoint_tokens",
     "resume",
     "compute",
+    "checkpoint_dir",
+    "save_every",
 ];
 
 /// LoRA and optimiser options, with the QLoRA paper's defaults.
@@ -48,6 +50,10 @@ pub struct TrainOptions {
     pub optimizer: TrainConfig,
     /// An unfinished run's folder to continue from (its adapter and optimizer.safetensors).
     pub resume: Option<std::path::PathBuf>,
+    /// Where to save a resumable checkpoint (adapter and optimiser state) every `save_every`
+    /// steps, so that a killed run loses at most that many steps.
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    pub save_every: usize,
     /// Products with the frozen base in bf16 on AMX tiles (`compute = "bf16"`, the default,
     /// used where the CPU has AMX) or in f32 (`"f32"`). Adapters and optimiser are f32 always.
     pub bf16: bool,
@@ -95,6 +101,11 @@ impl TrainOptions {
             targets,
             double_quant: o.bool("double_quant").map_err(e)?.unwrap_or(true),
             resume: o.string("resume").map_err(e)?.map(std::path::PathBuf::from),
+            checkpoint_dir: o
+                .string("checkpoint_dir")
+                .map_err(e)?
+                .map(std::path::PathBuf::from),
+            save_every: o.u64("save_every").map_err(e)?.unwrap_or(100) as usize,
             bf16: match o.string("compute").map_err(e)?.as_deref() {
                 None | Some("bf16") => true,
                 Some("f32") => false,
@@ -149,12 +160,13 @@ impl TrainOptions {
     pub fn to_toml(&self) -> String {
         let c = &self.optimizer;
         format!(
-            "r = {}\nalpha = {:?}\ndropout = {:?}\ntargets = {:?}\ndouble_quant = {}\nlr = {:?}\nbeta1 = {:?}\nbeta2 = {:?}\nweight_decay = {:?}\nwarmup_ratio = {:?}\nschedule = \"{}\"\nmicro_batch = {}\ngrad_accum = {}\nmax_seq_len = {}\nepochs = {}\nclip = {:?}\nseed = {}\ncheckpoint_tokens = {}\ncompute = \"{}\"\n",
+            "r = {}\nalpha = {:?}\ndropout = {:?}\ntargets = {:?}\ndouble_quant = {}\nlr = {:?}\nbeta1 = {:?}\nbeta2 = {:?}\nweight_decay = {:?}\nwarmup_ratio = {:?}\nschedule = \"{}\"\nmicro_batch = {}\ngrad_accum = {}\nmax_seq_len = {}\nepochs = {}\nclip = {:?}\nseed = {}\ncheckpoint_tokens = {}\ncompute = \"{}\"\nsave_every = {}\n",
             self.r, self.alpha, self.dropout, self.targets.join(","), self.double_quant, c.lr, c.beta1,
             c.beta2, c.weight_decay, c.warmup_ratio,
             match c.schedule { Schedule::Constant => "constant", Schedule::Linear => "linear", Schedule::Cosine => "cosine" },
             c.micro_batch, c.grad_accum, c.max_seq_len, c.epochs, c.clip, c.seed, c.checkpoint_tokens,
-            if self.bf16 { "bf16" } else { "f32" }
+            if self.bf16 { "bf16" } else { "f32" },
+            self.save_every
         ) + if self.bf16 && !crate::amx::available() {
             "# compute ran in f32: this CPU has no AMX (or the OS refused its tile state)\n"
         } else {
@@ -179,7 +191,8 @@ pub struct Outcome {
     pub stopped_early: bool,
 }
 
-/// The file beside the adapter that holds an unfinished run's optimiser state.
+/// The file beside the adapter that holds an unfinished run's checkpoint: its parameters,
+/// AdamW's moments and the step, in one file so that it is always consistent.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// Quantizes the base to NF4 (unless it was loaded packed), attaches fresh adapters (or the
@@ -232,12 +245,31 @@ pub fn run(
         unfinished: None,
     });
     let mut stopped_early = false;
-    let (reports, state) =
-        trainer::train(model, &vars, &tokenized, &opts.optimizer, resume, |r| {
+    let snapshot = trained.as_ref().map(|t| (t.spec.clone(), t.params.clone()));
+    let (reports, state) = trainer::train(
+        model,
+        &vars,
+        &tokenized,
+        &opts.optimizer,
+        resume,
+        |r, opt| {
+            if let (Some(dir), Some((spec, params))) = (&opts.checkpoint_dir, &snapshot) {
+                if opts.save_every > 0 && r.step % opts.save_every == 0 && r.step < r.total_steps {
+                    // A checkpoint a killed run can resume from.
+                    let state = Some(opt.state(r.step));
+                    Trained {
+                        spec: spec.clone(),
+                        params: params.clone(),
+                        unfinished: state,
+                    }
+                    .save(dir)?;
+                }
+            }
             let go_on = on_step(r);
             stopped_early = !go_on && r.step < r.total_steps;
-            go_on
-        })?;
+            Ok(go_on)
+        },
+    )?;
     if let Some(t) = trained.as_mut() {
         t.unfinished = stopped_early.then_some(state);
     }
@@ -262,16 +294,14 @@ fn keep_freed_memory() {
     }
 }
 
-/// Loads an unfinished run from `dir`: its adapter into `params` (same names and shapes) and
-/// its optimiser state.
+/// Loads an unfinished run's checkpoint from `dir` (optimizer.safetensors: parameters, moments
+/// and step): the parameters into `params` (same names and shapes), and the optimiser state.
 fn load_state(dir: &Path, params: &[(String, Var)]) -> Result<Resume> {
     let bad =
         |why: String| BackendError::Options(format!("cannot resume from {}: {why}", dir.display()));
-    let adapter =
-        read_tensors(&dir.join("adapter_model.safetensors")).map_err(|e| bad(e.to_string()))?;
     let (state, meta) = read_tensors_with_meta(&dir.join(OPTIMIZER_FILE)).map_err(|_| {
         bad(format!(
-            "no {OPTIMIZER_FILE}: the run finished, or was killed before it could save (only Ctrl-C saves one)"
+            "no {OPTIMIZER_FILE}: the run finished, or ended before its first checkpoint"
         ))
     })?;
     let step: usize = meta
@@ -287,7 +317,7 @@ fn load_state(dir: &Path, params: &[(String, Var)]) -> Result<Resume> {
                 ))
             })
         };
-        let value = find(&adapter, &format!("base_model.model.{name}"))?;
+        let value = find(&state, &format!("p.{name}"))?;
         if value.shape() != var.as_tensor().shape() {
             return Err(bad(format!(
                 "`{name}` has shape {:?}, this run's has {:?}",
@@ -300,10 +330,6 @@ fn load_state(dir: &Path, params: &[(String, Var)]) -> Result<Resume> {
         v.push(find(&state, &format!("v.{name}"))?);
     }
     Ok(Resume { step, m, v })
-}
-
-fn read_tensors(path: &Path) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
-    Ok(read_tensors_with_meta(path)?.0)
 }
 
 /// The f32 tensors of a safetensors file and its metadata.
@@ -336,7 +362,10 @@ impl Trained {
         match &self.unfinished {
             Some(state) => {
                 let mut tensors = Vec::new();
-                for (i, (name, _)) in self.params.iter().enumerate() {
+                // The parameters too: this one file (renamed into place whole) is the
+                // checkpoint, so a kill while saving cannot pair moments with other weights.
+                for (i, (name, var)) in self.params.iter().enumerate() {
+                    tensors.push((format!("p.{name}"), var.as_tensor().clone()));
                     tensors.push((format!("m.{name}"), state.m[i].clone()));
                     tensors.push((format!("v.{name}"), state.v[i].clone()));
                 }
@@ -446,7 +475,7 @@ mod tests {
             epochs: 3,
             ..TrainConfig::default()
         };
-        trainer::train(&mut model, &vars, &examples, &config, None, |_| true).unwrap();
+        trainer::train(&mut model, &vars, &examples, &config, None, |_, _| Ok(true)).unwrap();
         let spec = AdapterSpec {
             r: 4,
             alpha: 8.0,
