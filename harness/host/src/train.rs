@@ -84,13 +84,9 @@ impl TrainPlan {
     }
 }
 
-/// Where a resumed run continues: its plan, and the last step its checkpoint holds.
-struct Resumed {
-    step: u64,
-}
-
-/// The plan of the stopped run in `dir`, from its train.toml.
-fn resume_plan(dir: &Path, args: &TrainArgs) -> Result<(TrainPlan, Resumed)> {
+/// The plan of the stopped run in `dir`, from its train.toml. Where its checkpoint stands is the
+/// backend's business: it reads its own checkpoint and reports steps from there on.
+fn resume_plan(dir: &Path, args: &TrainArgs) -> Result<TrainPlan> {
     let given = args.config.is_some()
         || args.task.is_some()
         || args.examples.is_some()
@@ -140,42 +136,10 @@ fn resume_plan(dir: &Path, args: &TrainArgs) -> Result<(TrainPlan, Resumed)> {
             dir.display()
         );
     }
-    let checkpoint = dir.join("optimizer.safetensors");
-    if !checkpoint.is_file() {
-        bail!(
-            "the run in {} saved no checkpoint before it ended (they are saved on Ctrl-C and every `save_every` steps); start it again",
-            dir.display()
-        );
-    }
-    let step = checkpoint_step(&checkpoint)?;
-    Ok((
-        TrainPlan {
-            out: dir.to_path_buf(),
-            ..plan
-        },
-        Resumed { step },
-    ))
-}
-
-/// The step a checkpoint holds: the `step` entry of its safetensors header's metadata.
-fn checkpoint_step(path: &Path) -> Result<u64> {
-    use std::io::Read;
-    let bad = || anyhow!("{} is not a readable checkpoint", path.display());
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|_| bad())?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return Err(bad());
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header).map_err(|_| bad())?;
-    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|_| bad())?;
-    header["__metadata__"]["step"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)
+    Ok(TrainPlan {
+        out: dir.to_path_buf(),
+        ..plan
+    })
 }
 
 fn plan(args: &TrainArgs) -> Result<TrainPlan> {
@@ -338,7 +302,10 @@ pub fn read_pairs(path: &Path) -> Result<Vec<TrainExample>> {
 struct Sink {
     bar: ProgressBar,
     steps: Arc<Mutex<Vec<TrainStep>>>,
-    csv: std::fs::File,
+    csv_path: PathBuf,
+    /// Open for appending once the first step is known (a resumed run first drops the rows the
+    /// checkpoint does not hold).
+    csv: Option<std::fs::File>,
     stop: Arc<AtomicBool>,
     start: Instant,
     tokens: u64,
@@ -348,11 +315,17 @@ impl ProgressSink for Sink {
     fn report(&mut self, step: TrainStep) -> bool {
         use std::io::Write;
         // A failed write must not stop training; the adapter matters more than the curve.
-        if let Err(e) = self
-            .csv
-            .write_all(curve_row(&step).as_bytes())
-            .and_then(|_| self.csv.flush())
-        {
+        if self.csv.is_none() {
+            match open_curve(&self.csv_path, step.step) {
+                Ok(f) => self.csv = Some(f),
+                Err(e) => self.bar.println(format!("warning: {e:#}")),
+            }
+        }
+        let written = self.csv.as_mut().map(|f| {
+            f.write_all(curve_row(&step).as_bytes())
+                .and_then(|_| f.flush())
+        });
+        if let Some(Err(e)) = written {
             self.bar
                 .println(format!("warning: cannot append to train.csv: {e}"));
         }
@@ -370,12 +343,10 @@ impl ProgressSink for Sink {
 }
 
 pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()> {
-    let (p, resumed) = match &args.resume {
-        Some(dir) => {
-            let (p, r) = resume_plan(dir, args)?;
-            (p, Some(r))
-        }
-        None => (plan(args)?, None),
+    let resumed = args.resume.is_some();
+    let p = match &args.resume {
+        Some(dir) => resume_plan(dir, args)?,
+        None => plan(args)?,
     };
     let mut task_record = None;
     let examples: Vec<TrainExample> = match &p.data {
@@ -419,23 +390,16 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
         "checkpoint_dir".into(),
         Value::String(p.out.display().to_string()),
     );
-    if resumed.is_some() {
+    if resumed {
         train_table.insert("resume".into(), Value::String(p.out.display().to_string()));
     }
     let train_opts = train_table.to_string();
-    match &resumed {
-        Some(r) => println!(
-            "resume training on {} examples after step {} -> {}",
-            examples.len(),
-            r.step,
-            p.out.display()
-        ),
-        None => println!(
-            "train on {} examples -> {}",
-            examples.len(),
-            p.out.display()
-        ),
-    }
+    println!(
+        "{} on {} examples -> {}",
+        if resumed { "resume training" } else { "train" },
+        examples.len(),
+        p.out.display()
+    );
     let mut backend: BackendBox = plugin_result(
         backend_entry,
         (backend_entry.lib.new_backend())(
@@ -484,11 +448,15 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
         &p.out.join("train.toml"),
         toml::to_string(&record)?.as_bytes(),
     )?;
-    let csv = open_curve(&p.out.join("train.csv"), resumed.as_ref().map(|r| r.step))?;
+    if !resumed {
+        // A fresh curve; a resumed run keeps its rows until the backend says where it stands.
+        write_atomic(&p.out.join("train.csv"), CURVE_HEADER.as_bytes())?;
+    }
     let sink = Sink {
         bar: bar.clone(),
         steps: steps.clone(),
-        csv,
+        csv_path: p.out.join("train.csv"),
+        csv: None,
         stop: stop.clone(),
         start: Instant::now(),
         tokens: 0,
@@ -564,14 +532,14 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
         "stopped_early".into(),
         Value::Boolean(summary.stopped_early),
     );
-    let last_step = curve
-        .last()
-        .map(|t| t.step)
-        .or(resumed.as_ref().map(|r| r.step))
-        .unwrap_or(0);
+    let first_step = curve.first().map_or(1, |t| t.step);
+    let last_step = curve.last().map_or(first_step - 1, |t| t.step);
     s.insert("last_step".into(), Value::Integer(last_step as i64));
-    if let Some(r) = &resumed {
-        s.insert("resumed_after_step".into(), Value::Integer(r.step as i64));
+    if resumed {
+        s.insert(
+            "resumed_after_step".into(),
+            Value::Integer(first_step as i64 - 1),
+        );
     }
     record.insert("summary".into(), Value::Table(s));
     write_atomic(
@@ -605,24 +573,18 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
 
 const CURVE_HEADER: &str = "step,epoch,loss,lr,grad_norm,tokens\n";
 
-/// Opens train.csv for appending: a fresh run starts it with the header; a resumed one keeps
-/// the rows up to the step its checkpoint holds.
-fn open_curve(path: &Path, resumed_after: Option<u64>) -> Result<std::fs::File> {
-    let kept = match resumed_after {
-        None => CURVE_HEADER.to_string(),
-        Some(step) => {
-            let old = std::fs::read_to_string(path).unwrap_or_default();
-            let mut kept = String::from(CURVE_HEADER);
-            for line in old.lines().skip(1) {
-                let n = line.split(',').next().and_then(|x| x.parse::<u64>().ok());
-                if n.is_some_and(|n| n <= step) {
-                    kept.push_str(line);
-                    kept.push('\n');
-                }
-            }
-            kept
+/// Opens train.csv for appending before step `first` is written: rows from `first` on (left by
+/// a run killed after its last checkpoint) are dropped, earlier ones kept.
+fn open_curve(path: &Path, first: u64) -> Result<std::fs::File> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let mut kept = String::from(CURVE_HEADER);
+    for line in old.lines().skip(1) {
+        let n = line.split(',').next().and_then(|x| x.parse::<u64>().ok());
+        if n.is_some_and(|n| n < first) {
+            kept.push_str(line);
+            kept.push('\n');
         }
-    };
+    }
     write_atomic(path, kept.as_bytes())?;
     std::fs::OpenOptions::new()
         .append(true)

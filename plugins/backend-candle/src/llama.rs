@@ -683,15 +683,7 @@ pub(crate) mod testing {
     use super::*;
 
     pub fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
-            })
-            .collect()
+        crate::lora::seeded_uniform(n, scale, seed)
     }
 
     /// A random 2-layer model: hidden 64, 4 heads over 2 key heads, vocab 50.

@@ -95,7 +95,7 @@ pub(crate) fn dropout_mask(n: usize, dropout: f32, seed: u64) -> Vec<f32> {
 }
 
 /// Uniform values in [-bound, bound) from a 64-bit LCG: reproducible across platforms and runs.
-fn seeded_uniform(n: usize, bound: f32, seed: u64) -> Vec<f32> {
+pub(crate) fn seeded_uniform(n: usize, bound: f32, seed: u64) -> Vec<f32> {
     let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
     (0..n)
         .map(|_| {

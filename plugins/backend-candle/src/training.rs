@@ -207,6 +207,13 @@ pub fn run(
     mut on_step: impl FnMut(&StepReport) -> bool,
 ) -> Result<Outcome> {
     let start = Instant::now();
+    let positions = engine.model_mut().config().max_position_embeddings;
+    if opts.optimizer.max_seq_len > positions {
+        return Err(BackendError::Options(format!(
+            "max_seq_len = {} is longer than the model's {positions} positions; lower it",
+            opts.optimizer.max_seq_len
+        )));
+    }
     keep_freed_memory();
     let mut tokenized = Vec::with_capacity(examples.len());
     for (i, ex) in examples.iter().enumerate() {
@@ -245,7 +252,7 @@ pub fn run(
         unfinished: None,
     });
     let mut stopped_early = false;
-    let snapshot = trained.as_ref().map(|t| (t.spec.clone(), t.params.clone()));
+    let adapter = trained.as_ref().expect("set above");
     let (reports, state) = trainer::train(
         model,
         &vars,
@@ -253,16 +260,10 @@ pub fn run(
         &opts.optimizer,
         resume,
         |r, opt| {
-            if let (Some(dir), Some((spec, params))) = (&opts.checkpoint_dir, &snapshot) {
+            if let Some(dir) = &opts.checkpoint_dir {
                 if opts.save_every > 0 && r.step % opts.save_every == 0 && r.step < r.total_steps {
                     // A checkpoint a killed run can resume from.
-                    let state = Some(opt.state(r.step));
-                    Trained {
-                        spec: spec.clone(),
-                        params: params.clone(),
-                        unfinished: state,
-                    }
-                    .save(dir)?;
+                    adapter.write(dir, Some(&opt.state(r.step)))?;
                 }
             }
             let go_on = on_step(r);
@@ -301,7 +302,7 @@ fn load_state(dir: &Path, params: &[(String, Var)]) -> Result<Resume> {
         |why: String| BackendError::Options(format!("cannot resume from {}: {why}", dir.display()));
     let (state, meta) = read_tensors_with_meta(&dir.join(OPTIMIZER_FILE)).map_err(|_| {
         bad(format!(
-            "no {OPTIMIZER_FILE}: the run finished, or ended before its first checkpoint"
+            "no {OPTIMIZER_FILE}: the run finished, or ended before its first checkpoint; start it again without --resume"
         ))
     })?;
     let step: usize = meta
@@ -357,9 +358,14 @@ impl Trained {
     /// Writes the adapter in PEFT layout; an unfinished run also writes its optimiser state
     /// (a finished one removes any left from before).
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.write(dir, self.unfinished.as_ref())
+    }
+
+    /// The adapter and, for an unfinished run, its checkpoint `unfinished`.
+    fn write(&self, dir: &Path, unfinished: Option<&Resume>) -> Result<()> {
         save_peft(dir, &self.spec, &self.params)?;
         let path = dir.join(OPTIMIZER_FILE);
-        match &self.unfinished {
+        match unfinished {
             Some(state) => {
                 let mut tensors = Vec::new();
                 // The parameters too: this one file (renamed into place whole) is the
