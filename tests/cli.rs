@@ -152,6 +152,34 @@ fn a_missing_model_is_one_clear_line() {
 }
 
 #[test]
+fn a_gpu_asked_of_the_cpu_build_says_how_to_get_one_and_leaves_no_run_folder() {
+    let dir = temp_dir("device");
+    write_tiny_model(&dir.join("model"), 1);
+    let eval = |device: &str, run: &str| {
+        let mut cmd = harness();
+        cmd.args(["eval", "--task", "addition", "--digits", "1", "--n", "1"])
+            .args(["--device", device, "--model"])
+            .arg(dir.join("model"))
+            .arg("--out")
+            .arg(dir.join(run));
+        cmd
+    };
+    let e = fails(&mut eval("cuda", "run"));
+    assert!(
+        e.contains("built without CUDA") && e.contains("scripts/build-cuda.sh"),
+        "{e}"
+    );
+    assert!(!dir.join("run").exists(), "a failed load left a run folder");
+    let e = fails(&mut eval("gpu", "run2"));
+    assert!(e.contains("`cpu`, `cuda` or `cuda:N`"), "{e}");
+    // The CPU, named, is the default.
+    let out = eval("cpu", "run3").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let record = std::fs::read_to_string(dir.join("run3/run.toml")).unwrap();
+    assert!(record.contains("device = \"cpu\""), "{record}");
+}
+
+#[test]
 fn a_corrupt_model_file_is_one_clear_line() {
     let dir = temp_dir("corrupt-model");
     let model = dir.join("broken.gguf");

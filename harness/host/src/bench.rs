@@ -53,8 +53,9 @@ pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
         );
     }
     let opts = format!(
-        "model = {:?}\nbase = \"nf4-packed\"",
-        model.display().to_string()
+        "model = {:?}\nbase = \"nf4-packed\"\ndevice = {:?}",
+        model.display().to_string(),
+        args.device.as_deref().unwrap_or("cpu")
     );
     let mut backend: BackendBox = plugin_result(
         entry,

@@ -92,6 +92,11 @@ pub struct EvalArgs {
     #[arg(long, value_name = "nf4|f32")]
     pub base: Option<String>,
 
+    /// Where the model runs: `cpu` (default) or `cuda`/`cuda:N` (a backend built with the
+    /// `cuda` feature; see the README).
+    #[arg(long, value_name = "cpu|cuda[:N]")]
+    pub device: Option<String>,
+
     /// addition: digit counts k, as `5`, `1-7` or `1,3,12` (default 1-12).
     #[arg(long, value_name = "SPEC")]
     pub digits: Option<String>,
@@ -148,7 +153,7 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// TOML file with any of: task, examples, data, model, out, backend, [task_options], [train].
+    /// TOML file with any of: task, examples, data, model, out, backend, device, [task_options], [train].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -176,6 +181,11 @@ pub struct TrainArgs {
     /// The model backend.
     #[arg(long, value_name = "NAME")]
     pub backend: Option<String>,
+
+    /// Where the model runs: `cpu` (default) or `cuda`/`cuda:N` (a backend built with the
+    /// `cuda` feature; see the README).
+    #[arg(long, value_name = "cpu|cuda[:N]")]
+    pub device: Option<String>,
 
     /// addition: digit counts k of the training problems, as `1-7`.
     #[arg(long, value_name = "SPEC")]
@@ -248,4 +258,7 @@ pub struct BenchTrainArgs {
     /// Optimiser steps to time (after one warm-up step).
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub steps: u64,
+    /// Where the model runs: `cpu` (default) or `cuda`/`cuda:N`.
+    #[arg(long, value_name = "cpu|cuda[:N]")]
+    pub device: Option<String>,
 }

@@ -97,8 +97,6 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
     }
     let index = check_ids(&instances)?;
 
-    std::fs::create_dir_all(&plan.run_dir)
-        .with_context(|| format!("cannot create run folder {}", plan.run_dir.display()))?;
     let done = run_dir::read_samples(&plan.run_dir)?;
     for id in done.keys() {
         if !index.contains_key(id.as_str()) {
@@ -129,6 +127,9 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
             ),
         )?;
         let info = backend.info();
+        // Made once the model is loaded, so a model that fails to load leaves no empty folder.
+        std::fs::create_dir_all(&plan.run_dir)
+            .with_context(|| format!("cannot create run folder {}", plan.run_dir.display()))?;
         println!(
             "model {} ({} parameters, {}) loaded in {:.1} s",
             info.name,

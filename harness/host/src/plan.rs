@@ -101,6 +101,9 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
             Value::String(adapter.display().to_string()),
         );
     }
+    if let Some(device) = &args.device {
+        b.insert("device".into(), Value::String(device.clone()));
+    }
     if let Some(base) = &args.base {
         b.insert("base".into(), Value::String(base.clone()));
     }
@@ -146,6 +149,7 @@ fn resume(args: &EvalArgs, dir: &std::path::Path) -> Result<EvalPlan> {
         ("--model", args.model.is_some()),
         ("--adapter", args.adapter.is_some()),
         ("--base", args.base.is_some()),
+        ("--device", args.device.is_some()),
         ("--digits", args.digits.is_some()),
         ("--n", args.n.is_some()),
         ("--shots", args.shots.is_some()),

@@ -34,6 +34,7 @@ struct TrainPlan {
     out: PathBuf,
     model: Option<PathBuf>,
     backend: String,
+    device: Option<String>,
     train: Table,
 }
 
@@ -57,6 +58,7 @@ impl TrainPlan {
         put("out", Some(Value::String(self.out.display().to_string())));
         put("model", path(&self.model));
         put("backend", Some(Value::String(self.backend.clone())));
+        put("device", self.device.clone().map(Value::String));
         put("train", Some(Value::Table(self.train.clone())));
         t
     }
@@ -79,6 +81,7 @@ impl TrainPlan {
             out: string("out").map(PathBuf::from).ok_or_else(|| bad("out"))?,
             model: string("model").map(PathBuf::from),
             backend: string("backend").ok_or_else(|| bad("backend"))?,
+            device: string("device"),
             train: table("train")?,
         })
     }
@@ -94,6 +97,7 @@ fn resume_plan(dir: &Path, args: &TrainArgs) -> Result<TrainPlan> {
         || args.out.is_some()
         || args.model.is_some()
         || args.backend.is_some()
+        || args.device.is_some()
         || args.digits.is_some()
         || args.seed.is_some()
         || !args.options.is_empty()
@@ -150,13 +154,14 @@ fn plan(args: &TrainArgs) -> Result<TrainPlan> {
         file = text
             .parse::<Table>()
             .map_err(|e| anyhow!("{} is not valid TOML: {}", path.display(), e.message()))?;
-        const KEYS: [&str; 8] = [
+        const KEYS: [&str; 9] = [
             "task",
             "examples",
             "data",
             "model",
             "out",
             "backend",
+            "device",
             "task_options",
             "train",
         ];
@@ -252,6 +257,7 @@ fn plan(args: &TrainArgs) -> Result<TrainPlan> {
             .clone()
             .or(text("backend")?)
             .unwrap_or_else(|| "candle".into()),
+        device: args.device.clone().or(text("device")?),
         train,
     };
     if p.task.is_none() && p.data.is_none() {
@@ -380,6 +386,9 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
     backend_opts.insert("model".into(), Value::String(model.display().to_string()));
     // The QLoRA base: projections packed to NF4 as they are read, never all in f32 at once.
     backend_opts.insert("base".into(), Value::String("nf4-packed".into()));
+    if let Some(device) = &p.device {
+        backend_opts.insert("device".into(), Value::String(device.clone()));
+    }
     if let Some(dq) = p.train.get("double_quant") {
         backend_opts.insert("double_quant".into(), dq.clone());
     }

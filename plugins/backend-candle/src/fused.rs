@@ -20,6 +20,7 @@ use crate::amx;
 use crate::lora::dropout_mask;
 use crate::matmul::{matmul, matmul_serial, View};
 use crate::nf4::Nf4Matrix;
+use crate::portable::Nf4Tensors;
 
 type R<T> = candle_core::Result<T>;
 
@@ -54,6 +55,8 @@ pub enum Frozen {
     Dense(Tensor),
     /// NF4, dequantized one tile of rows at a time (no full-precision copy is ever made).
     Nf4(Arc<Nf4Matrix>),
+    /// NF4 as tensors on any device, for the portable path (tensor ops, not the ops here).
+    Nf4Tensors(Arc<Nf4Tensors>),
 }
 
 impl Frozen {
@@ -62,6 +65,17 @@ impl Frozen {
         match self {
             Frozen::Dense(w) => w.dims2(),
             Frozen::Nf4(q) => Ok((q.rows, q.cols)),
+            Frozen::Nf4Tensors(q) => Ok(q.dims()),
+        }
+    }
+
+    /// The whole weight (out, in) as one tensor, for the portable path: an NF4 weight is
+    /// dequantized for the length of one product.
+    pub fn weight(&self) -> R<Tensor> {
+        match self {
+            Frozen::Dense(w) => Ok(w.clone()),
+            Frozen::Nf4(q) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), &Device::Cpu),
+            Frozen::Nf4Tensors(q) => q.dequantize(),
         }
     }
 
@@ -85,6 +99,11 @@ impl Frozen {
                     q.dequantize_rows(first, tile);
                     f(first, rows, tile);
                 }
+            }
+            Frozen::Nf4Tensors(_) => {
+                candle_core::bail!(
+                    "NF4 tensors are multiplied by the portable path, not the fused CPU ops"
+                )
             }
         }
         Ok(())

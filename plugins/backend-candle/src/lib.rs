@@ -18,6 +18,7 @@ pub mod llama;
 pub mod lora;
 pub mod matmul;
 pub mod nf4;
+pub mod portable;
 pub mod trainer;
 pub mod training;
 pub mod weights;
@@ -63,6 +64,57 @@ pub struct Config {
     pub double_quant: bool,
     /// Requests decoded together.
     pub max_batch: usize,
+    /// Where the model runs.
+    pub device: DeviceSpec,
+}
+
+/// The device a model runs on, as the `device` option names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    /// A CUDA GPU by ordinal (`cuda` is `cuda:0`); needs the `cuda` feature.
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    fn parse(text: &str) -> Result<Self> {
+        let ordinal = match text {
+            "cpu" => return Ok(DeviceSpec::Cpu),
+            "cuda" => Some(0),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok()),
+        };
+        ordinal.map(DeviceSpec::Cuda).ok_or_else(|| {
+            BackendError::Options(format!(
+                "device `{text}` is not `cpu`, `cuda` or `cuda:N` (N the GPU's ordinal)"
+            ))
+        })
+    }
+
+    fn name(self) -> String {
+        match self {
+            DeviceSpec::Cpu => "cpu".into(),
+            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
+
+    /// Opens the device: a clear error where this build has no CUDA or the GPU cannot be used.
+    fn open(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            #[cfg(feature = "cuda")]
+            DeviceSpec::Cuda(n) => Device::new_cuda(n).map_err(|e| {
+                BackendError::Options(format!(
+                    "cannot open CUDA device {n}: {e}; check the GPU and its driver with nvidia-smi, or run on the CPU"
+                ))
+            }),
+            #[cfg(not(feature = "cuda"))]
+            DeviceSpec::Cuda(_) => Err(BackendError::Options(
+                "this candle backend was built without CUDA; build one with scripts/build-cuda.sh (or `cargo build --release -p backend-candle --features cuda` where the CUDA toolkit is installed) and load it with --plugin-dir, or run on the CPU".into(),
+            )),
+        }
+    }
 }
 
 /// How the base's projection weights are held.
@@ -105,18 +157,10 @@ impl Config {
                 "`max_batch` must be at least 1".into(),
             ));
         }
-        match o
-            .string("device")
-            .map_err(BackendError::Options)?
-            .as_deref()
-        {
-            None | Some("cpu") => {}
-            Some(other) => {
-                return Err(BackendError::Options(format!(
-                    "device `{other}` is not available in this build; use `cpu`"
-                )))
-            }
-        }
+        let device = match o.string("device").map_err(BackendError::Options)? {
+            None => DeviceSpec::Cpu,
+            Some(text) => DeviceSpec::parse(&text)?,
+        };
         let adapter = o
             .string("adapter")
             .map_err(BackendError::Options)?
@@ -148,6 +192,7 @@ impl Config {
             base,
             double_quant,
             max_batch,
+            device,
         })
     }
 }
@@ -162,14 +207,15 @@ pub struct CandleBackend {
 
 impl CandleBackend {
     pub fn load(config: &Config) -> Result<Self> {
-        let device = Device::Cpu;
+        let device = config.device.open()?;
         let pack = (config.base == BaseKind::Nf4Packed).then_some(config.double_quant);
-        let mut ckpt = checkpoint::load(&config.model, &device, pack)?;
+        // Read, quantized and merged on the CPU; the model moves each weight to the device.
+        let mut ckpt = checkpoint::load(&config.model, &Device::Cpu, pack)?;
         if config.base == BaseKind::Nf4 {
             ckpt.weights.round_projections_to_nf4(config.double_quant)?;
         }
         if let Some(dir) = &config.adapter {
-            adapter::LoraAdapter::load(dir, &device)?.merge_into(&mut ckpt.weights)?;
+            adapter::LoraAdapter::load(dir, &Device::Cpu)?.merge_into(&mut ckpt.weights)?;
         }
         let model = llama::Llama::new(ckpt.config.clone(), &mut ckpt.weights, &device)?;
         let info = ModelInfo {
@@ -177,9 +223,9 @@ impl CandleBackend {
             path: config.model.display().to_string().into(),
             architecture: ckpt.architecture.clone().into(),
             parameters: ckpt.parameters,
-            device: "cpu".into(),
+            device: config.device.name().into(),
             resolved_options: format!(
-                "model = {:?}\n{}base = \"{}\"\nmax_batch = {}\ndevice = \"cpu\"\n",
+                "model = {:?}\n{}base = \"{}\"\nmax_batch = {}\ndevice = \"{}\"\n",
                 config.model.display().to_string(),
                 config
                     .adapter
@@ -187,7 +233,8 @@ impl CandleBackend {
                     .map(|a| format!("adapter = {:?}\n", a.display().to_string()))
                     .unwrap_or_default(),
                 config.base.name(),
-                config.max_batch
+                config.max_batch,
+                config.device.name()
             )
             .into(),
         };
@@ -347,7 +394,7 @@ extern "C" fn manifest() -> RVec<PluginInfo> {
         kind: PluginKind::Backend,
         name: NAME.into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        description: "LLaMA-family models (GGUF or HF safetensors) on candle, CPU (options: model, adapter, base, max_batch, device)".into(),
+        description: "LLaMA-family models (GGUF or HF safetensors) on candle, CPU or CUDA (options: model, adapter, base, double_quant, max_batch, device)".into(),
     }])
 }
 
@@ -405,5 +452,19 @@ mod tests {
         assert!(e.contains("`nf4`, `f32` or `nf4-packed`"), "{e}");
         let c = Config::from_toml("base = \"nf4\"\ndouble_quant = false").unwrap();
         assert!(!c.double_quant);
+    }
+
+    #[test]
+    fn devices_parse_and_cuda_without_the_feature_says_how_to_build_it() {
+        let device = |text: &str| Config::from_toml(text).map(|c| c.device);
+        assert_eq!(device("").unwrap(), DeviceSpec::Cpu);
+        assert_eq!(device("device = \"cuda\"").unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!(device("device = \"cuda:3\"").unwrap(), DeviceSpec::Cuda(3));
+        let e = device("device = \"gpu\"").unwrap_err().to_string();
+        assert!(e.contains("`cpu`, `cuda` or `cuda:N`"), "{e}");
+        if !cfg!(feature = "cuda") {
+            let e = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+            assert!(e.contains("scripts/build-cuda.sh"), "{e}");
+        }
     }
 }

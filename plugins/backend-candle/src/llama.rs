@@ -14,6 +14,7 @@ use crate::error::{BackendError, Result};
 use crate::fused::{CausalAttention, Frozen, FrozenLinear, LoraLinear, RopeTable};
 use crate::lora::Lora;
 use crate::nf4::Nf4Matrix;
+use crate::portable::Nf4Tensors;
 use crate::weights::{Projection, Weights};
 
 /// Hyper-parameters of a LLaMA-family model.
@@ -44,6 +45,9 @@ struct Mode {
     train: bool,
     /// Training's frozen products in bf16 (AMX).
     bf16: bool,
+    /// Candle tensor ops only (see `portable`): always off the CPU, where the fused ops
+    /// cannot run; on the CPU, the fused ops' cross-check.
+    portable: bool,
 }
 
 /// A linear layer: a frozen base weight (f32, or NF4 for the QLoRA base) and maybe an adapter.
@@ -66,6 +70,16 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode, seed: u64) -> candle_core::Result<Tensor> {
+        if mode.portable {
+            // Tensor ops on any device; an NF4 weight is dequantized for this product only.
+            let (b, t, i) = x.dims3()?;
+            let x = x.reshape((b * t, i))?;
+            let mut y = x.matmul(&self.base.weight()?.t()?)?;
+            if let Some(lora) = &self.lora {
+                y = (y + lora.forward(&x, mode.train, seed)?)?;
+            }
+            return y.reshape((b, t, ()));
+        }
         if let (true, Some(lora)) = (mode.train, &self.lora) {
             // Training: base and adapter as one op that keeps only x for the backward pass.
             let op = LoraLinear {
@@ -111,9 +125,11 @@ struct RmsNorm {
 
 impl RmsNorm {
     /// candle's fused RMSNorm has no backward pass: when a gradient must flow through `x`
-    /// (training LoRA), ours is used instead.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.track_op() {
+    /// (training LoRA), ours is used instead, or on the portable path the composed one.
+    fn forward(&self, x: &Tensor, portable: bool) -> candle_core::Result<Tensor> {
+        if x.track_op() && portable {
+            crate::portable::rms_norm(x, &self.weight, self.eps)
+        } else if x.track_op() {
             let op = crate::fused::RmsNorm {
                 weight: self.weight.clone(),
                 eps: self.eps as f32,
@@ -245,11 +261,12 @@ pub const TARGETS: [&str; 7] = [
 ];
 
 impl Llama {
-    /// Builds the model from weights in HF names (`model.layers.0.self_attn.q_proj.weight`, ...).
+    /// Builds the model from weights in HF names (`model.layers.0.self_attn.q_proj.weight`, ...),
+    /// moving each to `device` as it is taken (packed NF4 weights stay packed there).
     pub fn new(config: Config, weights: &mut Weights, device: &Device) -> Result<Self> {
         let linear = |w: &mut Weights, name: String| -> Result<Linear> {
             Ok(match w.take_projection(&name)? {
-                Projection::F32(t) => Linear::dense(t.contiguous()?),
+                Projection::F32(t) => Linear::dense(t.to_device(device)?.contiguous()?),
                 Projection::Nf4(weight) => Linear {
                     base: Frozen::Nf4(weight),
                     lora: None,
@@ -258,11 +275,13 @@ impl Llama {
         };
         let norm = |w: &mut Weights, name: String| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: w.take(&name)?,
+                weight: w.take(&name)?.to_device(device)?,
                 eps: config.rms_norm_eps,
             })
         };
-        let embed = weights.take("model.embed_tokens.weight")?;
+        let embed = weights
+            .take("model.embed_tokens.weight")?
+            .to_device(device)?;
         let mut blocks = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
@@ -284,7 +303,7 @@ impl Llama {
         }
         let norm_w = norm(weights, "model.norm.weight".into())?;
         let lm_head = match weights.try_take("lm_head.weight") {
-            Some(w) if !config.tie_word_embeddings => w,
+            Some(w) if !config.tie_word_embeddings => w.to_device(device)?,
             _ => embed.clone(),
         };
         let (rows, cols) = embed.dims2()?;
@@ -295,7 +314,7 @@ impl Llama {
             )));
         }
         let (cos, sin) = rope_tables(&config, device)?;
-        Ok(Llama {
+        let mut model = Llama {
             config,
             embed,
             blocks,
@@ -305,7 +324,38 @@ impl Llama {
             sin,
             device: device.clone(),
             mode: Mode::default(),
-        })
+        };
+        if !device.is_cpu() {
+            model.use_portable_ops()?;
+        }
+        Ok(model)
+    }
+
+    /// Runs every product through the portable path of candle tensor ops, as every device but
+    /// the CPU must: NF4 weights move to the device still packed. On the CPU this is the
+    /// cross-check of the fused ops (the tests compare the two).
+    pub fn use_portable_ops(&mut self) -> Result<()> {
+        self.mode.portable = true;
+        self.upload_nf4()
+    }
+
+    /// Whether products run through the portable path (see [`Llama::use_portable_ops`]).
+    pub fn is_portable(&self) -> bool {
+        self.mode.portable
+    }
+
+    /// On the portable path, puts packed NF4 weights on the device as tensors.
+    fn upload_nf4(&mut self) -> Result<()> {
+        if !self.mode.portable {
+            return Ok(());
+        }
+        let device = self.device.clone();
+        for (_, _, lin) in self.linears_mut() {
+            if let Frozen::Nf4(q) = &lin.base {
+                lin.base = Frozen::Nf4Tensors(Arc::new(Nf4Tensors::new(q, &device)?));
+            }
+        }
+        Ok(())
     }
 
     fn linears_mut(&mut self) -> impl Iterator<Item = (usize, &'static str, &mut Linear)> {
@@ -334,7 +384,7 @@ impl Llama {
                 lin.base = Frozen::Nf4(Arc::new(q));
             }
         }
-        Ok(())
+        self.upload_nf4()
     }
 
     /// Adds fresh LoRA adapters to the projections named in `targets` and returns their
@@ -458,7 +508,11 @@ impl Llama {
         let cos = self.cos.index_select(&pos, 0)?.reshape((b, 1, t, half))?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, 1, t, half))?;
         let mask = self.mask(b, t, past, key_valid)?;
-        let from_zero = if past == 0 && key_valid.is_none() && positions.iter().all(|&p| p == 0) {
+        let from_zero = if !self.mode.portable
+            && past == 0
+            && key_valid.is_none()
+            && positions.iter().all(|&p| p == 0)
+        {
             let table = |x: &Tensor| -> Result<RopeTable> {
                 Ok(Arc::new(
                     x.narrow(0, 0, t)?.flatten_all()?.to_vec1::<f32>()?,
@@ -490,21 +544,22 @@ impl Llama {
         dropout_seed: u64,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let block = &self.blocks[l];
-        let h = block.input_norm.forward(x)?;
+        let portable = self.mode.portable;
+        let h = block.input_norm.forward(x, portable)?;
         let seed = dropout_seed
             .wrapping_mul(0x9e37_79b9)
             .wrapping_add(l as u64 * 16);
         let (h, kv) = self.attention(&block.attn, &h, pass, past_kv, seed)?;
         let x1 = (x + h)?;
-        let h = block.post_norm.forward(&x1)?;
+        let h = block.post_norm.forward(&x1, portable)?;
         let m = &block.mlp;
         let mode = self.mode;
         let gate = m.gate.forward(&h, mode, seed + 4)?;
         let up = m.up.forward(&h, mode, seed + 5)?;
-        let g = if gate.track_op() || up.track_op() {
+        let g = if (gate.track_op() || up.track_op()) && !portable {
             crate::fused::SwiGlu::forward(&gate, &up)?
         } else {
-            (candle_nn::ops::silu(&gate)? * up)?
+            crate::portable::swiglu(&gate, &up)?
         };
         let h = m.down.forward(&g, mode, seed + 6)?;
         Ok(((x1 + h)?, kv))
@@ -512,7 +567,7 @@ impl Llama {
 
     /// The final normalisation of the hidden states.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.norm.forward(x)?)
+        Ok(self.norm.forward(x, self.mode.portable)?)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -526,6 +581,9 @@ impl Llama {
 
     /// Logits (N, vocab) of hidden states (N, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if self.mode.portable {
+            return Ok(hidden.matmul(&self.lm_head.t()?)?);
+        }
         Ok(matmul_t(hidden, &self.lm_head)?)
     }
 
@@ -574,7 +632,9 @@ impl Llama {
             self.config.head_dim(),
         );
         let mode = self.mode;
-        if let (true, None, Some((cos, sin))) = (mode.train, past, &pass.from_zero) {
+        if let (true, false, None, Some((cos, sin))) =
+            (mode.train, mode.portable, past, &pass.from_zero)
+        {
             // Training: rotary embedding and causal attention as one op on the projections.
             let op = CausalAttention {
                 heads: nh,
@@ -824,6 +884,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_portable_path_computes_the_logits_of_the_fused_one() {
+        // Packed NF4 as the fused path multiplies it, and as tensors dequantized by tensor ops.
+        let mut fused = tiny();
+        fused.quantize_nf4(true).unwrap();
+        let mut portable = tiny();
+        portable.use_portable_ops().unwrap();
+        portable.quantize_nf4(true).unwrap();
+        assert!(portable.is_portable() && !fused.is_portable());
+        let ids = [5u32, 9, 14, 2, 33, 7];
+        let a = loss(&fused, &ids).to_scalar::<f32>().unwrap();
+        let b = loss(&portable, &ids).to_scalar::<f32>().unwrap();
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
 
     #[test]

@@ -244,6 +244,16 @@ impl Nf4Matrix {
         out
     }
 
+    /// The level indices, two per byte (the first value in the high nibble).
+    pub fn packed(&self) -> &[u8] {
+        &self.packed
+    }
+
+    /// The per-block maxima.
+    pub fn absmax(&self) -> &Absmax {
+        &self.absmax
+    }
+
     /// Storage cost per parameter, in bits.
     pub fn bits_per_parameter(&self) -> f64 {
         (self.packed.len() * 8 + self.absmax.bits()) as f64 / (self.rows * self.cols) as f64

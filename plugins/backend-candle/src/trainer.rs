@@ -5,7 +5,7 @@
 //! Everything is seeded: the order of examples per epoch and the LoRA initialisation, so the same
 //! inputs give the same adapter.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use crate::error::{BackendError, Result};
 use crate::fused::CrossEntropy;
@@ -349,7 +349,13 @@ fn head_loss(model: &Llama, hidden: &Tensor, at: &[u32], targets: &[u32]) -> Res
     let (b, t, h) = hidden.dims3()?;
     let picked = hidden
         .reshape((b * t, h))?
-        .index_select(&Tensor::new(at, &Device::Cpu)?, 0)?;
+        .index_select(&Tensor::new(at, hidden.device())?, 0)?;
+    if model.is_portable() {
+        return Ok(crate::portable::cross_entropy(
+            &model.logits(&picked)?,
+            targets,
+        )?);
+    }
     let op = CrossEntropy::new(model.output_projection(), targets.to_vec());
     Ok(op.forward(&picked)?)
 }
@@ -464,6 +470,7 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn schedules_warm_up_then_follow_their_shape() {
@@ -535,7 +542,7 @@ mod tests {
 
     /// The loss and gradients of `rows` on the tiny NF4 model with random (non-zero) adapters.
     fn tiny_gradients(training: bool, dropout: f32, checkpoint: bool) -> (f64, Vec<Vec<f32>>) {
-        tiny_gradients_in(training, dropout, checkpoint, false)
+        tiny_gradients_in(training, dropout, checkpoint, false, false)
     }
 
     fn tiny_gradients_in(
@@ -543,8 +550,12 @@ mod tests {
         dropout: f32,
         checkpoint: bool,
         bf16: bool,
+        portable: bool,
     ) -> (f64, Vec<Vec<f32>>) {
         let mut model = crate::llama::testing::tiny_model();
+        if portable {
+            model.use_portable_ops().unwrap();
+        }
         model.quantize_nf4(false).unwrap();
         let named = model
             .add_lora(&crate::llama::TARGETS, 4, 8.0, dropout, 2)
@@ -592,8 +603,8 @@ mod tests {
     fn bf16_products_give_gradients_close_to_f32() {
         // On a CPU with AMX the frozen products run in bf16: 8 bits of mantissa per operand.
         // Elsewhere both runs are f32 and equal.
-        let (f32_loss, f32_grads) = tiny_gradients_in(true, 0.0, false, false);
-        let (bf_loss, bf_grads) = tiny_gradients_in(true, 0.0, false, true);
+        let (f32_loss, f32_grads) = tiny_gradients_in(true, 0.0, false, false, false);
+        let (bf_loss, bf_grads) = tiny_gradients_in(true, 0.0, false, true, false);
         assert!(
             (f32_loss - bf_loss).abs() < 2e-2 * f32_loss.abs(),
             "{f32_loss} vs {bf_loss}"
@@ -617,6 +628,18 @@ mod tests {
             &tiny_gradients(true, 0.0, false),
             &tiny_gradients(false, 0.0, false),
         );
+    }
+
+    #[test]
+    fn the_portable_path_gives_the_gradients_of_the_fused_ops() {
+        // What runs on CUDA, checked on the CPU: NF4 dequantized by tensor ops and composed
+        // attention, norms and loss, with the same dropout masks; whole graph and checkpointed.
+        for checkpoint in [false, true] {
+            assert_same(
+                &tiny_gradients_in(true, 0.2, checkpoint, false, true),
+                &tiny_gradients_in(true, 0.2, checkpoint, false, false),
+            );
+        }
     }
 
     #[test]

@@ -326,9 +326,10 @@ fn load_state(dir: &Path, params: &[(String, Var)]) -> Result<Resume> {
                 var.as_tensor().dims()
             )));
         }
-        var.set(&value)?;
-        m.push(find(&state, &format!("m.{name}"))?);
-        v.push(find(&state, &format!("v.{name}"))?);
+        let device = var.as_tensor().device();
+        var.set(&value.to_device(device)?)?;
+        m.push(find(&state, &format!("m.{name}"))?.to_device(device)?);
+        v.push(find(&state, &format!("v.{name}"))?.to_device(device)?);
     }
     Ok(Resume { step, m, v })
 }
