@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the candle backend plugin with CUDA (the `cuda` feature) into target/cuda/release/.
+# Builds harness with the candle backend's CUDA support (its `cuda` feature) into target/cuda/release/:
+# the binary and every plugin, the backend able to run on the CPU or a GPU.
 #
 #   scripts/build-cuda.sh [COMPUTE_CAP]      # e.g. 90 for H100/H200, 80 for A100 (default 90)
 #
@@ -8,10 +9,10 @@
 # enough to compile candle's kernels on a machine with no GPU and no toolkit. It must be 13.0 to
 # 13.4 (what cudarc accepts), and the GPU's driver must be at least as new as the toolkit.
 #
-# Then run with the plugin folder first, e.g.
-#   harness eval --plugin-dir target/cuda/release --device cuda --task addition
-# The GPU machine needs the CUDA driver plus libcublas, libcurand and libnvrtc of CUDA 13 where
-# the dynamic loader finds them (LD_LIBRARY_PATH); see README.md.
+# Then, e.g.
+#   target/cuda/release/harness eval --device cuda --task addition
+# The GPU machine needs the CUDA driver plus CUDA 13's libcudart, libcublas and libcurand where the
+# dynamic loader finds them (LD_LIBRARY_PATH); see README.md.
 set -euo pipefail
 
 cap=${1:-${CUDA_COMPUTE_CAP:-90}}
@@ -20,7 +21,7 @@ cd "$root"
 
 if command -v nvcc >/dev/null 2>&1; then
     echo "using the system CUDA toolkit: $(command -v nvcc)"
-    CUDA_COMPUTE_CAP=$cap cargo build --release -p backend-candle --features cuda --target-dir target/cuda
+    CUDA_COMPUTE_CAP=$cap cargo build --release --workspace --features backend-candle/cuda --target-dir target/cuda
     exit 0
 fi
 
@@ -49,5 +50,5 @@ fi
 
 PATH=$cuda/bin:$PATH CUDA_ROOT=$cuda CUDA_PATH=$cuda CUDA_COMPUTE_CAP=$cap \
     LIBRARY_PATH=$cuda/lib${LIBRARY_PATH:+:$LIBRARY_PATH} \
-    cargo build --release -p backend-candle --features cuda --target-dir target/cuda
-echo "built target/cuda/release/libbackend_candle.so (compute capability $cap)"
+    cargo build --release --workspace --features backend-candle/cuda --target-dir target/cuda
+echo "built target/cuda/release/harness and its plugins (CUDA compute capability $cap)"

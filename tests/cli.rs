@@ -174,7 +174,11 @@ fn a_gpu_asked_of_the_cpu_build_says_how_to_get_one_and_leaves_no_run_folder() {
     assert!(e.contains("`cpu`, `cuda` or `cuda:N`"), "{e}");
     // The CPU, named, is the default.
     let out = eval("cpu", "run3").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let record = std::fs::read_to_string(dir.join("run3/run.toml")).unwrap();
     assert!(record.contains("device = \"cpu\""), "{record}");
 }

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::amx;
 use crate::lora::dropout_mask;
 use crate::matmul::{matmul, matmul_serial, View};
 use crate::nf4::Nf4Matrix;
@@ -109,15 +108,17 @@ impl Frozen {
         Ok(())
     }
 
-    /// `y` (m, out) = `x` (m, in) · Wᵀ; with `bf16`, on AMX tiles where the CPU has them.
+    /// `y` (m, out) = `x` (m, in) · Wᵀ; with `bf16`, in bf16 where the CPU has a kernel for it
+    /// (see [`crate::bf16`]).
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32], bf16: bool) -> R<()> {
+        use crate::bf16::{fits, matmul as bf16_matmul, PackedA, PackedB};
         let (out, inp) = self.dims()?;
         let xv = View::rows(x, m, inp);
-        let packed = (bf16 && amx::available()).then(|| amx::PackedA::new(xv));
+        let packed = (bf16 && crate::bf16::available()).then(|| PackedA::new(xv));
         self.tiles(|first, rows, w| match &packed {
-            Some(a) if amx::fits(inp, rows) => {
-                let b = amx::PackedB::transposed(w, rows, inp);
-                amx::matmul(&mut y[first..], out, a, &b, false);
+            Some(a) if fits(inp, rows) => {
+                let b = PackedB::transposed(w, rows, inp);
+                bf16_matmul(&mut y[first..], out, a, &b, false);
             }
             _ => {
                 let w = View::rows(w, rows, inp).t();
@@ -126,15 +127,16 @@ impl Frozen {
         })
     }
 
-    /// `dx` (m, in) += `dy` (m, out) · W; with `bf16`, on AMX tiles where the CPU has them.
+    /// `dx` (m, in) += `dy` (m, out) · W; with `bf16`, in bf16 where the CPU has a kernel.
     pub fn backward(&self, dy: &[f32], m: usize, dx: &mut [f32], bf16: bool) -> R<()> {
+        use crate::bf16::{fits, matmul as bf16_matmul, PackedA, PackedB};
         let (out, inp) = self.dims()?;
-        let amx = bf16 && amx::available();
+        let low = bf16 && crate::bf16::available();
         self.tiles(|first, rows, w| {
             let dy = View::rows(dy, m, out).cols_range(first, rows);
-            if amx && amx::fits(rows, inp) {
-                let a = amx::PackedA::new(dy);
-                amx::matmul(dx, inp, &a, &amx::PackedB::rows(w, rows, inp), true);
+            if low && fits(rows, inp) {
+                let a = PackedA::new(dy);
+                bf16_matmul(dx, inp, &a, &PackedB::rows(w, rows, inp), true);
             } else {
                 matmul(dx, inp, dy, View::rows(w, rows, inp), 1.0, true);
             }
@@ -207,7 +209,7 @@ pub struct LoraLinear {
     /// Dropout probability; 0 outside training.
     pub dropout: f32,
     pub seed: u64,
-    /// The frozen product in bf16 on AMX tiles (where the CPU has them); the adapter stays f32.
+    /// The frozen product in bf16 (where the CPU has a bf16 kernel); the adapter stays f32.
     pub bf16: bool,
 }
 

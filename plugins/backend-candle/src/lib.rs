@@ -7,7 +7,7 @@
 //! which is what the reference logits in `shared/fixtures/` were computed with.
 
 pub mod adapter;
-pub mod amx;
+pub mod bf16;
 pub mod checkpoint;
 pub mod engine;
 pub mod error;
@@ -111,7 +111,7 @@ impl DeviceSpec {
             }),
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => Err(BackendError::Options(
-                "this candle backend was built without CUDA; build one with scripts/build-cuda.sh (or `cargo build --release -p backend-candle --features cuda` where the CUDA toolkit is installed) and load it with --plugin-dir, or run on the CPU".into(),
+                "this candle backend was built without CUDA; build harness with it by scripts/build-cuda.sh and run target/cuda/release/harness, or run on the CPU".into(),
             )),
         }
     }

@@ -54,8 +54,8 @@ pub struct TrainOptions {
     /// steps, so that a killed run loses at most that many steps.
     pub checkpoint_dir: Option<std::path::PathBuf>,
     pub save_every: usize,
-    /// Products with the frozen base in bf16 on AMX tiles (`compute = "bf16"`, the default,
-    /// used where the CPU has AMX) or in f32 (`"f32"`). Adapters and optimiser are f32 always.
+    /// Products with the frozen base in bf16 (`compute = "bf16"`, the default, used where the
+    /// CPU has AMX or AVX512-BF16; see `crate::bf16`) or in f32 (`"f32"`). Adapters and optimiser are f32 always.
     pub bf16: bool,
 }
 
@@ -167,10 +167,10 @@ impl TrainOptions {
             c.micro_batch, c.grad_accum, c.max_seq_len, c.epochs, c.clip, c.seed, c.checkpoint_tokens,
             if self.bf16 { "bf16" } else { "f32" },
             self.save_every
-        ) + if self.bf16 && !crate::amx::available() {
-            "# compute ran in f32: this CPU has no AMX (or the OS refused its tile state)\n"
-        } else {
-            ""
+        ) + &match (self.bf16, crate::bf16::kernel()) {
+            (true, Some(k)) => format!("# bf16 products on {}\n", k.name()),
+            (true, None) => "# compute ran in f32: this CPU has neither AMX nor AVX512-BF16\n".into(),
+            (false, _) => String::new(),
         }
     }
 }

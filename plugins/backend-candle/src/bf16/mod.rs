@@ -1,15 +1,18 @@
-//! bf16 matrix products on Intel AMX tiles, for the frozen-weight products of training.
-//!
-//! AMX multiplies 16 x 32 bf16 tiles into 16 x 16 f32 accumulators (TDPBF16PS), several times
-//! faster than f32 gemm on the same cores. Linux gives the tile state only to processes that
-//! ask for it (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); without that request the
-//! first tile instruction faults. [`available`] checks CPUID and makes the request once; where
-//! either fails (another CPU, another OS, `HARNESS_NO_AMX` set) callers keep their f32 path.
+//! bf16 matrix products for the frozen-weight products of training, on whichever of two kinds
+//! of hardware the CPU has: AMX tiles ([`amx`], Intel Xeon since Sapphire Rapids) or AVX512-BF16
+//! dot products ([`avx512`], AMD Zen 4 and later, some Intel Xeons). Either is several times (AMX)
+//! or about twice (AVX512-BF16) as fast as f32 gemm on the same cores. [`kernel`] picks one once;
+//! where neither is usable (another CPU, another OS, `HARNESS_NO_AMX` and
+//! `HARNESS_NO_AVX512BF16` set) callers keep their f32 path.
 //!
 //! Operands are rounded to bf16 (8 bits of mantissa) and products accumulate in f32: the
-//! "bf16 compute dtype" of QLoRA. Layouts: A is row-major bf16 with its rows padded to a
-//! multiple of 32; B is cut into panels of 16 columns in the pair-interleaved ("VNNI") layout
-//! the instruction reads, row p of a panel holding (B[2p][j], B[2p+1][j]) for its 16 columns j.
+//! "bf16 compute dtype" of QLoRA. Both kernels read the same layouts: A is row-major bf16 with
+//! its rows padded to a multiple of 32; B is cut into panels of 16 columns in the
+//! pair-interleaved ("VNNI") layout, row p of a panel holding (B[2p][j], B[2p+1][j]) for its 16
+//! columns j.
+
+mod amx;
+mod avx512;
 
 use std::sync::OnceLock;
 
@@ -17,49 +20,41 @@ use rayon::prelude::*;
 
 use crate::matmul::View;
 
-/// Whether AMX bf16 products can run in this process (checked, and permission asked, once).
+/// The bf16 kernel this process uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles (the process has been granted the tile state).
+    Amx,
+    /// AVX512-BF16 dot products.
+    Avx512,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "AMX",
+            Kernel::Avx512 => "AVX512-BF16",
+        }
+    }
+}
+
+/// The fastest bf16 kernel usable here, if any (checked, and AMX permission asked, once).
+pub fn kernel() -> Option<Kernel> {
+    static KERNEL: OnceLock<Option<Kernel>> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        if amx::detect() {
+            Some(Kernel::Amx)
+        } else if avx512::detect() {
+            Some(Kernel::Avx512)
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether bf16 products can run in this process.
 pub fn available() -> bool {
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(detect)
-}
-
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn detect() -> bool {
-    if std::env::var_os("HARNESS_NO_AMX").is_some() {
-        return false;
-    }
-    #[allow(unused_unsafe)] // cpuid is a safe intrinsic in newer compilers
-    // SAFETY: CPUID is available on every x86-64 CPU.
-    let (max_leaf, leaf7) = unsafe {
-        (
-            std::arch::x86_64::__cpuid(0).eax,
-            std::arch::x86_64::__cpuid_count(7, 0),
-        )
-    };
-    if max_leaf < 7 {
-        return false;
-    }
-    let tile = leaf7.edx & (1 << 24) != 0;
-    let bf16 = leaf7.edx & (1 << 22) != 0;
-    if !(tile && bf16) {
-        return false;
-    }
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: a plain system call with integer arguments; it fails cleanly where unsupported.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_arch_prctl,
-            ARCH_REQ_XCOMP_PERM,
-            XFEATURE_XTILEDATA,
-        )
-    };
-    r == 0
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect() -> bool {
-    false
+    kernel().is_some()
 }
 
 /// Round to nearest even, as the hardware converts.
@@ -127,37 +122,18 @@ impl PackedB {
     }
 }
 
-/// Whether a product with inner size `k` and `n` output columns has the shapes AMX tiles need.
+/// Whether a product with inner size `k` and `n` output columns has the shapes the kernels need.
 pub fn fits(k: usize, n: usize) -> bool {
     k > 0 && k.is_multiple_of(32) && n > 0 && n.is_multiple_of(16)
 }
 
-/// The tile configuration: palette 1; tiles 0-3 are 16 x 16 f32 accumulators, 4-5 hold A
-/// (16 rows x 32 bf16), 6-7 hold B (16 pair-rows x 16 pairs). All rows are 64 bytes.
-#[repr(C, align(64))]
-struct TileConfig {
-    palette: u8,
-    start_row: u8,
-    reserved: [u8; 14],
-    colsb: [u16; 16],
-    rows: [u8; 16],
-}
-
-const CONFIG: TileConfig = TileConfig {
-    palette: 1,
-    start_row: 0,
-    reserved: [0; 14],
-    colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
-    rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
-};
-
 /// `dst` (a.m x b.n, row stride `ldd`) = A · B, or += with `accumulate`. Callers check
 /// [`available`] and [`fits`] first.
 pub fn matmul(dst: &mut [f32], ldd: usize, a: &PackedA, b: &PackedB, accumulate: bool) {
-    assert!(available(), "AMX product called without AMX");
+    let kernel = kernel().expect("bf16 product called without a bf16 kernel");
     assert!(
         a.k == b.k && fits(b.k, b.n),
-        "AMX product: shapes do not fit tiles"
+        "bf16 product: shapes do not fit the kernel's blocks"
     );
     assert!(ldd >= b.n && (a.m == 0 || (a.m - 1) * ldd + b.n <= dst.len()));
     let (k, n) = (b.k, b.n);
@@ -171,9 +147,10 @@ pub fn matmul(dst: &mut [f32], ldd: usize, a: &PackedA, b: &PackedB, accumulate:
         let mut scratch = [0f32; 32 * 32];
         let a_rows = &a.data[blk * 32 * k..(blk + 1) * 32 * k];
         let valid = (a.m - blk * 32).min(32);
-        // SAFETY: the permission was granted (`available`), the configuration is valid, and
-        // every tile load and store stays inside `a_rows`, the panels of `b` and `scratch`.
-        unsafe { load_config() };
+        if kernel == Kernel::Amx {
+            // SAFETY: the permission was granted (`kernel`) and the configuration is valid.
+            unsafe { amx::load_config() };
+        }
         for j0 in (0..n / 16).step_by(2) {
             let pair = j0 + 1 < n / 16;
             let p0 = &b.data[j0 * k * 16..(j0 + 1) * k * 16];
@@ -182,8 +159,12 @@ pub fn matmul(dst: &mut [f32], ldd: usize, a: &PackedA, b: &PackedB, accumulate:
             } else {
                 p0
             };
-            // SAFETY: as above; a_rows holds 32 rows of k values, each panel k/2 rows of 32.
-            unsafe { block(a_rows, p0, p1, k, &mut scratch) };
+            // SAFETY: the kernel's instructions are available (`kernel`); a_rows holds 32 rows
+            // of k values and each panel k/2 rows of 32, so every load stays inside them.
+            match kernel {
+                Kernel::Amx => unsafe { amx::block(a_rows, p0, p1, k, &mut scratch) },
+                Kernel::Avx512 => unsafe { avx512::block(a_rows, p0, p1, k, &mut scratch) },
+            }
             let cols = if pair { 32 } else { 16 };
             for (r, row) in out.chunks_mut(ldd).take(valid).enumerate() {
                 let src = &scratch[r * 32..r * 32 + cols];
@@ -197,84 +178,11 @@ pub fn matmul(dst: &mut [f32], ldd: usize, a: &PackedA, b: &PackedB, accumulate:
                 }
             }
         }
-        // SAFETY: releases this thread's tile state.
-        unsafe { release() };
+        if kernel == Kernel::Amx {
+            // SAFETY: releases this thread's tile state.
+            unsafe { amx::release() };
+        }
     });
-}
-
-#[cfg(target_arch = "x86_64")]
-unsafe fn load_config() {
-    let cfg = &CONFIG as *const TileConfig;
-    std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg, options(nostack, readonly));
-}
-
-#[cfg(target_arch = "x86_64")]
-unsafe fn release() {
-    std::arch::asm!("tilerelease", options(nostack, nomem));
-}
-
-/// One 32 x 32 block of the product: rows of `a` (32 x k), two B panels (k x 16 each), into
-/// `out` (32 x 32, row-major).
-#[cfg(target_arch = "x86_64")]
-unsafe fn block(a: &[u16], p0: &[u16], p1: &[u16], k: usize, out: &mut [f32; 1024]) {
-    use std::arch::asm;
-    let a_stride = k * 2; // bytes per row of A
-    let b_stride = 64usize; // bytes per pair-row of a panel
-    asm!(
-        "tilezero tmm0",
-        "tilezero tmm1",
-        "tilezero tmm2",
-        "tilezero tmm3",
-        options(nostack, nomem)
-    );
-    for kb in 0..k / 32 {
-        let a0 = a.as_ptr().add(kb * 32);
-        let a1 = a.as_ptr().add(16 * k + kb * 32);
-        let b0 = p0.as_ptr().add(kb * 16 * 32);
-        let b1 = p1.as_ptr().add(kb * 16 * 32);
-        asm!(
-            "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tileloadd tmm6, [{b0} + {sb}*1]",
-            "tileloadd tmm7, [{b1} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            a0 = in(reg) a0,
-            a1 = in(reg) a1,
-            b0 = in(reg) b0,
-            b1 = in(reg) b1,
-            sa = in(reg) a_stride,
-            sb = in(reg) b_stride,
-            options(nostack, readonly)
-        );
-    }
-    let c = out.as_mut_ptr();
-    let sc = 32 * 4usize; // bytes per row of out
-    asm!(
-        "tilestored [{c0} + {s}*1], tmm0",
-        "tilestored [{c1} + {s}*1], tmm1",
-        "tilestored [{c2} + {s}*1], tmm2",
-        "tilestored [{c3} + {s}*1], tmm3",
-        c0 = in(reg) c,
-        c1 = in(reg) c.add(16),
-        c2 = in(reg) c.add(16 * 32),
-        c3 = in(reg) c.add(16 * 32 + 16),
-        s = in(reg) sc,
-        options(nostack)
-    );
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn load_config() {}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn release() {}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn block(_: &[u16], _: &[u16], _: &[u16], _: usize, _: &mut [f32; 1024]) {
-    unreachable!("AMX is never available off x86-64")
 }
 
 #[cfg(test)]
@@ -305,10 +213,11 @@ mod tests {
 
     #[test]
     fn products_match_f32_within_bf16_rounding() {
-        if !available() {
-            eprintln!("no AMX on this machine: skipped");
+        let Some(kernel) = kernel() else {
+            eprintln!("no bf16 kernel on this machine: skipped");
             return;
-        }
+        };
+        eprintln!("bf16 kernel: {}", kernel.name());
         // m not a multiple of 32, an odd number of 16-column panels, accumulation.
         for (m, k, n) in [(37, 64, 48), (5, 32, 16), (64, 96, 32)] {
             let x = values(m * k, 1);
@@ -333,10 +242,10 @@ mod tests {
     }
 
     /// Speed of the frozen products of one SmolLM2 MLP projection (512 rows, 576 -> 1536):
-    /// `cargo test --release --lib amx_speed -- --ignored --nocapture`.
+    /// `cargo test --release --lib bf16_speed -- --ignored --nocapture`.
     #[test]
     #[ignore]
-    fn amx_speed() {
+    fn bf16_speed() {
         let (m, k, n) = (512, 576, 1536);
         let x = values(m * k, 3);
         let w = values(n * k, 4);
@@ -363,11 +272,11 @@ mod tests {
             )
         });
         println!("f32 gemm: {:.1} GFLOP/s", flops / f32_s / 1e9);
-        if !available() {
-            println!("no AMX on this machine");
+        let Some(kernel) = kernel() else {
+            println!("no bf16 kernel on this machine");
             return;
-        }
-        let amx_s = time(&mut || {
+        };
+        let bf16_s = time(&mut || {
             let a = PackedA::new(View::rows(&x, m, k));
             let b = PackedB::transposed(&w, n, k);
             matmul(&mut y, n, &a, &b, false)
@@ -376,8 +285,9 @@ mod tests {
         let a = PackedA::new(View::rows(&x, m, k));
         let kernel_s = time(&mut || matmul(&mut y, n, &a, &b, false));
         println!(
-            "AMX bf16: {:.1} GFLOP/s with packing, {:.1} GFLOP/s kernel only",
-            flops / amx_s / 1e9,
+            "{} bf16: {:.1} GFLOP/s with packing, {:.1} GFLOP/s kernel only",
+            kernel.name(),
+            flops / bf16_s / 1e9,
             flops / kernel_s / 1e9
         );
     }
