@@ -131,6 +131,18 @@ pub fn fits(k: usize, n: usize) -> bool {
 /// [`available`] and [`fits`] first.
 pub fn matmul(dst: &mut [f32], ldd: usize, a: &PackedA, b: &PackedB, accumulate: bool) {
     let kernel = kernel().expect("bf16 product called without a bf16 kernel");
+    matmul_on(kernel, dst, ldd, a, b, accumulate);
+}
+
+/// [`matmul`] on a given kernel, which the CPU must have.
+fn matmul_on(
+    kernel: Kernel,
+    dst: &mut [f32],
+    ldd: usize,
+    a: &PackedA,
+    b: &PackedB,
+    accumulate: bool,
+) {
     assert!(
         a.k == b.k && fits(b.k, b.n),
         "bf16 product: shapes do not fit the kernel's blocks"
@@ -213,13 +225,23 @@ mod tests {
 
     #[test]
     fn products_match_f32_within_bf16_rounding() {
-        let Some(kernel) = kernel() else {
+        // Every kernel this CPU has, not only the one `kernel` picks.
+        let kernels: Vec<Kernel> = [
+            (Kernel::Amx, amx::detect()),
+            (Kernel::Avx512, avx512::detect()),
+        ]
+        .into_iter()
+        .filter_map(|(k, ok)| ok.then_some(k))
+        .collect();
+        if kernels.is_empty() {
             eprintln!("no bf16 kernel on this machine: skipped");
-            return;
-        };
-        eprintln!("bf16 kernel: {}", kernel.name());
+        }
         // m not a multiple of 32, an odd number of 16-column panels, accumulation.
-        for (m, k, n) in [(37, 64, 48), (5, 32, 16), (64, 96, 32)] {
+        for (kernel, (m, k, n)) in kernels
+            .iter()
+            .flat_map(|&kn| [(37, 64, 48), (5, 32, 16), (64, 96, 32)].map(|s| (kn, s)))
+        {
+            eprintln!("{} {m}x{k}x{n}", kernel.name());
             let x = values(m * k, 1);
             let w = values(n * k, 2); // (n, k)
             let mut want = vec![0f32; m * n];
@@ -230,12 +252,19 @@ mod tests {
             }
             let a = PackedA::new(View::rows(&x, m, k));
             let mut got = vec![f32::NAN; m * n];
-            matmul(&mut got, n, &a, &PackedB::transposed(&w, n, k), false);
+            matmul_on(
+                kernel,
+                &mut got,
+                n,
+                &a,
+                &PackedB::transposed(&w, n, k),
+                false,
+            );
             check(&got, &want, k);
             // The same product with B given as W's transpose in rows, accumulated onto ones.
             let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect(); // (k, n)
             let mut acc = vec![1f32; m * n];
-            matmul(&mut acc, n, &a, &PackedB::rows(&wt, k, n), true);
+            matmul_on(kernel, &mut acc, n, &a, &PackedB::rows(&wt, k, n), true);
             let want1: Vec<f32> = want.iter().map(|v| v + 1.0).collect();
             check(&acc, &want1, k);
         }
