@@ -172,6 +172,25 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn dequantization_on_cuda_equals_the_cpu_value_for_value() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        let q = Nf4Matrix::quantize(&random(300 * 64, 7), 300, 64, true);
+        let got = Nf4Tensors::new(&q, &gpu)
+            .unwrap()
+            .dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(got == q.dequantize(), "CUDA dequantization differs");
+    }
+
     #[test]
     fn composed_rms_norm_matches_candle_nn() {
         let x = Tensor::from_vec(random(6 * 16, 3), (2, 3, 16), &Device::Cpu).unwrap();

@@ -468,7 +468,7 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Device;
 
@@ -552,7 +552,20 @@ mod tests {
         bf16: bool,
         portable: bool,
     ) -> (f64, Vec<Vec<f32>>) {
-        let mut model = crate::llama::testing::tiny_model();
+        tiny_gradients_on(&Device::Cpu, training, dropout, checkpoint, bf16, portable)
+    }
+
+    /// [`tiny_gradients_in`] with the model on `device` (off the CPU the path is portable).
+    pub(crate) fn tiny_gradients_on(
+        device: &Device,
+        training: bool,
+        dropout: f32,
+        checkpoint: bool,
+        bf16: bool,
+        portable: bool,
+    ) -> (f64, Vec<Vec<f32>>) {
+        let (config, mut weights) = crate::llama::testing::tiny_weights();
+        let mut model = Llama::new(config, &mut weights, device).unwrap();
         if portable {
             model.use_portable_ops().unwrap();
         }
@@ -564,7 +577,7 @@ mod tests {
         for (i, p) in params.iter().enumerate() {
             let n = p.as_tensor().elem_count();
             let v = crate::llama::testing::uniform(n, 0.1, 70 + i as u64);
-            p.set(&Tensor::from_vec(v, p.as_tensor().shape(), &Device::Cpu).unwrap())
+            p.set(&Tensor::from_vec(v, p.as_tensor().shape(), device).unwrap())
                 .unwrap();
         }
         model.set_training(training);
@@ -579,7 +592,7 @@ mod tests {
         (value, grads)
     }
 
-    fn assert_same(a: &(f64, Vec<Vec<f32>>), b: &(f64, Vec<Vec<f32>>)) {
+    pub(crate) fn assert_same(a: &(f64, Vec<Vec<f32>>), b: &(f64, Vec<Vec<f32>>)) {
         assert!((a.0 - b.0).abs() < 1e-5, "loss {} vs {}", a.0, b.0);
         for (x, y) in a.1.iter().flatten().zip(b.1.iter().flatten()) {
             assert!((x - y).abs() < 1e-4 + 1e-3 * x.abs(), "{x} vs {y}");
@@ -713,5 +726,27 @@ mod tests {
         assert_eq!(sorted, (0..100).collect::<Vec<_>>());
         assert_eq!(a, shuffled(100, 1));
         assert_ne!(a, shuffled(100, 2));
+    }
+}
+
+/// Checks that need a GPU: built with the `cuda` feature, they run where CUDA device 0 opens
+/// (and say they were skipped elsewhere).
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests {
+    use super::tests::{assert_same, tiny_gradients_on};
+    use candle_core::Device;
+
+    #[test]
+    fn training_on_cuda_gives_the_gradients_of_the_cpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        for checkpoint in [false, true] {
+            let on_gpu = tiny_gradients_on(&gpu, true, 0.2, checkpoint, false, true);
+            let on_cpu = tiny_gradients_on(&Device::Cpu, true, 0.2, checkpoint, false, false);
+            eprintln!("CUDA loss {} vs CPU {}", on_gpu.0, on_cpu.0);
+            assert_same(&on_gpu, &on_cpu);
+        }
     }
 }
