@@ -80,8 +80,16 @@ impl PackedA {
             .take(m)
             .enumerate()
             .for_each(|(i, row)| {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = bf16(a.data[i * a.rs + j * a.cs]);
+                if a.cs == 1 {
+                    // Contiguous rows: a plain loop the compiler vectorises.
+                    let src = &a.data[i * a.rs..i * a.rs + k];
+                    for (v, &x) in row.iter_mut().zip(src) {
+                        *v = bf16(x);
+                    }
+                } else {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = bf16(a.data[i * a.rs + j * a.cs]);
+                    }
                 }
             });
         PackedA { m, k, data }
@@ -96,29 +104,44 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// Packs `b(p, j)` for p < k, j < n; k must be even and n a multiple of 16.
-    fn pack(k: usize, n: usize, b: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+    /// Fills each panel of 16 columns with `fill(panel index, panel)`; k must be even and n a
+    /// multiple of 16. Panel value `p * 32 + 2 * c + h` is B[2p + h][16 j + c].
+    fn pack(k: usize, n: usize, fill: impl Fn(usize, &mut [u16]) + Sync) -> Self {
         let panel = k * 16; // u16 values per panel: k/2 rows of 16 pairs
         let mut data = vec![0u16; panel * n / 16];
-        data.par_chunks_mut(panel).enumerate().for_each(|(j, out)| {
-            for p in 0..k / 2 {
-                for c in 0..16 {
-                    out[p * 32 + 2 * c] = bf16(b(2 * p, j * 16 + c));
-                    out[p * 32 + 2 * c + 1] = bf16(b(2 * p + 1, j * 16 + c));
-                }
-            }
-        });
+        data.par_chunks_mut(panel)
+            .enumerate()
+            .for_each(|(j, out)| fill(j, out));
         PackedB { k, n, data }
     }
 
-    /// B = Wᵀ for a row-major W of shape (n, k): the weight of `y = x · Wᵀ`.
+    /// B = Wᵀ for a row-major W of shape (n, k): the weight of `y = x · Wᵀ`. Column c of a
+    /// panel is row 16 j + c of W, read in order, one pair per pair-row.
     pub fn transposed(w: &[f32], n: usize, k: usize) -> Self {
-        Self::pack(k, n, |p, j| w[j * k + p])
+        Self::pack(k, n, |j, out| {
+            for c in 0..16 {
+                let row = &w[(j * 16 + c) * k..(j * 16 + c + 1) * k];
+                for (p, pair) in row.chunks_exact(2).enumerate() {
+                    out[p * 32 + 2 * c] = bf16(pair[0]);
+                    out[p * 32 + 2 * c + 1] = bf16(pair[1]);
+                }
+            }
+        })
     }
 
-    /// B = W for a row-major W of shape (k, n): the weight of `dx = dy · W`.
+    /// B = W for a row-major W of shape (k, n): the weight of `dx = dy · W`. Pair-row p
+    /// interleaves 16 values of W's rows 2p and 2p + 1.
     pub fn rows(w: &[f32], k: usize, n: usize) -> Self {
-        Self::pack(k, n, |p, j| w[p * n + j])
+        Self::pack(k, n, |j, out| {
+            for (p, pair_row) in out.chunks_exact_mut(32).enumerate() {
+                let r0 = &w[2 * p * n + j * 16..2 * p * n + j * 16 + 16];
+                let r1 = &w[(2 * p + 1) * n + j * 16..(2 * p + 1) * n + j * 16 + 16];
+                for (c, pair) in pair_row.chunks_exact_mut(2).enumerate() {
+                    pair[0] = bf16(r0[c]);
+                    pair[1] = bf16(r1[c]);
+                }
+            }
+        })
     }
 }
 
