@@ -38,6 +38,9 @@ if [ ! -x "$cuda/bin/nvcc" ]; then
         python3 -m zipfile -e "$w" "$tk"
     done
     chmod +x "$cuda"/bin/* "$cuda"/nvvm/bin/* 2>/dev/null || true
+fi
+if [ ! -e "$cuda/lib/libcuda.so" ]; then
+    shopt -s nullglob
     # The linker wants unversioned names; the driver library is only linked against (the real
     # one is the GPU machine's), so an empty stand-in with its soname will do.
     for so in "$cuda"/lib/lib*.so.*; do

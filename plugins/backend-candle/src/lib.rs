@@ -370,7 +370,7 @@ impl Backend for CandleBackend {
                 final_loss: outcome.reports.last().map(|r| r.loss).unwrap_or(f64::NAN),
                 trainable_parameters: parameters,
                 stopped_early: outcome.stopped_early,
-                resolved_options: opts.to_toml().into(),
+                resolved_options: opts.to_toml(self.engine.model_mut().is_portable()).into(),
             };
             Ok(summary)
         })

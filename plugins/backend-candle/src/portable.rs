@@ -4,9 +4,13 @@
 //!
 //! The CPU takes the fused ops of [`crate::fused`] instead, which dequantize one tile at a time,
 //! compute less and keep less for the backward pass. This path dequantizes one whole projection
-//! per product (as bitsandbytes does on a GPU): only one layer's weight is ever in full
-//! precision, and only for the length of that product. On the CPU it is the cross-check of the
-//! fused path: tests run the tiny model both ways and compare.
+//! per product (as bitsandbytes does on a GPU). Its products are candle matmuls, whose backward
+//! pass also computes a gradient for the frozen weight (thrown away) and whose graph keeps the
+//! dequantized weight until then; training on this path therefore always recomputes one layer
+//! at a time (activation checkpointing), so that one layer's weights are in full precision at
+//! once, not the model's. A frozen-product op with a CUDA forward of its own would save the
+//! wasted gradient. On the CPU this path is the cross-check of the fused one: tests run the tiny
+//! model both ways and compare.
 
 use candle_core::{DType, Device, Tensor, D};
 

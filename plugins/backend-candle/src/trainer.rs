@@ -260,7 +260,10 @@ pub fn train(
                     .wrapping_mul(1_000_003)
                     .wrapping_add((step * 64 + k) as u64);
                 let longest = rows.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-                let checkpoint = rows.len() * longest > config.checkpoint_tokens;
+                // The portable path's products keep their (dequantized) weights in the graph:
+                // recomputing one layer at a time holds one layer's weights, not all of them.
+                let checkpoint =
+                    model.is_portable() || rows.len() * longest > config.checkpoint_tokens;
                 let (value, g) = loss_and_grads(model, &rows, params, seed, checkpoint)?;
                 if !value.is_finite() {
                     model.set_training(false);
@@ -503,41 +506,50 @@ pub(crate) mod tests {
     fn training_an_adapter_on_the_tiny_model_cuts_the_loss() {
         // A toy task: after any prompt, answer the same three tokens. From a random model (loss
         // about ln(50) = 3.9) LoRA on the NF4 base must bring the loss below a third of where it
-        // started within 40 steps.
-        let mut model = crate::llama::testing::tiny_model();
-        model.quantize_nf4(true).unwrap();
-        let params: Vec<Var> = model
-            .add_lora(&crate::llama::TARGETS, 8, 16.0, 0.0, 1)
-            .unwrap()
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect();
-        let examples: Vec<Example> = (0..32u32)
-            .map(|i| {
-                Example::new(
-                    vec![i % 50, (i * 7) % 50, (i * 13) % 50],
-                    vec![7, 21, 7],
-                    64,
-                )
+        // started within 40 steps, on the fused path and on the portable one (which trains
+        // with activation checkpointing always) alike.
+        for portable in [false, true] {
+            let mut model = crate::llama::testing::tiny_model();
+            if portable {
+                model.use_portable_ops().unwrap();
+            }
+            model.quantize_nf4(true).unwrap();
+            let params: Vec<Var> = model
+                .add_lora(&crate::llama::TARGETS, 8, 16.0, 0.0, 1)
                 .unwrap()
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect();
+            let examples: Vec<Example> = (0..32u32)
+                .map(|i| {
+                    Example::new(
+                        vec![i % 50, (i * 7) % 50, (i * 13) % 50],
+                        vec![7, 21, 7],
+                        64,
+                    )
+                    .unwrap()
+                })
+                .collect();
+            let config = TrainConfig {
+                lr: 1e-2,
+                micro_batch: 4,
+                grad_accum: 2,
+                epochs: 10,
+                clip: 1.0,
+                ..TrainConfig::default()
+            };
+            let (reports, _) = train(&mut model, &params, &examples, &config, None, |_, _| {
+                Ok(true)
             })
-            .collect();
-        let config = TrainConfig {
-            lr: 1e-2,
-            micro_batch: 4,
-            grad_accum: 2,
-            epochs: 10,
-            clip: 1.0,
-            ..TrainConfig::default()
-        };
-        let (reports, _) = train(&mut model, &params, &examples, &config, None, |_, _| {
-            Ok(true)
-        })
-        .unwrap();
-        assert_eq!(reports.len(), 40);
-        let first = reports[0].loss;
-        let last = reports.last().unwrap().loss;
-        assert!(last < first / 3.0, "loss went from {first} to {last}");
+            .unwrap();
+            assert_eq!(reports.len(), 40);
+            let first = reports[0].loss;
+            let last = reports.last().unwrap().loss;
+            assert!(
+                last < first / 3.0,
+                "portable={portable}: loss went from {first} to {last}"
+            );
+        }
     }
 
     /// The loss and gradients of `rows` on the tiny NF4 model with random (non-zero) adapters.

@@ -157,7 +157,9 @@ impl TrainOptions {
         Ok(opts)
     }
 
-    pub fn to_toml(&self) -> String {
+    /// The options as TOML, with a comment on how the products really ran: `portable` when
+    /// the model is on the portable path (off the CPU), which computes in f32.
+    pub fn to_toml(&self, portable: bool) -> String {
         let c = &self.optimizer;
         format!(
             "r = {}\nalpha = {:?}\ndropout = {:?}\ntargets = {:?}\ndouble_quant = {}\nlr = {:?}\nbeta1 = {:?}\nbeta2 = {:?}\nweight_decay = {:?}\nwarmup_ratio = {:?}\nschedule = \"{}\"\nmicro_batch = {}\ngrad_accum = {}\nmax_seq_len = {}\nepochs = {}\nclip = {:?}\nseed = {}\ncheckpoint_tokens = {}\ncompute = \"{}\"\nsave_every = {}\n",
@@ -167,10 +169,11 @@ impl TrainOptions {
             c.micro_batch, c.grad_accum, c.max_seq_len, c.epochs, c.clip, c.seed, c.checkpoint_tokens,
             if self.bf16 { "bf16" } else { "f32" },
             self.save_every
-        ) + &match (self.bf16, crate::bf16::kernel()) {
-            (true, Some(k)) => format!("# bf16 products on {}\n", k.name()),
-            (true, None) => "# compute ran in f32: this CPU has neither AMX nor AVX512-BF16\n".into(),
-            (false, _) => String::new(),
+        ) + &match (self.bf16, portable, crate::bf16::kernel()) {
+            (false, ..) => String::new(),
+            (true, true, _) => "# compute ran in f32: the portable path (off the CPU) has no bf16 products\n".into(),
+            (true, false, Some(k)) => format!("# bf16 products on {}\n", k.name()),
+            (true, false, None) => "# compute ran in f32: this CPU has neither AMX nor AVX512-BF16\n".into(),
         }
     }
 }
@@ -419,7 +422,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown LoRA target `lm_head`"), "{e}");
-        let again = TrainOptions::from_toml(&o.to_toml()).unwrap();
+        let again = TrainOptions::from_toml(&o.to_toml(false)).unwrap();
         assert_eq!(again, o);
     }
 

@@ -76,6 +76,11 @@ pub(super) unsafe fn release() {
 
 /// One 32 x 32 block of the product: rows of `a` (32 x k), two B panels (k x 16 each), into
 /// `out` (32 x 32, row-major).
+///
+/// # Safety
+/// The tile state must have been granted ([`detect`]) and this thread's configuration loaded
+/// ([`load_config`]); `a` holds 32 rows of k values and each panel k/2 pair-rows of 32, k a
+/// multiple of 32.
 #[cfg(target_arch = "x86_64")]
 pub(super) unsafe fn block(a: &[u16], p0: &[u16], p1: &[u16], k: usize, out: &mut [f32; 1024]) {
     use std::arch::asm;
