@@ -140,15 +140,20 @@ fn stopped_or_killed_runs_resume_to_the_uninterrupted_result() {
     assert!(e.contains("give no other training option"), "{e}");
 
     ok(harness().args(["train", "--resume"]).arg(dir.join("split")));
-    let read = |p: &str| std::fs::read(dir.join(p)).unwrap();
-    assert!(
-        read("whole/adapter_model.safetensors") == read("split/adapter_model.safetensors"),
-        "the resumed adapter differs from the uninterrupted one"
-    );
-    assert_eq!(
-        String::from_utf8(read("whole/train.csv")).unwrap(),
-        String::from_utf8(read("split/train.csv")).unwrap()
-    );
+    // A resumed run ends with the adapter and the loss curve of the uninterrupted one.
+    let read = |p: String| std::fs::read(dir.join(p)).unwrap();
+    let assert_same_as_whole = |run: &str| {
+        assert!(
+            read("whole/adapter_model.safetensors".into())
+                == read(format!("{run}/adapter_model.safetensors")),
+            "the adapter of `{run}` differs from the uninterrupted one"
+        );
+        assert_eq!(
+            String::from_utf8(read("whole/train.csv".into())).unwrap(),
+            String::from_utf8(read(format!("{run}/train.csv"))).unwrap()
+        );
+    };
+    assert_same_as_whole("split");
     assert!(!dir.join("split/optimizer.safetensors").exists());
     let e = fails(harness().args(["train", "--resume"]).arg(dir.join("split")));
     assert!(e.contains("nothing to resume"), "{e}");
@@ -174,14 +179,7 @@ fn stopped_or_killed_runs_resume_to_the_uninterrupted_result() {
         .args(["train", "--resume"])
         .arg(dir.join("killed")));
     assert!(out.contains("resume training"), "{out}");
-    assert!(
-        read("whole/adapter_model.safetensors") == read("killed/adapter_model.safetensors"),
-        "the adapter resumed after a kill differs from the uninterrupted one"
-    );
-    assert_eq!(
-        String::from_utf8(read("whole/train.csv")).unwrap(),
-        String::from_utf8(read("killed/train.csv")).unwrap()
-    );
+    assert_same_as_whole("killed");
 }
 
 #[test]

@@ -52,11 +52,13 @@ pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
             model.display()
         );
     }
-    let opts = format!(
-        "model = {:?}\nbase = \"nf4-packed\"\ndevice = {:?}",
-        model.display().to_string(),
-        args.device.as_deref().unwrap_or("cpu")
-    );
+    let mut opts = toml::Table::new();
+    opts.insert("model".into(), model.display().to_string().into());
+    opts.insert("base".into(), "nf4-packed".into());
+    if let Some(device) = &args.device {
+        opts.insert("device".into(), device.clone().into());
+    }
+    let opts = opts.to_string();
     let mut backend: BackendBox = plugin_result(
         entry,
         (entry.lib.new_backend())(RStr::from("candle"), RStr::from(opts.as_str())),

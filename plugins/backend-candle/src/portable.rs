@@ -149,6 +149,26 @@ mod tests {
         crate::lora::seeded_uniform(n, 1.0, seed)
     }
 
+    /// `q` dequantized on `device` by tensor ops, checked value for value against the CPU's.
+    fn assert_dequantizes_as_the_cpu(q: &Nf4Matrix, device: &Device, what: &str) {
+        let t = Nf4Tensors::new(q, device).unwrap();
+        assert_eq!(t.dims(), (q.rows, q.cols));
+        let got = t
+            .dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = q.dequantize();
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(
+            first.map(|i| (i, got[i], want[i])),
+            None,
+            "{what}: first difference"
+        );
+    }
+
     #[test]
     fn device_dequantization_equals_the_packed_matrix_value_for_value() {
         // 40 x 96 = 60 blocks: not a whole group of 256 maxima, and a ragged tail is covered by
@@ -156,22 +176,8 @@ mod tests {
         for (rows, cols) in [(40, 96), (30, 33), (300, 64)] {
             for double_quant in [false, true] {
                 let q = Nf4Matrix::quantize(&random(rows * cols, 7), rows, cols, double_quant);
-                let t = Nf4Tensors::new(&q, &Device::Cpu).unwrap();
-                assert_eq!(t.dims(), (rows, cols));
-                let got = t
-                    .dequantize()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
-                let want = q.dequantize();
-                let first = got.iter().zip(&want).position(|(a, b)| a != b);
-                assert_eq!(
-                    first.map(|i| (i, got[i], want[i])),
-                    None,
-                    "{rows}x{cols} double_quant={double_quant}: first difference"
-                );
+                let what = format!("{rows}x{cols} double_quant={double_quant}");
+                assert_dequantizes_as_the_cpu(&q, &Device::Cpu, &what);
             }
         }
     }
@@ -184,15 +190,7 @@ mod tests {
             return;
         };
         let q = Nf4Matrix::quantize(&random(300 * 64, 7), 300, 64, true);
-        let got = Nf4Tensors::new(&q, &gpu)
-            .unwrap()
-            .dequantize()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert!(got == q.dequantize(), "CUDA dequantization differs");
+        assert_dequantizes_as_the_cpu(&q, &gpu, "CUDA");
     }
 
     #[test]

@@ -554,20 +554,11 @@ pub(crate) mod tests {
 
     /// The loss and gradients of `rows` on the tiny NF4 model with random (non-zero) adapters.
     fn tiny_gradients(training: bool, dropout: f32, checkpoint: bool) -> (f64, Vec<Vec<f32>>) {
-        tiny_gradients_in(training, dropout, checkpoint, false, false)
+        tiny_gradients_on(&Device::Cpu, training, dropout, checkpoint, false, false)
     }
 
-    fn tiny_gradients_in(
-        training: bool,
-        dropout: f32,
-        checkpoint: bool,
-        bf16: bool,
-        portable: bool,
-    ) -> (f64, Vec<Vec<f32>>) {
-        tiny_gradients_on(&Device::Cpu, training, dropout, checkpoint, bf16, portable)
-    }
-
-    /// [`tiny_gradients_in`] with the model on `device` (off the CPU the path is portable).
+    /// The loss and gradients of the tiny model on `device` (off the CPU the path is portable;
+    /// on it, `portable` chooses), with `bf16` frozen products where the CPU has a kernel.
     pub(crate) fn tiny_gradients_on(
         device: &Device,
         training: bool,
@@ -629,8 +620,8 @@ pub(crate) mod tests {
         // Where the CPU has a bf16 kernel the frozen products run in bf16: 8 bits of mantissa per
         // operand.
         // Elsewhere both runs are f32 and equal.
-        let (f32_loss, f32_grads) = tiny_gradients_in(true, 0.0, false, false, false);
-        let (bf_loss, bf_grads) = tiny_gradients_in(true, 0.0, false, true, false);
+        let (f32_loss, f32_grads) = tiny_gradients_on(&Device::Cpu, true, 0.0, false, false, false);
+        let (bf_loss, bf_grads) = tiny_gradients_on(&Device::Cpu, true, 0.0, false, true, false);
         assert!(
             (f32_loss - bf_loss).abs() < 2e-2 * f32_loss.abs(),
             "{f32_loss} vs {bf_loss}"
@@ -662,8 +653,8 @@ pub(crate) mod tests {
         // attention, norms and loss, with the same dropout masks; whole graph and checkpointed.
         for checkpoint in [false, true] {
             assert_same(
-                &tiny_gradients_in(true, 0.2, checkpoint, false, true),
-                &tiny_gradients_in(true, 0.2, checkpoint, false, false),
+                &tiny_gradients_on(&Device::Cpu, true, 0.2, checkpoint, false, true),
+                &tiny_gradients_on(&Device::Cpu, true, 0.2, checkpoint, false, false),
             );
         }
     }
