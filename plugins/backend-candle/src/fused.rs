@@ -16,7 +16,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::lora::dropout_mask;
+use crate::lora::apply_dropout;
 use crate::matmul::{matmul, matmul_serial, View};
 use crate::nf4::Nf4Matrix;
 use crate::portable::Nf4Tensors;
@@ -108,6 +108,22 @@ impl Frozen {
         Ok(())
     }
 
+    /// The NF4 matrix, if this is one whose tiles bf16 products can read from its codes
+    /// directly ([`crate::bf16::PackedB::nf4_transposed`] and `nf4_rows`): rows starting on
+    /// quantization blocks, and every tile of rows a multiple of 32 (the kernels' blocks).
+    fn nf4_in_bf16_tiles(&self) -> Option<&Nf4Matrix> {
+        match self {
+            Frozen::Nf4(q)
+                if crate::bf16::PackedB::reads_nf4(q)
+                    && q.rows.is_multiple_of(32)
+                    && TILE_ROWS.is_multiple_of(32) =>
+            {
+                Some(q)
+            }
+            _ => None,
+        }
+    }
+
     /// `y` (m, out) = `x` (m, in) · Wᵀ; with `bf16`, in bf16 where the CPU has a kernel for it
     /// (see [`crate::bf16`]).
     pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32], bf16: bool) -> R<()> {
@@ -115,6 +131,14 @@ impl Frozen {
         let (out, inp) = self.dims()?;
         let xv = View::rows(x, m, inp);
         let packed = (bf16 && crate::bf16::available()).then(|| PackedA::new(xv));
+        if let (Some(a), Some(q)) = (&packed, self.nf4_in_bf16_tiles()) {
+            for first in (0..out).step_by(TILE_ROWS) {
+                let rows = TILE_ROWS.min(out - first);
+                let b = PackedB::nf4_transposed(q, first, rows);
+                bf16_matmul(&mut y[first..], out, a, &b, false);
+            }
+            return Ok(());
+        }
         self.tiles(|first, rows, w| match &packed {
             Some(a) if fits(inp, rows) => {
                 let b = PackedB::transposed(w, rows, inp);
@@ -132,6 +156,14 @@ impl Frozen {
         use crate::bf16::{fits, matmul as bf16_matmul, PackedA, PackedB};
         let (out, inp) = self.dims()?;
         let low = bf16 && crate::bf16::available();
+        if let Some(q) = self.nf4_in_bf16_tiles().filter(|_| low) {
+            for first in (0..out).step_by(TILE_ROWS) {
+                let rows = TILE_ROWS.min(out - first);
+                let a = PackedA::new(View::rows(dy, m, out).cols_range(first, rows));
+                bf16_matmul(dx, inp, &a, &PackedB::nf4_rows(q, first, rows), true);
+            }
+            return Ok(());
+        }
         self.tiles(|first, rows, w| {
             let dy = View::rows(dy, m, out).cols_range(first, rows);
             if low && fits(rows, inp) {
@@ -209,7 +241,7 @@ pub struct LoraLinear {
     /// Dropout probability; 0 outside training.
     pub dropout: f32,
     pub seed: u64,
-    /// The frozen product in bf16 (where the CPU has a bf16 kernel); the adapter stays f32.
+    /// The products in bf16 (where the CPU has a bf16 kernel and the shapes fit it).
     pub bf16: bool,
 }
 
@@ -220,14 +252,24 @@ impl LoraLinear {
             .apply_op3(&a.contiguous()?, &b.contiguous()?, self.clone())
     }
 
-    /// The adapter's input: x with dropout applied, or x itself.
-    fn dropped<'a>(&self, x: &'a [f32]) -> (std::borrow::Cow<'a, [f32]>, Option<Vec<f32>>) {
-        if self.dropout <= 0.0 {
-            return (std::borrow::Cow::Borrowed(x), None);
+    /// The product the adapter's matrices take: bf16 with the frozen ones (as QLoRA's bf16
+    /// compute dtype does), else f32.
+    fn adapter_product(&self) -> fn(&mut [f32], usize, View, View, f32, bool) {
+        if self.bf16 {
+            crate::bf16::product
+        } else {
+            matmul
         }
-        let mask = dropout_mask(x.len(), self.dropout, self.seed);
-        let xd = x.iter().zip(&mask).map(|(a, b)| a * b).collect();
-        (std::borrow::Cow::Owned(xd), Some(mask))
+    }
+
+    /// The adapter's input: x with dropout applied, or x itself.
+    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        if self.dropout <= 0.0 {
+            return std::borrow::Cow::Borrowed(x);
+        }
+        let mut xd = vec![0f32; x.len()];
+        apply_dropout(&mut xd, x, self.dropout, self.seed, false);
+        std::borrow::Cow::Owned(xd)
     }
 }
 
@@ -259,11 +301,12 @@ impl CustomOp3 for LoraLinear {
             );
         }
         let m = x.len() / inp;
+        let mm = self.adapter_product();
         let mut y = vec![0f32; m * out];
         self.base.forward(x, m, &mut y, self.bf16)?;
-        let (xd, _) = self.dropped(x);
+        let xd = self.dropped(x);
         let mut u = vec![0f32; m * r];
-        matmul(
+        mm(
             &mut u,
             r,
             View::rows(&xd, m, inp),
@@ -272,7 +315,7 @@ impl CustomOp3 for LoraLinear {
             false,
         );
         let bt = View::rows(b, out, r).t();
-        matmul(&mut y, out, View::rows(&u, m, r), bt, self.scale, true);
+        mm(&mut y, out, View::rows(&u, m, r), bt, self.scale, true);
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("checked") = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -290,11 +333,12 @@ impl CustomOp3 for LoraLinear {
         let r = a.dim(0)?;
         let (xs, av, bv, dy) = (values(x)?, values(a)?, values(b)?, values(grad)?);
         let m = xs.len() / inp;
+        let mm = self.adapter_product();
         let mut dx = vec![0f32; m * inp];
         self.base.backward(&dy, m, &mut dx, self.bf16)?;
-        let (xd, mask) = self.dropped(&xs);
+        let xd = self.dropped(&xs);
         let mut u = vec![0f32; m * r];
-        matmul(
+        mm(
             &mut u,
             r,
             View::rows(&xd, m, inp),
@@ -305,11 +349,11 @@ impl CustomOp3 for LoraLinear {
         let dyv = View::rows(&dy, m, out);
         // dB = scale · dyᵀ · u;  du = scale · dy · B;  dA = duᵀ · xd;  dx += mask ⊙ (du · A).
         let mut db = vec![0f32; out * r];
-        matmul(&mut db, r, dyv.t(), View::rows(&u, m, r), self.scale, false);
+        mm(&mut db, r, dyv.t(), View::rows(&u, m, r), self.scale, false);
         let mut du = vec![0f32; m * r];
-        matmul(&mut du, r, dyv, View::rows(&bv, out, r), self.scale, false);
+        mm(&mut du, r, dyv, View::rows(&bv, out, r), self.scale, false);
         let mut da = vec![0f32; r * inp];
-        matmul(
+        mm(
             &mut da,
             inp,
             View::rows(&du, m, r).t(),
@@ -317,27 +361,13 @@ impl CustomOp3 for LoraLinear {
             1.0,
             false,
         );
-        match mask {
-            None => matmul(
-                &mut dx,
-                inp,
-                View::rows(&du, m, r),
-                View::rows(&av, r, inp),
-                1.0,
-                true,
-            ),
-            Some(mask) => {
-                let mut dxd = vec![0f32; m * inp];
-                let av = View::rows(&av, r, inp);
-                matmul(&mut dxd, inp, View::rows(&du, m, r), av, 1.0, false);
-                dx.par_chunks_mut(CHUNK)
-                    .zip(dxd.par_chunks(CHUNK).zip(mask.par_chunks(CHUNK)))
-                    .for_each(|(d, (g, k))| {
-                        for ((d, g), k) in d.iter_mut().zip(g).zip(k) {
-                            *d += g * k;
-                        }
-                    });
-            }
+        let av = View::rows(&av, r, inp);
+        if self.dropout <= 0.0 {
+            mm(&mut dx, inp, View::rows(&du, m, r), av, 1.0, true);
+        } else {
+            let mut dxd = vec![0f32; m * inp];
+            mm(&mut dxd, inp, View::rows(&du, m, r), av, 1.0, false);
+            apply_dropout(&mut dx, &dxd, self.dropout, self.seed, true);
         }
         Ok((
             Some(tensor(dx, x.shape())?),
@@ -901,7 +931,7 @@ mod tests {
                 |t| op.forward(t[0], t[1], t[2]).unwrap(),
                 |t| {
                     let x = t[0].reshape((2 * m, inp)).unwrap();
-                    let mask = dropout_mask(x.elem_count(), dropout, 11);
+                    let mask = crate::lora::dropout_mask(x.elem_count(), dropout, 11);
                     let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu).unwrap();
                     let xd = if dropout > 0.0 {
                         (&x * mask).unwrap()

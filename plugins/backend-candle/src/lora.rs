@@ -66,33 +66,125 @@ impl Lora {
 }
 
 /// The inverted-dropout mask for `n` inputs: each is kept (scaled by 1 / (1 - dropout)) or zeroed,
-/// drawn from `seed`, so the same seed gives the same mask. Each 64-bit hash of (seed, i / 4)
-/// (SplitMix64's finaliser) gives the draws of four elements, 16 bits each, so the mask is made
-/// in parallel, needs no sequence, and costs a quarter of a hash per element.
+/// drawn from `seed`, so the same seed gives the same mask. See [`apply_dropout`].
 pub(crate) fn dropout_mask(n: usize, dropout: f32, seed: u64) -> Vec<f32> {
-    use rayon::prelude::*;
-    let keep = 1.0 - dropout;
-    // Kept when a 16-bit draw, as a fraction, falls below `keep`.
-    let threshold = (f64::from(keep) * 65536.0) as u64;
-    let base = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03;
-    const CHUNK: usize = 16 * 1024; // a multiple of 4: chunks start on a hash boundary
     let mut mask = vec![0f32; n];
-    mask.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            for (j, four) in chunk.chunks_mut(4).enumerate() {
-                let i = ((c * CHUNK) / 4 + j) as u64;
-                let mut z = base.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                z ^= z >> 31;
-                for (h, m) in four.iter_mut().enumerate() {
-                    let draw = (z >> (16 * h)) & 0xffff;
-                    *m = if draw < threshold { 1.0 / keep } else { 0.0 };
-                }
-            }
-        });
+    apply_dropout(&mut mask, &vec![1f32; n], dropout, seed, false);
     mask
+}
+
+/// `dst = mask ⊙ src`, or `dst += mask ⊙ src` with `accumulate`, for the mask of
+/// [`dropout_mask`], drawn while it is applied instead of stored: the fused LoRA op applies it
+/// to the adapter's input in the forward pass and to the input's gradient in the backward pass.
+///
+/// Each 64-bit hash of (seed, i / 4) (SplitMix64's finaliser) gives the draws of four elements,
+/// 16 bits each, so the mask is made in parallel, needs no sequence, and costs a quarter of a
+/// hash per element.
+pub(crate) fn apply_dropout(
+    dst: &mut [f32],
+    src: &[f32],
+    dropout: f32,
+    seed: u64,
+    accumulate: bool,
+) {
+    use rayon::prelude::*;
+    assert_eq!(dst.len(), src.len(), "dropout: sizes differ");
+    let keep = 1.0 - dropout;
+    let mask = Mask {
+        // Kept when a 16-bit draw, as a fraction, falls below `keep`.
+        threshold: (f64::from(keep) * 65536.0) as u64,
+        kept: 1.0 / keep,
+        base: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03,
+    };
+    let apply = mask_fn();
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, (dst, src))| apply(&mask, (c * CHUNK / 4) as u64, dst, src, accumulate));
+}
+
+/// Elements per parallel task: a multiple of 4, so each task starts on a hash boundary.
+const CHUNK: usize = 16 * 1024;
+/// Hashes per step of the inner loop: 64 elements, four 512-bit vectors.
+const LANES: usize = 16;
+
+/// The draws of one mask.
+struct Mask {
+    threshold: u64,
+    kept: f32,
+    base: u64,
+}
+
+impl Mask {
+    /// The 64 draws of hash `i` (SplitMix64's finaliser of (seed, i)).
+    #[inline(always)]
+    fn hash(&self, i: u64) -> u64 {
+        let mut z = self
+            .base
+            .wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// The factor (kept or 0) of element `h` (0..4) of a hash; branch-free, since a branch
+    /// would mispredict on every dropped element.
+    #[inline(always)]
+    fn factor(&self, z: u64, h: usize) -> f32 {
+        let keep = ((z >> (16 * h)) & 0xffff < self.threshold) as u32;
+        f32::from_bits(self.kept.to_bits() & keep.wrapping_neg())
+    }
+
+    /// Applies the mask to one task's elements, whose first hash is `first`; written in
+    /// fixed-size steps so that the compiler vectorises the hashes.
+    #[inline(always)]
+    fn apply(&self, first: u64, dst: &mut [f32], src: &[f32], accumulate: bool) {
+        let (dst_steps, dst_tail) = dst.as_chunks_mut::<{ 4 * LANES }>();
+        let (src_steps, src_tail) = src.as_chunks::<{ 4 * LANES }>();
+        for (step, (d, s)) in dst_steps.iter_mut().zip(src_steps).enumerate() {
+            let i0 = first + (step * LANES) as u64;
+            let z: [u64; LANES] = std::array::from_fn(|l| self.hash(i0 + l as u64));
+            let f: [f32; 4 * LANES] = std::array::from_fn(|e| self.factor(z[e / 4], e % 4));
+            for e in 0..4 * LANES {
+                let v = s[e] * f[e];
+                d[e] = if accumulate { d[e] + v } else { v };
+            }
+        }
+        let i0 = first + (dst_steps.len() * LANES) as u64;
+        for (e, (d, s)) in dst_tail.iter_mut().zip(src_tail).enumerate() {
+            let v = s * self.factor(self.hash(i0 + (e / 4) as u64), e % 4);
+            *d = if accumulate { *d + v } else { v };
+        }
+    }
+}
+
+type ApplyFn = fn(&Mask, u64, &mut [f32], &[f32], bool);
+
+/// [`Mask::apply`] compiled for the widest vectors this CPU has (chosen once): the same
+/// integer draws and f32 products on every path, so the same mask everywhere.
+fn mask_fn() -> ApplyFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static CHOICE: std::sync::OnceLock<ApplyFn> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| {
+            if std::arch::is_x86_feature_detected!("avx512dq") {
+                |m, first, dst, src, acc| {
+                    // SAFETY: the CPU has AVX-512 DQ (checked above).
+                    unsafe { apply_avx512(m, first, dst, src, acc) }
+                }
+            } else {
+                Mask::apply
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Mask::apply
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn apply_avx512(mask: &Mask, first: u64, dst: &mut [f32], src: &[f32], acc: bool) {
+    mask.apply(first, dst, src, acc)
 }
 
 /// Uniform values in [-bound, bound) from a 64-bit LCG: reproducible across platforms and runs.
@@ -145,6 +237,39 @@ mod tests {
         assert!(m.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
         assert_eq!(m, dropout_mask(100_000, 0.1, 7));
         assert_ne!(m, dropout_mask(100_000, 0.1, 8));
+    }
+
+    #[test]
+    fn every_path_draws_the_same_mask() {
+        // A length that leaves a ragged tail after the 64-element steps and the 4-element hashes.
+        let n = 3 * 16 * 1024 + 64 * 5 + 7;
+        let src: Vec<f32> = (0..n).map(|i| i as f32 - 1000.5).collect();
+        let mask = dropout_mask(n, 0.1, 5);
+        let want: Vec<f32> = src.iter().zip(&mask).map(|(s, m)| s * m).collect();
+        let mut got = vec![0f32; n];
+        apply_dropout(&mut got, &src, 0.1, 5, false);
+        assert_eq!(got, want);
+        // Element by element, as a scalar reading of the definition would draw it.
+        let m = Mask {
+            threshold: (0.9f64 * 65536.0) as u64,
+            kept: 1.0 / 0.9,
+            base: 5u64.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03,
+        };
+        for (i, v) in mask.iter().enumerate() {
+            assert_eq!(*v, m.factor(m.hash((i / 4) as u64), i % 4), "element {i}");
+        }
+        let mut portable = vec![0f32; n];
+        for (c, (d, s)) in portable
+            .chunks_mut(CHUNK)
+            .zip(src.chunks(CHUNK))
+            .enumerate()
+        {
+            m.apply((c * CHUNK / 4) as u64, d, s, false);
+        }
+        assert_eq!(portable, want);
+        let mut acc = vec![1f32; n];
+        apply_dropout(&mut acc, &src, 0.1, 5, true);
+        assert!(acc.iter().zip(&want).all(|(a, w)| *a == 1.0 + w));
     }
 
     #[test]

@@ -118,7 +118,8 @@ pub enum Absmax {
 }
 
 impl Absmax {
-    fn get(&self, block: usize) -> f32 {
+    /// The maximum of block `block`.
+    pub fn get(&self, block: usize) -> f32 {
         match self {
             Absmax::F32(v) => v[block],
             Absmax::Double {

@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use crate::matmul::View;
+use crate::nf4::{Nf4Matrix, BLOCK, LEVELS};
 
 /// The bf16 kernel this process uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +143,118 @@ impl PackedB {
                 }
             }
         })
+    }
+}
+
+/// The 16 NF4 levels of each quantization block of `q` from `first_block` on (`blocks` of them),
+/// scaled by the block's maximum and rounded to bf16: level × maximum in f32, as
+/// [`Nf4Matrix::dequantize_rows`] computes it, then rounded, so a panel decoded with these
+/// tables holds the very values that dequantizing and packing would give.
+fn nf4_levels(q: &Nf4Matrix, first_block: usize, blocks: usize) -> Vec<[u16; 16]> {
+    (first_block..first_block + blocks)
+        .into_par_iter()
+        .map(|b| {
+            let max = q.absmax().get(b);
+            LEVELS.map(|level| bf16(level * max))
+        })
+        .collect()
+}
+
+impl PackedB {
+    /// Whether [`PackedB::nf4_transposed`] and [`PackedB::nf4_rows`] can read `q`: its rows
+    /// start on quantization blocks.
+    pub fn reads_nf4(q: &Nf4Matrix) -> bool {
+        q.cols.is_multiple_of(BLOCK)
+    }
+
+    /// [`PackedB::transposed`] of rows `first..first + n` of an NF4 weight (n, k), decoded from
+    /// its codes straight into the panels, with no f32 tile in between. Needs
+    /// [`PackedB::reads_nf4`].
+    pub fn nf4_transposed(q: &Nf4Matrix, first: usize, n: usize) -> Self {
+        let k = q.cols;
+        debug_assert!(Self::reads_nf4(q) && first + n <= q.rows);
+        let levels = nf4_levels(q, first * k / BLOCK, n * k / BLOCK);
+        let codes = &q.packed()[first * k / 2..(first + n) * k / 2];
+        Self::pack(k, n, |j, out| {
+            for c in 0..16 {
+                let row = j * 16 + c;
+                let bytes = &codes[row * k / 2..(row + 1) * k / 2];
+                // A byte holds one pair (W[row][2p], W[row][2p + 1]); a block, 32 bytes.
+                for (b, block) in bytes.chunks_exact(BLOCK / 2).enumerate() {
+                    let table = &levels[row * k / BLOCK + b];
+                    for (i, &byte) in block.iter().enumerate() {
+                        let p = b * BLOCK / 2 + i;
+                        out[p * 32 + 2 * c] = table[usize::from(byte >> 4)];
+                        out[p * 32 + 2 * c + 1] = table[usize::from(byte & 0x0f)];
+                    }
+                }
+            }
+        })
+    }
+
+    /// [`PackedB::rows`] of rows `first..first + k` of an NF4 weight (.., n), decoded from its
+    /// codes straight into the panels. Needs [`PackedB::reads_nf4`].
+    pub fn nf4_rows(q: &Nf4Matrix, first: usize, k: usize) -> Self {
+        let n = q.cols;
+        debug_assert!(Self::reads_nf4(q) && first + k <= q.rows);
+        let levels = nf4_levels(q, first * n / BLOCK, k * n / BLOCK);
+        let codes = &q.packed()[first * n / 2..(first + k) * n / 2];
+        Self::pack(k, n, |j, out| {
+            for (p, pair_row) in out.chunks_exact_mut(32).enumerate() {
+                for h in 0..2 {
+                    // 16 values of row 2p + h from column 16 j: 8 bytes inside one block.
+                    let start = (2 * p + h) * n + j * 16;
+                    let table = &levels[start / BLOCK];
+                    for (t, &byte) in codes[start / 2..start / 2 + 8].iter().enumerate() {
+                        pair_row[4 * t + h] = table[usize::from(byte >> 4)];
+                        pair_row[4 * t + 2 + h] = table[usize::from(byte & 0x0f)];
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl PackedB {
+    /// B from a view that is either row-major (k x n) or the transpose of a row-major (n x k)
+    /// matrix; `None` for other strides.
+    fn from_view(b: View) -> Option<Self> {
+        let (k, n) = (b.rows, b.cols);
+        if b.cs == 1 && b.rs == n {
+            Some(Self::rows(&b.data[..k * n], k, n))
+        } else if b.rs == 1 && b.cs == k {
+            Some(Self::transposed(&b.data[..n * k], n, k))
+        } else {
+            None
+        }
+    }
+}
+
+/// `dst` (lhs.rows x rhs.cols, row stride `ldd`) = `scale` · lhs · rhs, or += with
+/// `accumulate`: in bf16 where the CPU has a kernel and the shapes fit it, else in f32 gemm.
+/// The adapter's products go through here (the frozen ones pack their weights themselves).
+pub fn product(dst: &mut [f32], ldd: usize, lhs: View, rhs: View, scale: f32, accumulate: bool) {
+    let packed = (available() && fits(lhs.cols, rhs.cols))
+        .then(|| PackedB::from_view(rhs))
+        .flatten();
+    let Some(b) = packed else {
+        return crate::matmul::matmul(dst, ldd, lhs, rhs, scale, accumulate);
+    };
+    let a = PackedA::new(lhs);
+    if scale == 1.0 {
+        return matmul(dst, ldd, &a, &b, accumulate);
+    }
+    let (m, n) = (lhs.rows, rhs.cols);
+    let mut unscaled = vec![0f32; m * n];
+    matmul(&mut unscaled, n, &a, &b, false);
+    for (row, src) in dst.chunks_mut(ldd).zip(unscaled.chunks(n)) {
+        for (d, v) in row[..n].iter_mut().zip(src) {
+            *d = if accumulate {
+                *d + scale * v
+            } else {
+                scale * v
+            };
+        }
     }
 }
 
@@ -290,6 +403,48 @@ mod tests {
             matmul_on(kernel, &mut acc, n, &a, &PackedB::rows(&wt, k, n), true);
             let want1: Vec<f32> = want.iter().map(|v| v + 1.0).collect();
             check(&acc, &want1, k);
+        }
+    }
+
+    #[test]
+    fn nf4_panels_hold_the_values_of_dequantized_packing() {
+        let (rows, cols) = (96, 192);
+        for double_quant in [false, true] {
+            let q = Nf4Matrix::quantize(&values(rows * cols, 5), rows, cols, double_quant);
+            assert!(PackedB::reads_nf4(&q));
+            for (first, n) in [(0, 96), (16, 48), (32, 32)] {
+                let mut tile = vec![0f32; n * cols];
+                q.dequantize_rows(first, &mut tile);
+                let direct = PackedB::nf4_transposed(&q, first, n);
+                assert_eq!(direct.data, PackedB::transposed(&tile, n, cols).data);
+                let direct = PackedB::nf4_rows(&q, first, n);
+                assert_eq!(direct.data, PackedB::rows(&tile, n, cols).data);
+            }
+        }
+    }
+
+    #[test]
+    fn products_of_views_match_f32_with_scale_and_accumulation() {
+        let (m, k, n) = (40, 64, 32);
+        let x = values(m * k, 6);
+        let w = values(n * k, 7); // (n, k)
+        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect(); // (k, n)
+        let mut want = vec![0f32; m * n];
+        crate::matmul::matmul(
+            &mut want,
+            n,
+            View::rows(&x, m, k),
+            View::rows(&wt, k, n),
+            0.5,
+            false,
+        );
+        for rhs in [View::rows(&wt, k, n), View::rows(&w, n, k).t()] {
+            let mut got = vec![1f32; m * n];
+            product(&mut got, n, View::rows(&x, m, k), rhs, 0.5, true);
+            let want1: Vec<f32> = want.iter().map(|v| v + 1.0).collect();
+            check(&got, &want1, k);
+            product(&mut got, n, View::rows(&x, m, k), rhs, 0.5, false);
+            check(&got, &want, k);
         }
     }
 
