@@ -54,8 +54,10 @@ pub struct TrainOptions {
     /// steps, so that a killed run loses at most that many steps.
     pub checkpoint_dir: Option<std::path::PathBuf>,
     pub save_every: usize,
-    /// Products with the frozen base in bf16 (`compute = "bf16"`, the default, used where the
-    /// CPU has AMX or AVX512-BF16; see `crate::bf16`) or in f32 (`"f32"`). Adapters and optimiser are f32 always.
+    /// Products in bf16 (`compute = "bf16"`, the default, used where the CPU has AMX or
+    /// AVX512-BF16; see `crate::bf16`): the frozen base's and the adapter's, operands rounded
+    /// to bf16 and sums kept in f32, as QLoRA's bf16 compute dtype. Or all in f32 (`"f32"`).
+    /// The adapter's weights, their gradients and the optimiser are f32 always.
     pub bf16: bool,
 }
 
