@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use harness_abi::abi_stable::std_types::{RResult, RStr, RVec};
+use harness_abi::abi_stable::std_types::{RResult, RStr};
 use harness_abi::{BackendBox, Instance, MetricBox, PluginKind, Request, TaskBox};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -252,105 +252,8 @@ fn answer(
         }
         let chunk: Vec<&Instance> = todo[i..j].iter().map(|&k| &instances[k]).collect();
         let lines = match &first.request {
-            Request::Generate(_) => {
-                let reqs: RVec<_> = chunk
-                    .iter()
-                    .map(|inst| match &inst.request {
-                        Request::Generate(g) => g.clone(),
-                        Request::Choice(_) => unreachable!("chunks hold one kind"),
-                    })
-                    .collect();
-                let out = plugin_result(backend_entry, backend.generate(reqs))?;
-                if out.len() != chunk.len() {
-                    bail!(
-                        "backend `{}` answered {} of {} requests",
-                        plan.backend,
-                        out.len(),
-                        chunk.len()
-                    );
-                }
-                chunk
-                    .iter()
-                    .zip(out.iter())
-                    .map(|(inst, g)| {
-                        let Request::Generate(req) = &inst.request else {
-                            unreachable!()
-                        };
-                        let prediction = g.text.as_str();
-                        json!({
-                            "id": inst.id.as_str(),
-                            "group": inst.group.as_str(),
-                            "prompt": req.prompt.as_str(),
-                            "prediction": prediction,
-                            "target": inst.target.as_str(),
-                            "scores": scores(loaded, prediction, inst.target.as_str()),
-                            "prompt_tokens": g.prompt_tokens,
-                            "generated_tokens": g.generated_tokens,
-                        })
-                    })
-                    .collect::<Vec<_>>()
-            }
-            Request::Choice(_) => {
-                let reqs: RVec<_> = chunk
-                    .iter()
-                    .map(|inst| match &inst.request {
-                        Request::Choice(c) => c.clone(),
-                        Request::Generate(_) => unreachable!("chunks hold one kind"),
-                    })
-                    .collect();
-                let out = plugin_result(backend_entry, backend.score_choices(reqs))?;
-                if out.len() != chunk.len() {
-                    bail!(
-                        "backend `{}` answered {} of {} requests",
-                        plan.backend,
-                        out.len(),
-                        chunk.len()
-                    );
-                }
-                let mut lines = Vec::new();
-                for (inst, scored) in chunk.iter().zip(out.iter()) {
-                    let Request::Choice(req) = &inst.request else {
-                        unreachable!()
-                    };
-                    if scored.len() != req.options.len() {
-                        bail!(
-                            "backend `{}` scored {} of {} options",
-                            plan.backend,
-                            scored.len(),
-                            req.options.len()
-                        );
-                    }
-                    let ranked: Vec<f64> = scored
-                        .iter()
-                        .zip(req.options.iter())
-                        .map(|(s, o)| {
-                            if req.length_normalize {
-                                s.logprob / (o.len().max(1) as f64)
-                            } else {
-                                s.logprob
-                            }
-                        })
-                        .collect();
-                    let best =
-                        (0..ranked.len()).fold(0, |b, k| if ranked[k] > ranked[b] { k } else { b });
-                    let prediction = req
-                        .labels
-                        .get(best)
-                        .map(|l| l.as_str())
-                        .unwrap_or_else(|| req.options[best].as_str());
-                    lines.push(json!({
-                        "id": inst.id.as_str(),
-                        "group": inst.group.as_str(),
-                        "prompt": req.context.as_str(),
-                        "options": req.options.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
-                        "option_logprobs": scored.iter().map(|s| s.logprob).collect::<Vec<_>>(),
-                        "prediction": prediction,
-                        "target": inst.target.as_str(),
-                        "scores": scores(loaded, prediction, inst.target.as_str()),
-                    }));
-                }
-                lines
-            }
+            Request::Generate(_) => generated_lines(plan, backend_entry, backend, &chunk, loaded)?,
+            Request::Choice(_) => choice_lines(plan, backend_entry, backend, &chunk, loaded)?,
         };
         writer.append(&lines)?;
         pb.inc(chunk.len() as u64);
@@ -375,6 +278,111 @@ fn answer(
         generated,
         generated as f64 / generated_s.max(1e-9),
     );
+    Ok(())
+}
+
+/// Sends a batch of generation requests and makes their sample lines.
+fn generated_lines(
+    plan: &EvalPlan,
+    backend_entry: &Entry,
+    backend: &mut BackendBox,
+    chunk: &[&Instance],
+    loaded: &Loaded,
+) -> Result<Vec<serde_json::Value>> {
+    let reqs: Vec<_> = chunk
+        .iter()
+        .map(|inst| match &inst.request {
+            Request::Generate(g) => g,
+            Request::Choice(_) => unreachable!("chunks hold one kind"),
+        })
+        .collect();
+    let out = plugin_result(
+        backend_entry,
+        backend.generate(reqs.iter().map(|&g| g.clone()).collect()),
+    )?;
+    check_answered(plan, "answered", out.len(), chunk.len(), "requests")?;
+    Ok(chunk
+        .iter()
+        .zip(&reqs)
+        .zip(out.iter())
+        .map(|((inst, req), g)| {
+            let prediction = g.text.as_str();
+            json!({
+                "id": inst.id.as_str(),
+                "group": inst.group.as_str(),
+                "prompt": req.prompt.as_str(),
+                "prediction": prediction,
+                "target": inst.target.as_str(),
+                "scores": scores(loaded, prediction, inst.target.as_str()),
+                "prompt_tokens": g.prompt_tokens,
+                "generated_tokens": g.generated_tokens,
+            })
+        })
+        .collect())
+}
+
+/// Sends a batch of multiple-choice requests and makes their sample lines: the prediction is
+/// the option with the highest log-likelihood (per character with `length_normalize`), the
+/// first of equals.
+fn choice_lines(
+    plan: &EvalPlan,
+    backend_entry: &Entry,
+    backend: &mut BackendBox,
+    chunk: &[&Instance],
+    loaded: &Loaded,
+) -> Result<Vec<serde_json::Value>> {
+    let reqs: Vec<_> = chunk
+        .iter()
+        .map(|inst| match &inst.request {
+            Request::Choice(c) => c,
+            Request::Generate(_) => unreachable!("chunks hold one kind"),
+        })
+        .collect();
+    let out = plugin_result(
+        backend_entry,
+        backend.score_choices(reqs.iter().map(|&c| c.clone()).collect()),
+    )?;
+    check_answered(plan, "answered", out.len(), chunk.len(), "requests")?;
+    let mut lines = Vec::with_capacity(chunk.len());
+    for ((inst, req), scored) in chunk.iter().zip(&reqs).zip(out.iter()) {
+        check_answered(plan, "scored", scored.len(), req.options.len(), "options")?;
+        let ranked: Vec<f64> = scored
+            .iter()
+            .zip(req.options.iter())
+            .map(|(s, o)| {
+                if req.length_normalize {
+                    s.logprob / (o.len().max(1) as f64)
+                } else {
+                    s.logprob
+                }
+            })
+            .collect();
+        let best = (0..ranked.len()).fold(0, |b, k| if ranked[k] > ranked[b] { k } else { b });
+        let prediction = req
+            .labels
+            .get(best)
+            .map(|l| l.as_str())
+            .unwrap_or_else(|| req.options[best].as_str());
+        lines.push(json!({
+            "id": inst.id.as_str(),
+            "group": inst.group.as_str(),
+            "prompt": req.context.as_str(),
+            "options": req.options.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+            "option_logprobs": scored.iter().map(|s| s.logprob).collect::<Vec<_>>(),
+            "prediction": prediction,
+            "target": inst.target.as_str(),
+            "scores": scores(loaded, prediction, inst.target.as_str()),
+        }));
+    }
+    Ok(lines)
+}
+
+/// A backend that returned fewer (or more) answers than it was asked for is an error, not a
+/// shifted results file.
+fn check_answered(plan: &EvalPlan, verb: &str, got: usize, asked: usize, what: &str) -> Result<()> {
+    if got != asked {
+        bail!("backend `{}` {verb} {got} of {asked} {what}", plan.backend);
+    }
     Ok(())
 }
 
