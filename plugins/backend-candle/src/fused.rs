@@ -23,8 +23,9 @@ use crate::portable::Nf4Tensors;
 
 type R<T> = candle_core::Result<T>;
 
-/// Output rows of an NF4 weight dequantized at once: enough for gemm to run well, small enough
-/// to stay in cache (256 x 1536 f32 is 1.5 MiB).
+/// Output rows of an NF4 weight decoded at once (into f32 for gemm, or straight into bf16 panels
+/// for the bf16 kernels): enough for the product to run well, small enough to stay in cache
+/// (256 x 1536 f32 is 1.5 MiB).
 const TILE_ROWS: usize = 256;
 
 /// Elements per parallel task of the element-wise ops.
@@ -52,7 +53,7 @@ fn tensor(data: Vec<f32>, shape: &Shape) -> R<Tensor> {
 pub enum Frozen {
     /// Row-major f32.
     Dense(Tensor),
-    /// NF4, dequantized one tile of rows at a time (no full-precision copy is ever made).
+    /// NF4, decoded one tile of rows at a time (no full-precision copy is ever made).
     Nf4(Arc<Nf4Matrix>),
     /// NF4 as tensors on any device, for the portable path (tensor ops, not the ops here).
     Nf4Tensors(Arc<Nf4Tensors>),
@@ -857,6 +858,48 @@ impl CustomOp1 for CrossEntropy {
 mod tests {
     use super::*;
     use candle_core::{Var, D};
+
+    #[test]
+    fn lora_linear_in_bf16_stays_close_to_f32() {
+        // Shapes that every product of the op takes in bf16 (inner sizes multiples of 32, outputs
+        // of 16), the weight gradients dA and dB included.
+        let (out, inp, r, m) = (48, 64, 32, 32);
+        let w = crate::llama::testing::uniform(out * inp, 0.5, 7);
+        let q = Arc::new(Nf4Matrix::quantize(&w, out, inp, true));
+        let run = |bf16: bool| {
+            let op = LoraLinear {
+                base: Frozen::Nf4(q.clone()),
+                scale: 0.5,
+                dropout: 0.1,
+                seed: 3,
+                bf16,
+            };
+            let x = candle_core::Var::from_tensor(&rand(&[2, m, inp], 1)).unwrap();
+            let a = candle_core::Var::from_tensor(&rand(&[r, inp], 2)).unwrap();
+            let b = candle_core::Var::from_tensor(&rand(&[out, r], 3)).unwrap();
+            let y = op.forward(&x, &a, &b).unwrap();
+            let loss = (&y * rand(&[2, m, out], 4)).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let grad = |v: &candle_core::Var| grads.get(v).unwrap().clone();
+            [y.clone(), grad(&x), grad(&a), grad(&b)]
+        };
+        let (low, full) = (run(true), run(false));
+        if !crate::bf16::available() {
+            eprintln!("no bf16 kernel on this machine: skipped");
+            return;
+        }
+        for (what, (l, f)) in ["y", "dx", "dA", "dB"].iter().zip(low.iter().zip(&full)) {
+            let (l, f) = (values(l).unwrap(), values(f).unwrap());
+            // Equal values would mean the f32 path ran: the test would check nothing.
+            assert_ne!(l, f, "{what} did not run in bf16");
+            let diff: f32 = l.iter().zip(&f).map(|(a, b)| (a - b).powi(2)).sum();
+            let norm: f32 = f.iter().map(|b| b * b).sum();
+            let rel = (diff / norm).sqrt();
+            // Operands keep 8 bits of mantissa: errors of a few parts in a thousand.
+            assert!(rel < 1e-2, "{what}: {rel:.2e} off in relative norm");
+            eprintln!("{what}: {rel:.2e} off in relative norm");
+        }
+    }
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();

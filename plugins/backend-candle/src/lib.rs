@@ -398,31 +398,11 @@ extern "C" fn manifest() -> RVec<PluginInfo> {
     }])
 }
 
-/// Gives candle's own CPU thread pool no workers, unless the user sized it
-/// (`CANDLE_NUM_THREADS`). candle runs element-wise ops on large tensors on a pool beside
-/// rayon's whose idle workers spin for a while after each op, on the very cores our rayon
-/// workers need next: on this project's 2-core reference machine that spinning took about 9%
-/// of a training step's CPU time, and training ran about 15% faster without it (`harness
-/// bench train`, medians of interleaved runs). Our heavy work runs on rayon; those element-wise
-/// ops then run on the calling thread.
-fn keep_candle_pool_empty() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-            // candle reads the variable when it first builds the pool, which happens in the
-            // first large op, after this. The host's other threads (Ctrl-C handler, rayon
-            // workers) never read the environment, so writing it here races with nothing.
-            std::env::set_var("CANDLE_NUM_THREADS", "1");
-        }
-    });
-}
-
 extern "C" fn new_backend(name: RStr<'_>, options: RStr<'_>) -> RResult<BackendBox, RString> {
     if name.as_str() != NAME {
         return not_provided(PluginKind::Backend, name);
     }
     guard(NAME, || {
-        keep_candle_pool_empty();
         let config = Config::from_toml(options.as_str()).map_err(text)?;
         let backend = CandleBackend::load(&config).map_err(text)?;
         Ok(Backend_TO::from_value(backend, TD_Opaque))

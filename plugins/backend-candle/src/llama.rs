@@ -43,7 +43,7 @@ impl Config {
 struct Mode {
     /// Training: LoRA dropout on, and the fused ops that keep little for the backward pass.
     train: bool,
-    /// Training's frozen products in bf16 (AMX or AVX512-BF16).
+    /// Training's products (frozen weights and adapters) in bf16 (AMX or AVX512-BF16).
     bf16: bool,
     /// Candle tensor ops only (see `portable`): always off the CPU, where the fused ops
     /// cannot run; on the CPU, the fused ops' cross-check.
@@ -245,7 +245,7 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
-    /// Training or evaluation, and the precision of frozen products in training.
+    /// Training or evaluation, and the precision of training's products.
     mode: Mode,
 }
 
@@ -433,8 +433,8 @@ impl Llama {
         self.mode.train = training;
     }
 
-    /// Whether training multiplies by the frozen weights in bf16 (where the CPU has AMX or
-    /// AVX512-BF16; elsewhere in f32 either way). Evaluation is always f32.
+    /// Whether training's products (frozen weights and adapters) run in bf16 (where the CPU
+    /// has AMX or AVX512-BF16; elsewhere in f32 either way). Evaluation is always f32.
     pub fn set_bf16(&mut self, bf16: bool) {
         self.mode.bf16 = bf16;
     }

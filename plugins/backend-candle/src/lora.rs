@@ -167,9 +167,11 @@ fn mask_fn() -> ApplyFn {
     {
         static CHOICE: std::sync::OnceLock<ApplyFn> = std::sync::OnceLock::new();
         *CHOICE.get_or_init(|| {
-            if std::arch::is_x86_feature_detected!("avx512dq") {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+            {
                 |m, first, dst, src, acc| {
-                    // SAFETY: the CPU has AVX-512 DQ (checked above).
+                    // SAFETY: the CPU has AVX-512 F and DQ (checked above).
                     unsafe { apply_avx512(m, first, dst, src, acc) }
                 }
             } else {
@@ -245,6 +247,16 @@ mod tests {
         let n = 3 * 16 * 1024 + 64 * 5 + 7;
         let src: Vec<f32> = (0..n).map(|i| i as f32 - 1000.5).collect();
         let mask = dropout_mask(n, 0.1, 5);
+        // The dropped elements among the first 256, from an independent (Python) reading of the
+        // definition: SplitMix64 of (seed, i / 4), draw i % 4 of 16 bits, dropped at >= 58982.
+        let dropped: Vec<usize> = (0..256).filter(|&i| mask[i] == 0.0).collect();
+        assert_eq!(
+            dropped,
+            [
+                3, 10, 34, 36, 47, 51, 58, 63, 74, 85, 95, 129, 139, 144, 155, 165, 169, 173, 185,
+                186, 188, 192, 208, 223, 236, 243, 248
+            ]
+        );
         let want: Vec<f32> = src.iter().zip(&mask).map(|(s, m)| s * m).collect();
         let mut got = vec![0f32; n];
         apply_dropout(&mut got, &src, 0.1, 5, false);

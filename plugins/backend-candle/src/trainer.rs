@@ -558,7 +558,8 @@ pub(crate) mod tests {
     }
 
     /// The loss and gradients of the tiny model on `device` (off the CPU the path is portable;
-    /// on it, `portable` chooses), with `bf16` frozen products where the CPU has a kernel.
+    /// on it, `portable` chooses), with `bf16` products where the CPU has a kernel (and the
+    /// shapes fit it: the rank-4 adapters' products here stay f32).
     pub(crate) fn tiny_gradients_on(
         device: &Device,
         training: bool,
@@ -617,8 +618,8 @@ pub(crate) mod tests {
 
     #[test]
     fn bf16_products_give_gradients_close_to_f32() {
-        // Where the CPU has a bf16 kernel the frozen products run in bf16: 8 bits of mantissa per
-        // operand.
+        // Where the CPU has a bf16 kernel the frozen products run in bf16: 8 bits of mantissa
+        // per operand (the adapter's are checked in `fused`).
         // Elsewhere both runs are f32 and equal.
         let (f32_loss, f32_grads) = tiny_gradients_on(&Device::Cpu, true, 0.0, false, false, false);
         let (bf_loss, bf_grads) = tiny_gradients_on(&Device::Cpu, true, 0.0, false, true, false);

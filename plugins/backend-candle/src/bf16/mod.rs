@@ -1,4 +1,4 @@
-//! bf16 matrix products for the frozen-weight products of training, on whichever of two kinds
+//! bf16 matrix products for training (frozen weights and adapters), on whichever of two kinds
 //! of hardware the CPU has: AMX tiles ([`amx`], Intel Xeon since Sapphire Rapids) or AVX512-BF16
 //! dot products ([`avx512`], AMD Zen 4 and later, some Intel Xeons). Either is several times (AMX)
 //! or about twice (AVX512-BF16) as fast as f32 gemm on the same cores. [`kernel`] picks one once;
@@ -438,13 +438,17 @@ mod tests {
             0.5,
             false,
         );
-        for rhs in [View::rows(&wt, k, n), View::rows(&w, n, k).t()] {
-            let mut got = vec![1f32; m * n];
-            product(&mut got, n, View::rows(&x, m, k), rhs, 0.5, true);
-            let want1: Vec<f32> = want.iter().map(|v| v + 1.0).collect();
-            check(&got, &want1, k);
-            product(&mut got, n, View::rows(&x, m, k), rhs, 0.5, false);
-            check(&got, &want, k);
+        // The left operand also as the transpose of a (k, m) matrix: strided packing.
+        let xt: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect(); // (k, m)
+        for lhs in [View::rows(&x, m, k), View::rows(&xt, k, m).t()] {
+            for rhs in [View::rows(&wt, k, n), View::rows(&w, n, k).t()] {
+                let mut got = vec![1f32; m * n];
+                product(&mut got, n, lhs, rhs, 0.5, true);
+                let want1: Vec<f32> = want.iter().map(|v| v + 1.0).collect();
+                check(&got, &want1, k);
+                product(&mut got, n, lhs, rhs, 0.5, false);
+                check(&got, &want, k);
+            }
         }
     }
 
