@@ -36,19 +36,21 @@ fn main() -> ExitCode {
     }
 }
 
-/// Tells candle (the candle backend's tensor library) to park its own CPU workers as soon as
-/// they are idle, unless the user set `CANDLE_BARRIER_POOL_SPIN_LIMIT`. candle runs element-wise
-/// ops on large tensors on a pool beside rayon's, whose idle workers otherwise spin for a while
-/// after each op on the very cores that the backend's rayon work needs next. On the project's
-/// 2-core reference machine that spinning took about 9% of a training step's CPU time, and
-/// `harness bench train` ran about 15% faster without it (medians of interleaved runs).
+/// Gives candle (the candle backend's tensor library) no CPU pool of its own, unless the user
+/// sized it (`CANDLE_NUM_THREADS`). candle runs element-wise ops on large tensors on a pool
+/// beside rayon's, whose idle workers spin for a while after each op on the very cores that
+/// the backend's rayon work needs next. On the project's 2-core reference machine that spinning
+/// took about 9% of a training step's CPU time, and `harness bench train` ran about 15% faster
+/// without the pool (medians of interleaved runs; parking its workers at once instead, with
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT=0`, did about as well). Those element-wise ops then run on
+/// the calling thread; the heavy work is the backend's, on rayon.
 ///
 /// Set here, first thing in `main`, because the environment may only be written while no other
 /// thread exists; candle reads the variable when it first builds its pool.
 fn quiet_candle_pool() {
-    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    const VAR: &str = "CANDLE_NUM_THREADS";
     if std::env::var_os(VAR).is_none() {
-        std::env::set_var(VAR, "0");
+        std::env::set_var(VAR, "1");
     }
 }
 
