@@ -44,6 +44,42 @@ fn values(t: &Tensor) -> R<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
+/// A tensor's values, row-major, read in place when it is a contiguous f32 tensor on the CPU
+/// (the inputs and gradients that backward passes read nearly always are), else copied: a copy
+/// of each would be a pass over memory on the calling thread, about a gigabyte a training step.
+/// The storage stays read-locked while this lives; nothing writes tensors during a backward pass.
+enum Values<'a> {
+    InPlace(candle_core::StorageRef<'a>, std::ops::Range<usize>),
+    Copied(Vec<f32>),
+}
+
+impl<'a> Values<'a> {
+    fn of(t: &'a Tensor) -> R<Self> {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(_)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(Values::InPlace(storage, start..end));
+        }
+        drop(storage);
+        Ok(Values::Copied(values(t)?))
+    }
+}
+
+impl std::ops::Deref for Values<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            Values::InPlace(storage, range) => match &**storage {
+                candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[range.clone()],
+                _ => unreachable!("Values::of borrows CPU f32 storage only"),
+            },
+            Values::Copied(v) => v,
+        }
+    }
+}
+
 fn tensor(data: Vec<f32>, shape: &Shape) -> R<Tensor> {
     Tensor::from_vec(data, shape.clone(), &Device::Cpu)
 }
@@ -224,7 +260,7 @@ impl CustomOp1 for FrozenLinear {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> R<Option<Tensor>> {
         let (_, inp) = self.0.dims()?;
-        let dy = values(grad)?;
+        let dy = Values::of(grad)?;
         let m = x.elem_count() / inp;
         let mut dx = vec![0f32; m * inp];
         self.0.backward(&dy, m, &mut dx, false)?;
@@ -332,7 +368,12 @@ impl CustomOp3 for LoraLinear {
     ) -> R<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out, inp) = self.base.dims()?;
         let r = a.dim(0)?;
-        let (xs, av, bv, dy) = (values(x)?, values(a)?, values(b)?, values(grad)?);
+        let (xs, av, bv, dy) = (
+            Values::of(x)?,
+            Values::of(a)?,
+            Values::of(b)?,
+            Values::of(grad)?,
+        );
         let m = xs.len() / inp;
         let mm = self.adapter_product();
         let mut dx = vec![0f32; m * inp];
@@ -416,7 +457,7 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> R<Option<Tensor>> {
-        let (xs, dy, w) = (values(x)?, values(grad)?, values(&self.weight)?);
+        let (xs, dy, w) = (Values::of(x)?, Values::of(grad)?, Values::of(&self.weight)?);
         let n = w.len();
         let mut dx = vec![0f32; xs.len()];
         // With r = 1/sqrt(mean(x²) + eps) and g = dy ⊙ w: dx = r · (g - x · r² · mean(g ⊙ x)).
@@ -424,9 +465,14 @@ impl CustomOp1 for RmsNorm {
             .zip(xs.par_chunks(n).zip(dy.par_chunks(n)))
             .for_each(|(dx, (x, dy))| {
                 let r = inv_rms(x, self.eps);
-                let gx: f32 = x.iter().zip(dy).zip(&w).map(|((x, d), w)| x * d * w).sum();
+                let gx: f32 = x
+                    .iter()
+                    .zip(dy)
+                    .zip(w.iter())
+                    .map(|((x, d), w)| x * d * w)
+                    .sum();
                 let c = r * r * gx / n as f32;
-                for (((dx, x), dy), w) in dx.iter_mut().zip(x).zip(dy).zip(&w) {
+                for (((dx, x), dy), w) in dx.iter_mut().zip(x).zip(dy).zip(w.iter()) {
                     *dx = r * (dy * w - x * c);
                 }
             });
@@ -486,7 +532,7 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> R<(Option<Tensor>, Option<Tensor>)> {
-        let (gs, us, dy) = (values(g)?, values(u)?, values(grad)?);
+        let (gs, us, dy) = (Values::of(g)?, Values::of(u)?, Values::of(grad)?);
         let mut dg = vec![0f32; gs.len()];
         let mut du = vec![0f32; gs.len()];
         dg.par_chunks_mut(CHUNK)
@@ -696,7 +742,12 @@ impl CustomOp3 for CausalAttention {
         grad: &Tensor,
     ) -> R<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, t, _) = q.dims3()?;
-        let (qs, ks, vs, dy) = (values(q)?, values(k)?, values(v)?, values(grad)?);
+        let (qs, ks, vs, dy) = (
+            Values::of(q)?,
+            Values::of(k)?,
+            Values::of(v)?,
+            Values::of(grad)?,
+        );
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
         let rep = nh / nkv;
         let scale = 1.0 / (d as f32).sqrt();

@@ -240,22 +240,8 @@ pub fn product(dst: &mut [f32], ldd: usize, lhs: View, rhs: View, scale: f32, ac
     let Some(b) = packed else {
         return crate::matmul::matmul(dst, ldd, lhs, rhs, scale, accumulate);
     };
-    let a = PackedA::new(lhs);
-    if scale == 1.0 {
-        return matmul(dst, ldd, &a, &b, accumulate);
-    }
-    let (m, n) = (lhs.rows, rhs.cols);
-    let mut unscaled = vec![0f32; m * n];
-    matmul(&mut unscaled, n, &a, &b, false);
-    for (row, src) in dst.chunks_mut(ldd).zip(unscaled.chunks(n)) {
-        for (d, v) in row[..n].iter_mut().zip(src) {
-            *d = if accumulate {
-                *d + scale * v
-            } else {
-                scale * v
-            };
-        }
-    }
+    let kernel = kernel().expect("available() was checked");
+    matmul_on(kernel, dst, ldd, &PackedA::new(lhs), &b, scale, accumulate);
 }
 
 /// Whether a product with inner size `k` and `n` output columns has the shapes the kernels need.
@@ -267,16 +253,19 @@ pub fn fits(k: usize, n: usize) -> bool {
 /// [`available`] and [`fits`] first.
 pub fn matmul(dst: &mut [f32], ldd: usize, a: &PackedA, b: &PackedB, accumulate: bool) {
     let kernel = kernel().expect("bf16 product called without a bf16 kernel");
-    matmul_on(kernel, dst, ldd, a, b, accumulate);
+    matmul_on(kernel, dst, ldd, a, b, 1.0, accumulate);
 }
 
-/// [`matmul`] on a given kernel, which the CPU must have.
+/// `dst` = `scale` · A · B (or += with `accumulate`) on a given kernel, which the CPU must
+/// have. The scale is applied as the kernel's sums are written out: one f32 product per
+/// output, so a scale of 1 changes no bit.
 fn matmul_on(
     kernel: Kernel,
     dst: &mut [f32],
     ldd: usize,
     a: &PackedA,
     b: &PackedB,
+    scale: f32,
     accumulate: bool,
 ) {
     assert!(
@@ -319,10 +308,12 @@ fn matmul_on(
                 let dst = &mut row[j0 * 16..j0 * 16 + cols];
                 if accumulate {
                     for (d, s) in dst.iter_mut().zip(src) {
-                        *d += s;
+                        *d += scale * s;
                     }
                 } else {
-                    dst.copy_from_slice(src);
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = scale * s;
+                    }
                 }
             }
         }
@@ -394,13 +385,22 @@ mod tests {
                 n,
                 &a,
                 &PackedB::transposed(&w, n, k),
+                1.0,
                 false,
             );
             check(&got, &want, k);
             // The same product with B given as W's transpose in rows, accumulated onto ones.
             let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect(); // (k, n)
             let mut acc = vec![1f32; m * n];
-            matmul_on(kernel, &mut acc, n, &a, &PackedB::rows(&wt, k, n), true);
+            matmul_on(
+                kernel,
+                &mut acc,
+                n,
+                &a,
+                &PackedB::rows(&wt, k, n),
+                1.0,
+                true,
+            );
             let want1: Vec<f32> = want.iter().map(|v| v + 1.0).collect();
             check(&acc, &want1, k);
         }
