@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use harness_abi::abi_stable::std_types::{RResult, RStr};
-use harness_abi::{BackendBox, Instance, MetricBox, PluginKind, Request, TaskBox};
+use harness_abi::{
+    BackendBox, ChoiceRequest, GenerateRequest, Instance, MetricBox, PluginKind, Request, TaskBox,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -223,11 +225,30 @@ fn progress(total: u64, done: u64) -> ProgressBar {
 }
 
 /// Whether two instances can go to the backend in the same call.
-fn same_kind(a: &Instance, b: &Instance) -> bool {
-    matches!(
-        (&a.request, &b.request),
-        (Request::Generate(_), Request::Generate(_)) | (Request::Choice(_), Request::Choice(_))
-    )
+/// Consecutive instances of one request kind, with their requests: what is sent to the backend
+/// in one call.
+enum Batch<'a> {
+    Generate(Vec<(&'a Instance, &'a GenerateRequest)>),
+    Choice(Vec<(&'a Instance, &'a ChoiceRequest)>),
+}
+
+impl<'a> Batch<'a> {
+    fn new(inst: &'a Instance) -> Self {
+        match &inst.request {
+            Request::Generate(g) => Batch::Generate(vec![(inst, g)]),
+            Request::Choice(c) => Batch::Choice(vec![(inst, c)]),
+        }
+    }
+
+    /// Adds `inst` if its request is of this batch's kind.
+    fn push(&mut self, inst: &'a Instance) -> bool {
+        match (self, &inst.request) {
+            (Batch::Generate(b), Request::Generate(g)) => b.push((inst, g)),
+            (Batch::Choice(b), Request::Choice(c)) => b.push((inst, c)),
+            _ => return false,
+        }
+        true
+    }
 }
 
 fn answer(
@@ -245,18 +266,17 @@ fn answer(
     let before = backend.stats();
     let mut i = 0;
     while i < todo.len() {
-        let first = &instances[todo[i]];
+        let mut batch = Batch::new(&instances[todo[i]]);
         let mut j = i + 1;
-        while j < todo.len() && j - i < plan.batch && same_kind(first, &instances[todo[j]]) {
+        while j < todo.len() && j - i < plan.batch && batch.push(&instances[todo[j]]) {
             j += 1;
         }
-        let chunk: Vec<&Instance> = todo[i..j].iter().map(|&k| &instances[k]).collect();
-        let lines = match &first.request {
-            Request::Generate(_) => generated_lines(plan, backend_entry, backend, &chunk, loaded)?,
-            Request::Choice(_) => choice_lines(plan, backend_entry, backend, &chunk, loaded)?,
+        let lines = match &batch {
+            Batch::Generate(b) => generated_lines(plan, backend_entry, backend, b, loaded)?,
+            Batch::Choice(b) => choice_lines(plan, backend_entry, backend, b, loaded)?,
         };
         writer.append(&lines)?;
-        pb.inc(chunk.len() as u64);
+        pb.inc((j - i) as u64);
         i = j;
     }
     pb.finish_and_clear();
@@ -286,24 +306,14 @@ fn generated_lines(
     plan: &EvalPlan,
     backend_entry: &Entry,
     backend: &mut BackendBox,
-    chunk: &[&Instance],
+    batch: &[(&Instance, &GenerateRequest)],
     loaded: &Loaded,
 ) -> Result<Vec<serde_json::Value>> {
-    let reqs: Vec<_> = chunk
+    let reqs = batch.iter().map(|(_, g)| (*g).clone()).collect();
+    let out = plugin_result(backend_entry, backend.generate(reqs))?;
+    check_answered(plan, "answered", out.len(), batch.len(), "requests")?;
+    Ok(batch
         .iter()
-        .map(|inst| match &inst.request {
-            Request::Generate(g) => g,
-            Request::Choice(_) => unreachable!("chunks hold one kind"),
-        })
-        .collect();
-    let out = plugin_result(
-        backend_entry,
-        backend.generate(reqs.iter().map(|&g| g.clone()).collect()),
-    )?;
-    check_answered(plan, "answered", out.len(), chunk.len(), "requests")?;
-    Ok(chunk
-        .iter()
-        .zip(&reqs)
         .zip(out.iter())
         .map(|((inst, req), g)| {
             let prediction = g.text.as_str();
@@ -328,23 +338,14 @@ fn choice_lines(
     plan: &EvalPlan,
     backend_entry: &Entry,
     backend: &mut BackendBox,
-    chunk: &[&Instance],
+    batch: &[(&Instance, &ChoiceRequest)],
     loaded: &Loaded,
 ) -> Result<Vec<serde_json::Value>> {
-    let reqs: Vec<_> = chunk
-        .iter()
-        .map(|inst| match &inst.request {
-            Request::Choice(c) => c,
-            Request::Generate(_) => unreachable!("chunks hold one kind"),
-        })
-        .collect();
-    let out = plugin_result(
-        backend_entry,
-        backend.score_choices(reqs.iter().map(|&c| c.clone()).collect()),
-    )?;
-    check_answered(plan, "answered", out.len(), chunk.len(), "requests")?;
-    let mut lines = Vec::with_capacity(chunk.len());
-    for ((inst, req), scored) in chunk.iter().zip(&reqs).zip(out.iter()) {
+    let reqs = batch.iter().map(|(_, c)| (*c).clone()).collect();
+    let out = plugin_result(backend_entry, backend.score_choices(reqs))?;
+    check_answered(plan, "answered", out.len(), batch.len(), "requests")?;
+    let mut lines = Vec::with_capacity(batch.len());
+    for ((inst, req), scored) in batch.iter().zip(out.iter()) {
         check_answered(plan, "scored", scored.len(), req.options.len(), "options")?;
         let ranked: Vec<f64> = scored
             .iter()

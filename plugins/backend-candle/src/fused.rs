@@ -27,6 +27,15 @@ type R<T> = candle_core::Result<T>;
 /// for the bf16 kernels): enough for the product to run well, small enough to stay in cache
 /// (256 x 1536 f32 is 1.5 MiB).
 const TILE_ROWS: usize = 256;
+// Every tile but the last is a whole number of the bf16 kernels' 32-row blocks.
+const _: () = assert!(TILE_ROWS.is_multiple_of(32));
+
+/// The tiles of a weight with `rows` rows, as (first row, rows).
+fn tile_rows(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows)
+        .step_by(TILE_ROWS)
+        .map(move |first| (first, TILE_ROWS.min(rows - first)))
+}
 
 /// Elements per parallel task of the element-wise ops.
 const CHUNK: usize = 8 * 1024;
@@ -129,8 +138,7 @@ impl Frozen {
             }
             Frozen::Nf4(q) => {
                 let mut buf = vec![0f32; TILE_ROWS.min(q.rows) * q.cols];
-                for first in (0..q.rows).step_by(TILE_ROWS) {
-                    let rows = TILE_ROWS.min(q.rows - first);
+                for (first, rows) in tile_rows(q.rows) {
                     let tile = &mut buf[..rows * q.cols];
                     q.dequantize_rows(first, tile);
                     f(first, rows, tile);
@@ -150,11 +158,7 @@ impl Frozen {
     /// quantization blocks, and every tile of rows a multiple of 32 (the kernels' blocks).
     fn nf4_in_bf16_tiles(&self) -> Option<&Nf4Matrix> {
         match self {
-            Frozen::Nf4(q)
-                if crate::bf16::PackedB::reads_nf4(q)
-                    && q.rows.is_multiple_of(32)
-                    && TILE_ROWS.is_multiple_of(32) =>
-            {
+            Frozen::Nf4(q) if crate::bf16::PackedB::reads_nf4(q) && q.rows.is_multiple_of(32) => {
                 Some(q)
             }
             _ => None,
@@ -169,8 +173,7 @@ impl Frozen {
         let xv = View::rows(x, m, inp);
         let packed = (bf16 && crate::bf16::available()).then(|| PackedA::new(xv));
         if let (Some(a), Some(q)) = (&packed, self.nf4_in_bf16_tiles()) {
-            for first in (0..out).step_by(TILE_ROWS) {
-                let rows = TILE_ROWS.min(out - first);
+            for (first, rows) in tile_rows(out) {
                 let b = PackedB::nf4_transposed(q, first, rows);
                 bf16_matmul(&mut y[first..], out, a, &b, false);
             }
@@ -194,8 +197,7 @@ impl Frozen {
         let (out, inp) = self.dims()?;
         let low = bf16 && crate::bf16::available();
         if let Some(q) = self.nf4_in_bf16_tiles().filter(|_| low) {
-            for first in (0..out).step_by(TILE_ROWS) {
-                let rows = TILE_ROWS.min(out - first);
+            for (first, rows) in tile_rows(out) {
                 let a = PackedA::new(View::rows(dy, m, out).cols_range(first, rows));
                 bf16_matmul(dx, inp, &a, &PackedB::nf4_rows(q, first, rows), true);
             }

@@ -160,6 +160,21 @@ fn nf4_levels(q: &Nf4Matrix, first_block: usize, blocks: usize) -> Vec<[u16; 16]
         .collect()
 }
 
+/// Rows `first..first + rows` of an NF4 weight that [`PackedB::reads_nf4`]: the level tables of
+/// their blocks (see [`nf4_levels`]) and their codes, both indexed from the tile's first value.
+fn nf4_tile(q: &Nf4Matrix, first: usize, rows: usize) -> (Vec<[u16; 16]>, &[u8]) {
+    let cols = q.cols;
+    assert!(
+        PackedB::reads_nf4(q) && first + rows <= q.rows,
+        "NF4 tile outside the weight, or rows not starting on quantization blocks"
+    );
+    let levels = nf4_levels(q, first * cols / BLOCK, rows * cols / BLOCK);
+    (
+        levels,
+        &q.packed()[first * cols / 2..(first + rows) * cols / 2],
+    )
+}
+
 impl PackedB {
     /// Whether [`PackedB::nf4_transposed`] and [`PackedB::nf4_rows`] can read `q`: its rows
     /// start on quantization blocks.
@@ -172,9 +187,7 @@ impl PackedB {
     /// [`PackedB::reads_nf4`].
     pub fn nf4_transposed(q: &Nf4Matrix, first: usize, n: usize) -> Self {
         let k = q.cols;
-        debug_assert!(Self::reads_nf4(q) && first + n <= q.rows);
-        let levels = nf4_levels(q, first * k / BLOCK, n * k / BLOCK);
-        let codes = &q.packed()[first * k / 2..(first + n) * k / 2];
+        let (levels, codes) = nf4_tile(q, first, n);
         Self::pack(k, n, |j, out| {
             for c in 0..16 {
                 let row = j * 16 + c;
@@ -196,9 +209,7 @@ impl PackedB {
     /// codes straight into the panels. Needs [`PackedB::reads_nf4`].
     pub fn nf4_rows(q: &Nf4Matrix, first: usize, k: usize) -> Self {
         let n = q.cols;
-        debug_assert!(Self::reads_nf4(q) && first + k <= q.rows);
-        let levels = nf4_levels(q, first * n / BLOCK, k * n / BLOCK);
-        let codes = &q.packed()[first * n / 2..(first + k) * n / 2];
+        let (levels, codes) = nf4_tile(q, first, k);
         Self::pack(k, n, |j, out| {
             for (p, pair_row) in out.chunks_exact_mut(32).enumerate() {
                 for h in 0..2 {
