@@ -332,7 +332,7 @@ fn generated_lines(
 }
 
 /// Sends a batch of multiple-choice requests and makes their sample lines: the prediction is
-/// the option with the highest log-likelihood (per character with `length_normalize`), the
+/// the option with the highest log-likelihood (per byte of the option's text with `length_normalize`), the
 /// first of equals.
 fn choice_lines(
     plan: &EvalPlan,
