@@ -1,25 +1,26 @@
 """Checks on the real model that an adapter trained by harness answers the same in Python PEFT.
 
-harness evaluates with the adapter on the f32 base (the GGUF checkpoint dequantized), then this
-script loads the same GGUF in transformers, puts the adapter on it with PEFT, decodes every
-prompt of the run greedily and compares the answers (the text up to the first newline, as the
-addition task reads it):
+harness evaluates with the adapter on the f32 base (the GGUF checkpoint dequantized); this script
+reads the model and the adapter from that run's run.toml, loads the same GGUF in transformers
+(every tensor dequantized to f32), puts the adapter on it with PEFT, decodes every prompt of the
+run greedily and compares the answers (the text up to the first newline, as the addition task
+reads it):
 
     harness eval --task addition --adapter adapters/addition-1-7 --base f32 --n 4 --out runs/peft-xcheck
-    python3 scripts/peft_generate_check.py ~/.cache/harness/models/SmolLM2-135M-Instruct.Q4_1.gguf \
-        adapters/addition-1-7 runs/peft-xcheck
+    python3 scripts/peft_generate_check.py runs/peft-xcheck
 
-MODEL is the GGUF file harness evaluated (transformers dequantizes every tensor to f32, as harness
-does for `--base f32`) or an HF folder. Needs torch, transformers, peft and gguf. Two fp32 implementations may still part ways where
-two candidate tokens' logits are nearly equal, so the script prints every disagreement with the
-gap between the two top logits at the first differing token, and fails only when more than
-MAX_DISAGREE of the answers differ.
+Run it from the folder harness ran in (run.toml keeps the adapter path as it was given). Needs
+torch, transformers, peft and gguf. Two fp32 implementations may still part ways where two
+candidate tokens' logits are nearly equal, so the script prints every disagreement with the
+smallest gap between the two top logits, and fails only when more than MAX_DISAGREE of the
+answers differ.
 """
 
 import argparse
 import json
 import os
 import sys
+import tomllib
 
 import torch
 from peft import PeftModel
@@ -43,11 +44,36 @@ def load_base(path: str):
     return tokenizer, base
 
 
-def main(model_path: str, adapter: str, run_dir: str) -> int:
+def read_run(run_dir: str) -> tuple[str, str, list]:
+    """The model, the adapter and the samples of a harness eval run, or a sentence saying why
+    the run cannot be checked."""
+    try:
+        with open(os.path.join(run_dir, "run.toml"), "rb") as f:
+            run = tomllib.load(f)
+        with open(os.path.join(run_dir, "samples.jsonl")) as f:
+            samples = [json.loads(line) for line in f]
+    except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        sys.exit(f"{run_dir} is not a finished harness eval run ({e}); run `harness eval` first")
+    backend = tomllib.loads(run.get("backend", {}).get("options", ""))
+    adapter, base = backend.get("adapter"), backend.get("base")
+    if adapter is None or base != "f32":
+        how = "without an adapter" if adapter is None else f"on the {base} base"
+        sys.exit(
+            f"{run_dir} was evaluated {how}; evaluate again with `--adapter DIR --base f32`, "
+            "the base PEFT loads the adapter onto here"
+        )
+    if not os.path.isdir(adapter):
+        sys.exit(f"adapter {adapter} (from {run_dir}/run.toml) not found; run this where harness ran")
+    if any("generated_tokens" not in s for s in samples):
+        sys.exit(f"{run_dir} holds multiple-choice answers; this check compares generated ones")
+    return run["model"]["path"], adapter, samples
+
+
+def main(run_dir: str) -> int:
+    model_path, adapter, samples = read_run(run_dir)
     tokenizer, base = load_base(model_path)
     model = PeftModel.from_pretrained(base, adapter)
     model.eval()
-    samples = [json.loads(line) for line in open(f"{run_dir}/samples.jsonl")]
     differ = []
     with torch.no_grad():
         for s in samples:
@@ -79,10 +105,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", help="the GGUF file harness evaluated, or an HF folder")
-    parser.add_argument("adapter", help="the adapter folder (PEFT layout)")
-    parser.add_argument("run", help="harness's run folder of `eval --base f32 --adapter ADAPTER`")
+    parser.add_argument("run", help="harness's run folder of `eval --adapter DIR --base f32`")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a background job)")
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
-    sys.exit(main(a.model, a.adapter, a.run))
+    sys.exit(main(a.run))

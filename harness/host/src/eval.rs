@@ -224,7 +224,6 @@ fn progress(total: u64, done: u64) -> ProgressBar {
     pb
 }
 
-/// Whether two instances can go to the backend in the same call.
 /// Consecutive instances of one request kind, with their requests: what is sent to the backend
 /// in one call.
 enum Batch<'a> {
@@ -332,8 +331,8 @@ fn generated_lines(
 }
 
 /// Sends a batch of multiple-choice requests and makes their sample lines: the prediction is
-/// the option with the highest log-likelihood (per byte of the option's text with `length_normalize`), the
-/// first of equals.
+/// the option with the highest log-likelihood (per byte of the option's text with
+/// `length_normalize`), the first of equals.
 fn choice_lines(
     plan: &EvalPlan,
     backend_entry: &Entry,
