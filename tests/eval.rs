@@ -193,6 +193,108 @@ fn mmlu_on_a_csv_folder_and_cloze_scoring() {
     }
 }
 
+#[test]
+fn addition_marks_carries_and_probes_an_adapters_training_set() {
+    let (model, dir) = tiny_model("seen-probe");
+    // An adapter folder as `harness train --task addition --digits 1-2 --seed 99 --examples 200`
+    // leaves it; the eval only reads its train.toml.
+    let adapter = dir.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(
+        adapter.join("train.toml"),
+        "[plan]\ntask = \"addition\"\nexamples = 200\nout = \"adapter\"\nbackend = \"candle\"\n\n[plan.task_options]\ndigits = \"1-2\"\nseed = 99\n\n[plan.train]\n",
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let out = ok(harness()
+        .args([
+            "eval",
+            "--task",
+            "addition",
+            "--digits",
+            "1-2",
+            "--n",
+            "40",
+            "--shots",
+            "1",
+            "--metric",
+            "exact-match",
+            "--seed",
+            "7",
+            "--batch",
+            "16",
+            "--option",
+        ])
+        .arg(format!("seen_in={}", adapter.display()))
+        .args(["--option", "seen_per_k=2", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&run));
+    let samples: Vec<serde_json::Value> = std::fs::read_to_string(run.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(samples.len(), 2 * 40 + 2 * 2);
+    let mut yes = 0;
+    for s in &samples {
+        let attrs = &s["attributes"];
+        let carries = attrs["carries"].as_str().expect("carries attribute");
+        assert!(carries.parse::<u32>().unwrap() <= 2, "{s}");
+        let seen = attrs["seen"].as_str().expect("seen attribute");
+        assert!(seen == "yes" || seen == "no", "{s}");
+        yes += usize::from(seen == "yes");
+        if s["id"].as_str().unwrap().contains("-seen-") {
+            assert_eq!(seen, "yes", "{s}");
+        }
+    }
+    for id in ["k1-seen-0", "k1-seen-1", "k2-seen-0", "k2-seen-1"] {
+        assert!(samples.iter().any(|s| s["id"] == id), "no sample {id}");
+    }
+    assert!(yes > 4, "some regular k=1 problems overlap training: {yes}");
+    let line = format!(
+        "overlap with the adapter's training set: {yes} of {} instances (attribute seen = yes)",
+        samples.len()
+    );
+    assert!(out.contains(&line), "{out}");
+    let record = std::fs::read_to_string(run.join("run.toml")).unwrap();
+    assert!(
+        record.contains(&format!("seen_overlap = {}", yes - 4))
+            && record.contains("seen_per_k = 2"),
+        "{record}"
+    );
+
+    // Without the options no line has `seen`, and nothing is printed about overlap.
+    let plain = dir.join("plain");
+    let out = ok(harness()
+        .args([
+            "eval",
+            "--task",
+            "addition",
+            "--digits",
+            "1",
+            "--n",
+            "3",
+            "--metric",
+            "exact-match",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--out")
+        .arg(&plain));
+    assert!(!out.contains("overlap with"), "{out}");
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(plain.join("samples.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(first["attributes"]["carries"].is_string(), "{first}");
+    assert!(first["attributes"].get("seen").is_none(), "{first}");
+}
+
 // ---- The real default model. `harness fetch` must have run (CI does it first). ----
 
 fn fixture_readme() -> String {

@@ -1,10 +1,17 @@
-//! Turning aggregated results into files and tables people read: `results.csv` (one row per
-//! task, group and metric) and the summary table printed after an eval.
+//! Turning results into files, tables and figures people read: `results.csv` (one row per
+//! task, group and metric), the summary table printed after an eval, run folders read back
+//! ([`run`]), paired comparisons of two runs ([`compare`]), figures ([`figures`]) and reports.
 //!
 //! Key decision: numbers are written with a fixed number of decimals, so the same samples always
 //! give byte-identical files whatever the platform's float printing.
 
 use std::io::Write;
+
+pub mod compare;
+pub mod figures;
+pub mod report;
+pub mod run;
+pub mod stats;
 
 /// One aggregated result: a metric over the samples of a group.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -26,6 +33,12 @@ pub enum ReportError {
     Csv(#[from] csv::Error),
     #[error("cannot write results: {0}")]
     Io(#[from] std::io::Error),
+    /// A run folder that cannot be read for a report (the message names the file).
+    #[error("{0}")]
+    Run(String),
+    /// A figure that could not be drawn or written.
+    #[error("cannot draw figure: {0}")]
+    Figure(String),
 }
 
 fn fixed(x: f64) -> String {

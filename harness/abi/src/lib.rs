@@ -140,6 +140,23 @@ pub struct Instance {
     pub request: Request,
     /// The reference answer metrics compare the prediction with.
     pub target: RString,
+    /// Properties of the instance beyond its group, for reports that split results by them
+    /// (`carries = "2"`, `seen = "yes"`); written to its line of samples.jsonl. Empty for most
+    /// tasks. See [`Attribute`] for the conventions.
+    pub attributes: RVec<Attribute>,
+}
+
+/// One property of an [`Instance`]: a key and its value, both text.
+///
+/// Groups aggregate results one way; attributes let a report cut the same samples another way
+/// (by number of carries, by whether the model saw the problem in training) without a task per
+/// cut. Conventions: keys are unique within an instance; `seen` is `yes` or `no`, whether the
+/// instance is in the training set of the adapter being probed (a memorisation check).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub struct Attribute {
+    pub key: RString,
+    pub value: RString,
 }
 
 /// One supervised training example: the loss is taken on the completion only.

@@ -46,6 +46,55 @@ pub enum Command {
     /// `save_every` steps (default 100) for runs that are killed; `harness train --resume OUT`
     /// continues from the latest and ends with the same adapter an uninterrupted run would give.
     Train(Box<TrainArgs>),
+    /// Figures and tables from run folders: report.md, PNG (or SVG) figures, and a CSV of the
+    /// numbers each figure plots.
+    ///
+    /// What is drawn follows from what the runs hold: groups named k=N (addition) give
+    /// exact match vs k and every metric vs k side by side, with the adapter's training range
+    /// shaded; other groups (MMLU subjects) give grouped bars with the micro and macro averages
+    /// and a Markdown table; instance attributes (`carries`, `seen`) give accuracy split by
+    /// them; an adapter with a train.csv gives its loss curve. Every figure has 95% intervals.
+    #[command(after_help = "Examples:
+  harness report runs/vanilla runs/tuned --out reports/addition
+  harness report runs/mmlu-* --out reports/mmlu --format svg")]
+    Report(ReportArgs),
+    /// Run a study file: train and evaluate what is missing, then write report.md with figures,
+    /// tables and paired comparisons.
+    ///
+    /// A study file (TOML) names the model, variants of it (a base, `f32` or `nf4`, and
+    /// optionally an adapter folder or a training config that the study trains), evaluations
+    /// (task, options, metrics, which variants) and comparisons. Finished cells are reused, an
+    /// interrupted cell resumes (training from its checkpoint, an eval from its samples), so a
+    /// second invocation after a finished one does nothing but rewrite the report. The file is
+    /// checked entirely (names, options, training configs) before any work; an error names its
+    /// line. See studies/ for the shipped ones and the README for the format.
+    #[command(after_help = "Examples:
+  harness study studies/smoke.toml
+  harness study studies/addition-length-generalization.toml --plan
+  harness study studies/addition-length-generalization.toml
+  harness study studies/mmlu-knowledge-transfer.toml --out runs/mmlu-again")]
+    Study(StudyArgs),
+    /// Compare two eval runs instance by instance: is B better than A, or is it noise?
+    ///
+    /// Both runs must be over the same instances: the same task with the same task options and
+    /// seed (for example the base model and the fine-tuned one, each evaluated with the same
+    /// `harness eval` options). Instances are paired by id; runs whose ids or groups differ are
+    /// refused.
+    ///
+    /// For each group and metric (and `all`, every instance) it prints the means of A and B,
+    /// the mean difference B − A with its 95% paired t interval, a p-value and the flips (+b/−a:
+    /// instances where B scored higher / where A did). A 0/1 metric (exact-match) gets McNemar's
+    /// exact test, which looks only at the instances that changed; any other metric gets a
+    /// paired permutation test (random sign flips of the per-instance differences).
+    ///
+    /// The p-value is the chance of a difference at least this large if A and B were equally
+    /// good. Below 0.05, the difference is unlikely to be noise; above, the runs cannot be told
+    /// apart on these instances, which does not mean they are equal (more instances narrow the
+    /// interval).
+    #[command(after_help = "Examples:
+  harness compare runs/base runs/tuned
+  harness compare runs/base runs/tuned --metric exact-match,levenshtein --out compare.csv")]
+    Compare(CompareArgs),
     /// Measure the speed and memory of the backend's hot paths.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -57,13 +106,73 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+pub struct StudyArgs {
+    /// The study file (TOML).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Print the cells (trainings and evaluations), which are done, and where they go; run
+    /// nothing.
+    #[arg(long)]
+    pub plan: bool,
+
+    /// Study folder (default: runs/<study name>).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Run folders written by `harness eval` (each with run.toml and results.csv). Runs of
+    /// the same task share figures; each run keeps its colour across figures.
+    #[arg(value_name = "RUN_DIR", required = true)]
+    pub runs: Vec<PathBuf>,
+
+    /// Folder to write report.md and figures/ into (default: runs/report-<UTC time>).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+
+    /// Figure format.
+    #[arg(long, value_name = "png|svg", default_value = "png")]
+    pub format: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Run folder A, the reference (e.g. the base model's run).
+    #[arg(value_name = "RUN_A")]
+    pub a: PathBuf,
+
+    /// Run folder B, compared with A (e.g. the fine-tuned model's run); differences are B − A.
+    #[arg(value_name = "RUN_B")]
+    pub b: PathBuf,
+
+    /// Metrics to compare, comma-separated or repeated (default: every metric both runs have).
+    #[arg(long = "metric", value_name = "NAME[,NAME...]", value_delimiter = ',')]
+    pub metrics: Vec<String>,
+
+    /// Random sign flips of the permutation test (metrics that are not 0/1); the smallest
+    /// p-value it can give is 1/(N+1).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub resamples: u32,
+
+    /// Seed of the permutation test's sign flips: the same seed gives the same p-values.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+
+    /// Also write the comparison as CSV (one row per group and metric, fixed decimals).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct FetchArgs {
     /// Download again even when a verified file is already cached.
     #[arg(long)]
     pub force: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct EvalArgs {
     /// The task to evaluate (see `harness list`).
     #[arg(long, value_name = "NAME", required_unless_present = "resume")]
@@ -146,12 +255,16 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DIR", conflicts_with = "resume")]
     pub out: Option<PathBuf>,
 
+    /// What reports call this run in legends and tables (default: model + adapter + base).
+    #[arg(long, value_name = "TEXT", conflicts_with = "resume")]
+    pub label: Option<String>,
+
     /// Finish an interrupted run: reads RUN_DIR/run.toml and evaluates only what is missing.
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct TrainArgs {
     /// TOML file with any of: task, examples, data, model, out, backend, device, [task_options], [train].
     #[arg(long, value_name = "FILE")]

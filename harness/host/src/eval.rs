@@ -145,6 +145,7 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
                 harness_version: env!("CARGO_PKG_VERSION").to_string(),
                 created_utc: created,
                 command: command_line,
+                label: plan.label.clone(),
                 batch: plan.batch as u64,
                 task: component(task_entry, task.resolved_options().to_string())?,
                 backend: component(backend_entry, info.resolved_options.to_string())?,
@@ -179,6 +180,11 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
             &loaded,
             done.len(),
         )?;
+    }
+    if let Some((yes, of)) = seen_overlap(&instances) {
+        println!(
+            "overlap with the adapter's training set: {yes} of {of} instances (attribute seen = yes)"
+        );
     }
 
     let rows = results(&plan, &instances, &loaded)?;
@@ -316,7 +322,7 @@ fn generated_lines(
         .zip(out.iter())
         .map(|((inst, req), g)| {
             let prediction = g.text.as_str();
-            json!({
+            let mut line = json!({
                 "id": inst.id.as_str(),
                 "group": inst.group.as_str(),
                 "prompt": req.prompt.as_str(),
@@ -325,7 +331,9 @@ fn generated_lines(
                 "scores": scores(loaded, prediction, inst.target.as_str()),
                 "prompt_tokens": g.prompt_tokens,
                 "generated_tokens": g.generated_tokens,
-            })
+            });
+            add_attributes(&mut line, inst);
+            line
         })
         .collect())
 }
@@ -363,7 +371,7 @@ fn choice_lines(
             .get(best)
             .map(|l| l.as_str())
             .unwrap_or_else(|| req.options[best].as_str());
-        lines.push(json!({
+        let mut line = json!({
             "id": inst.id.as_str(),
             "group": inst.group.as_str(),
             "prompt": req.context.as_str(),
@@ -372,9 +380,41 @@ fn choice_lines(
             "prediction": prediction,
             "target": inst.target.as_str(),
             "scores": scores(loaded, prediction, inst.target.as_str()),
-        }));
+        });
+        add_attributes(&mut line, inst);
+        lines.push(line);
     }
     Ok(lines)
+}
+
+/// Adds the instance's attributes to its sample line as an `attributes` object; a line of an
+/// instance without attributes gets no key at all, so such samples read as they always did.
+fn add_attributes(line: &mut serde_json::Value, inst: &Instance) {
+    if inst.attributes.is_empty() {
+        return;
+    }
+    let map: serde_json::Map<String, serde_json::Value> = inst
+        .attributes
+        .iter()
+        .map(|a| (a.key.to_string(), json!(a.value.as_str())))
+        .collect();
+    line["attributes"] = serde_json::Value::Object(map);
+}
+
+/// How many instances carry `seen = yes`, out of all instances; `None` when no instance has a
+/// `seen` attribute (the task probes no adapter's training set).
+fn seen_overlap(instances: &[Instance]) -> Option<(usize, usize)> {
+    let seen = |i: &Instance| {
+        i.attributes
+            .iter()
+            .find(|a| a.key.as_str() == "seen")
+            .map(|a| a.value.as_str() == "yes")
+    };
+    if !instances.iter().any(|i| seen(i).is_some()) {
+        return None;
+    }
+    let yes = instances.iter().filter(|i| seen(i) == Some(true)).count();
+    Some((yes, instances.len()))
 }
 
 /// A backend that returned fewer (or more) answers than it was asked for is an error, not a

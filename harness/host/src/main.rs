@@ -7,12 +7,15 @@
 
 mod bench;
 mod cli;
+mod compare;
 mod eval;
 mod fetch;
 mod plan;
 mod registry;
+mod report;
 mod run_dir;
 mod stats;
+mod study;
 mod train;
 
 use std::process::ExitCode;
@@ -86,6 +89,12 @@ fn run(cli: Cli) -> Result<()> {
             bench::train(&reg, args)
         }
         Command::Fetch(args) => fetch::run(args.force),
+        Command::Compare(args) => compare::run(args),
+        Command::Report(args) => report::run(args),
+        Command::Study(args) => {
+            let reg = load_registry(&cli)?;
+            study::run(&reg, args)
+        }
     }
 }
 

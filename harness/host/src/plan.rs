@@ -23,6 +23,8 @@ pub struct EvalPlan {
     pub backend_options: String,
     pub batch: usize,
     pub run_dir: PathBuf,
+    /// What reports call the run.
+    pub label: Option<String>,
     /// Present when resuming: what the interrupted run recorded.
     pub resumed: Option<RunRecord>,
 }
@@ -138,6 +140,7 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
         backend_options: b.to_string(),
         batch: args.batch as usize,
         run_dir,
+        label: args.label.clone(),
         resumed: None,
     })
 }
@@ -178,6 +181,7 @@ fn resume(args: &EvalArgs, dir: &std::path::Path) -> Result<EvalPlan> {
         backend_options: record.backend.options.clone(),
         batch: record.batch as usize,
         run_dir: dir.to_path_buf(),
+        label: record.label.clone(),
         resumed: Some(record),
     })
 }

@@ -47,6 +47,9 @@ pub struct RunRecord {
     pub harness_version: String,
     pub created_utc: String,
     pub command: String,
+    /// What reports call the run (`--label`); absent in older run folders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     pub batch: u64,
     pub task: Component,
     pub backend: Component,

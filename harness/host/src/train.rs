@@ -26,11 +26,11 @@ use crate::registry::Registry;
 use crate::run_dir::{self, write_atomic};
 
 /// A training plan: file values first, flags on top.
-struct TrainPlan {
-    task: Option<String>,
-    task_options: Table,
+pub(crate) struct TrainPlan {
+    pub(crate) task: Option<String>,
+    pub(crate) task_options: Table,
     examples: Option<u64>,
-    data: Option<PathBuf>,
+    pub(crate) data: Option<PathBuf>,
     out: PathBuf,
     model: Option<PathBuf>,
     backend: String,
@@ -154,27 +154,39 @@ fn plan(args: &TrainArgs) -> Result<TrainPlan> {
         file = text
             .parse::<Table>()
             .map_err(|e| anyhow!("{} is not valid TOML: {}", path.display(), e.message()))?;
-        const KEYS: [&str; 9] = [
-            "task",
-            "examples",
-            "data",
-            "model",
-            "out",
-            "backend",
-            "device",
-            "task_options",
-            "train",
-        ];
-        for key in file.keys() {
-            if !KEYS.contains(&key.as_str()) {
-                bail!(
-                    "{}: unknown key `{key}`; valid keys are {}",
-                    path.display(),
-                    KEYS.join(", ")
-                );
-            }
+        check_config_keys(&file).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    }
+    plan_with(&file, args)
+}
+
+/// The keys of a training config (`harness train --config`, a study's `train` table).
+pub(crate) const CONFIG_KEYS: [&str; 9] = [
+    "task",
+    "examples",
+    "data",
+    "model",
+    "out",
+    "backend",
+    "device",
+    "task_options",
+    "train",
+];
+
+pub(crate) fn check_config_keys(file: &Table) -> Result<()> {
+    for key in file.keys() {
+        if !CONFIG_KEYS.contains(&key.as_str()) {
+            bail!(
+                "unknown key `{key}`; valid keys are {}",
+                CONFIG_KEYS.join(", ")
+            );
         }
     }
+    Ok(())
+}
+
+/// A plan from config values (`file`) with flags (`args`) on top; checks that the examples'
+/// source is given and that `out` holds no finished or stopped run.
+pub(crate) fn plan_with(file: &Table, args: &TrainArgs) -> Result<TrainPlan> {
     let text = |key: &str| -> Result<Option<String>> {
         match file.get(key) {
             None => Ok(None),
@@ -354,6 +366,16 @@ pub fn run(reg: &Registry, args: &TrainArgs, command_line: String) -> Result<()>
         Some(dir) => resume_plan(dir, args)?,
         None => plan(args)?,
     };
+    execute(reg, p, resumed, command_line)
+}
+
+/// Trains as planned (continuing the checkpoint in `p.out` when `resumed`).
+pub(crate) fn execute(
+    reg: &Registry,
+    p: TrainPlan,
+    resumed: bool,
+    command_line: String,
+) -> Result<()> {
     let mut task_record = None;
     let examples: Vec<TrainExample> = match &p.data {
         Some(path) => read_pairs(path)?,

@@ -185,6 +185,7 @@ impl Mmlu {
                         length_normalize: self.config.scoring == Scoring::Cloze,
                     }),
                     target: LETTERS[q.answer].into(),
+                    attributes: RVec::new(),
                 });
             }
         }
