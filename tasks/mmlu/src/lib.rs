@@ -27,7 +27,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::data::{Dataset, Question};
 
 const NAME: &str = "mmlu";
-const OPTIONS: &[&str] = &["subject", "data", "shots", "scoring", "seed", "limit"];
+const OPTIONS: &[&str] = &[
+    "subject", "exclude", "data", "shots", "scoring", "seed", "limit",
+];
 const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
 
 /// How an answer is read off the model.
@@ -77,7 +79,14 @@ impl Mmlu {
             }
         };
         let data = data::load(&data_path)?;
-        let subjects = resolve_subjects(&spec, &data)?;
+        let mut subjects = resolve_subjects(&spec, &data)?;
+        if let Some(exclude) = o.string("exclude")? {
+            let dropped = resolve_subjects(&exclude, &data)?;
+            subjects.retain(|s| !dropped.contains(s));
+            if subjects.is_empty() {
+                return Err("mmlu: `exclude` leaves no subject".into());
+            }
+        }
         let config = Config {
             subjects,
             data: data_path,
@@ -192,6 +201,47 @@ impl Mmlu {
         Ok(out)
     }
 
+    /// `count` questions of the configured subjects, drawn without replacement with the seed,
+    /// as prompt (the evaluation prompt) and completion (the answer's letter, or its text with
+    /// cloze scoring): the paper's "General FT" when the subjects are every subject but the
+    /// evaluated ones (`subject = "all"`, `exclude = "machine_learning,..."`).
+    pub fn training(&self, count: u64) -> Result<Vec<TrainExample>, String> {
+        let pool: Vec<(&str, &Question)> = self
+            .config
+            .subjects
+            .iter()
+            .flat_map(|s| self.data.test[s].iter().map(move |q| (s.as_str(), q)))
+            .collect();
+        if count as usize > pool.len() {
+            return Err(format!(
+                "mmlu: {count} training examples asked for, but the chosen subjects hold {} questions",
+                pool.len()
+            ));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
+        rng.set_stream(fnv1a("train"));
+        let picked = sample(&mut rng, pool.len(), count as usize);
+        let mut out = Vec::with_capacity(count as usize);
+        for i in picked {
+            let (subject, q) = pool[i];
+            let index = self.data.test[subject]
+                .iter()
+                .position(|x| std::ptr::eq(x, q))
+                .unwrap_or(0);
+            let mut prompt = Self::header(subject);
+            for shot in self.shots(subject, index, &mut rng)? {
+                prompt.push_str(&self.block(shot, true));
+            }
+            prompt.push_str(&self.block(q, false));
+            out.push(TrainExample {
+                prompt: prompt.into(),
+                completion: format!(" {}\n", self.answer_text(q, q.answer)).into(),
+                group: subject.into(),
+            });
+        }
+        Ok(out)
+    }
+
     fn to_toml(&self) -> String {
         let c = &self.config;
         format!(
@@ -263,10 +313,8 @@ impl Task for Mmlu {
         self.to_toml().into()
     }
 
-    fn train_examples(&self, _count: u64) -> RResult<RVec<TrainExample>, RString> {
-        RResult::RErr(
-            "mmlu: training data comes from a file of prompt/completion pairs (teacher generation), not from the task".into(),
-        )
+    fn train_examples(&self, count: u64) -> RResult<RVec<TrainExample>, RString> {
+        guard(NAME, || self.training(count).map(RVec::from))
     }
 }
 
@@ -275,7 +323,7 @@ extern "C" fn manifest() -> RVec<PluginInfo> {
         kind: PluginKind::Task,
         name: NAME.into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        description: "MMLU subjects, prompt of the paper's Listing 1 (options: subject, data, shots, scoring, seed, limit)".into(),
+        description: "MMLU subjects, prompt of the paper's Listing 1 (options: subject, exclude, data, shots, scoring, seed, limit); trains on its questions".into(),
     }])
 }
 
@@ -342,6 +390,34 @@ mod tests {
             dataset_file().display().to_string()
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn training_draws_other_subjects_questions_as_eval_prompts() {
+        let t = task("subject = \"all\"\nexclude = \"virology\"\nseed = 3");
+        assert_eq!(t.config.subjects, ["machine_learning"]);
+        let ex = t.training(4).unwrap();
+        assert_eq!(ex.len(), 4);
+        let prompts: std::collections::HashSet<String> =
+            ex.iter().map(|e| e.prompt.to_string()).collect();
+        assert_eq!(prompts.len(), 4, "drawn without replacement");
+        for e in &ex {
+            assert!(e
+                .prompt
+                .starts_with("You are an expert in machine learning."));
+            assert!(e.prompt.ends_with("Answer:"));
+            assert!(["A", "B", "C", "D"]
+                .iter()
+                .any(|l| e.completion == format!(" {l}\n").as_str()));
+        }
+        // Same seed, same examples; too many is an error that says how many there are.
+        assert_eq!(t.training(4).unwrap(), ex);
+        assert!(t.training(6).unwrap_err().contains("hold 5 questions"));
+        let all = Mmlu::from_toml(&format!(
+            "data = {:?}\nsubject = \"all\"\nexclude = \"all\"",
+            dataset_file().display().to_string()
+        ));
+        assert!(all.err().unwrap().contains("leaves no subject"));
     }
 
     #[test]
