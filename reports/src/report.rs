@@ -679,6 +679,25 @@ fn category_split(
     }
     values.sort();
     values.reverse(); // `yes` before `no`
+                      // Groups where the split splits (both values occur); only when there is none, every group.
+    let mixed: Vec<String> = groups
+        .iter()
+        .filter(|g| {
+            let mut seen: Vec<&String> = samples
+                .iter()
+                .flatten()
+                .filter(|x| x.group == **g)
+                .filter_map(|x| x.attributes.get(key))
+                .collect();
+            seen.sort();
+            seen.dedup();
+            seen.len() > 1
+        })
+        .cloned()
+        .collect();
+    if !mixed.is_empty() {
+        groups = mixed;
+    }
     groups.push("all".into());
     let mut rows = Vec::new();
     let mut series = Vec::new();
@@ -762,8 +781,8 @@ fn category_split(
         csv: Some(csv),
         table,
         caption: format!(
-            "Each run's instances per group, split by their `{key}` attribute; 95% intervals \
-             recomputed from the samples."
+            "Each run's instances split by their `{key}` attribute, in the groups where both \
+             kinds occur and over all groups; 95% intervals recomputed from the samples."
         ),
     })
 }
