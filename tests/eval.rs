@@ -442,3 +442,59 @@ fn smollm2_with_the_peft_adapter_records_it_in_the_run() {
         "{record}"
     );
 }
+
+#[test]
+fn ctrl_c_stops_an_eval_after_its_batch_and_resume_finishes_it_to_the_same_bytes() {
+    let (model, dir) = tiny_model("ctrl-c");
+    let eval = |out: &str| {
+        let mut c = harness();
+        c.args([
+            "eval",
+            "--task",
+            "addition",
+            "--digits",
+            "1-4",
+            "--n",
+            "60",
+            "--metric",
+            "exact-match",
+            "--batch",
+            "1",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(dir.join(out));
+        c
+    };
+    ok(&mut eval("whole"));
+    let child = eval("cut")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let samples = dir.join("cut/samples.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&samples).map_or(0, |c| c.lines().count()) < 3 {
+        assert!(start.elapsed().as_secs() < 120, "no samples appeared");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        err.contains("interrupted after") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(!dir.join("cut/results.csv").exists());
+    ok(harness().arg("eval").arg("--resume").arg(dir.join("cut")));
+    assert_eq!(
+        std::fs::read(dir.join("cut/results.csv")).unwrap(),
+        std::fs::read(dir.join("whole/results.csv")).unwrap()
+    );
+}

@@ -317,3 +317,30 @@ fn shipped_studies_are_valid_and_the_smoke_study_runs() {
     assert!(report.contains("addition-metrics-vs-k.png"), "{report}");
     assert!(out.join("figures/addition-by-carries.png").is_file());
 }
+
+/// The figure of two old MMLU runs, drawn with no environment at all (no HOME, no fontconfig,
+/// no font path), is byte for byte the committed one: text comes from the embedded font, never
+/// from the machine. `HARNESS_BLESS=1` rewrites the committed file after an intended change.
+#[test]
+fn figures_render_the_same_bytes_without_any_system_font() {
+    let dir = temp_dir("report-golden");
+    old_run(&dir.join("a"));
+    old_run(&dir.join("b"));
+    ok(harness()
+        .env_clear()
+        .env("FONTCONFIG_FILE", "/nonexistent")
+        .current_dir(&dir)
+        .args(["report", "a", "b", "--out", "rep"]));
+    let made = std::fs::read(dir.join("rep/figures/mmlu-exact-match-by-group.png")).unwrap();
+    let golden = repo_root().join("tests/fixtures/figures/mmlu-exact-match-by-group.png");
+    if std::env::var_os("HARNESS_BLESS").is_some() {
+        std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
+        std::fs::write(&golden, &made).unwrap();
+    }
+    let want = std::fs::read(&golden).unwrap();
+    assert!(
+        made == want,
+        "the figure differs from {} (HARNESS_BLESS=1 rewrites it after an intended change)",
+        golden.display()
+    );
+}

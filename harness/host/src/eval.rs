@@ -266,6 +266,7 @@ fn answer(
     already: usize,
 ) -> Result<()> {
     let mut writer = SampleWriter::open(&plan.run_dir)?;
+    crate::interrupt::install();
     let pb = progress(instances.len() as u64, already as u64);
     let start = Instant::now();
     let before = backend.stats();
@@ -283,6 +284,15 @@ fn answer(
         writer.append(&lines)?;
         pb.inc((j - i) as u64);
         i = j;
+        if crate::interrupt::requested() && i < todo.len() {
+            pb.finish_and_clear();
+            bail!(
+                "interrupted after {} of {} instances; finish with `harness eval --resume {}`",
+                already + i,
+                instances.len(),
+                plan.run_dir.display()
+            );
+        }
     }
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();

@@ -10,6 +10,7 @@ mod cli;
 mod compare;
 mod eval;
 mod fetch;
+mod interrupt;
 mod plan;
 mod registry;
 mod report;

@@ -855,6 +855,13 @@ pub fn run(reg: &Registry, args: &StudyArgs) -> Result<()> {
         study
             .run_cell(reg, c, *s)
             .with_context(|| format!("study cell `{}`", study.cell_name(c)))?;
+        if crate::interrupt::requested() {
+            bail!(
+                "study interrupted after `{}`; `harness study {}` resumes it",
+                study.cell_name(c),
+                study.file.display()
+            );
+        }
         spent_cost += study.cost(c);
         finished += 1;
     }

@@ -5,7 +5,6 @@
 //! stopped early in train.toml).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -324,7 +323,6 @@ struct Sink {
     /// Open for appending once the first step is known (a resumed run first drops the rows the
     /// checkpoint does not hold).
     csv: Option<std::fs::File>,
-    stop: Arc<AtomicBool>,
     start: Instant,
     tokens: u64,
 }
@@ -356,7 +354,7 @@ impl ProgressSink for Sink {
         if let Ok(mut s) = self.steps.lock() {
             s.push(step);
         }
-        !self.stop.load(Ordering::SeqCst)
+        !crate::interrupt::requested()
     }
 }
 
@@ -440,17 +438,7 @@ pub(crate) fn execute(
     )?;
     let info = backend.info();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C while stopping falls through to the default (exit).
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\nstopping after this step; the adapter trained so far will be saved");
-        });
-    }
+    crate::interrupt::install();
     let bar = if std::io::stdout().is_terminal() {
         let b = ProgressBar::new(1);
         b.set_style(
@@ -488,7 +476,6 @@ pub(crate) fn execute(
         steps: steps.clone(),
         csv_path: p.out.join("train.csv"),
         csv: None,
-        stop: stop.clone(),
         start: Instant::now(),
         tokens: 0,
     };
