@@ -18,7 +18,10 @@ use clap::{Args, Parser, Subcommand};
   harness eval --task addition --metric levenshtein
   harness eval --task addition --digits 1-7 --n 200 --metric exact-match,digit-accuracy --seed 7
   harness eval --task mmlu --subject machine_learning
-  harness eval --resume runs/addition-20261128-101500")]
+  harness eval --resume runs/addition-20261128-101500
+  harness report runs/vanilla runs/tuned --out reports-out/addition
+  harness compare runs/vanilla runs/tuned
+  harness study studies/addition-length-generalization.toml")]
 pub struct Cli {
     /// Folder to load plugins from, searched before HARNESS_PLUGIN_PATH and the binary's folder
     /// (repeatable).
@@ -55,8 +58,8 @@ pub enum Command {
     /// and a Markdown table; instance attributes (`carries`, `seen`) give accuracy split by
     /// them; an adapter with a train.csv gives its loss curve. Every figure has 95% intervals.
     #[command(after_help = "Examples:
-  harness report runs/vanilla runs/tuned --out reports/addition
-  harness report runs/mmlu-* --out reports/mmlu --format svg")]
+  harness report runs/vanilla runs/tuned --out reports-out/addition
+  harness report runs/mmlu-* --out reports-out/mmlu --format svg")]
     Report(ReportArgs),
     /// Run a study file: train and evaluate what is missing, then write report.md with figures,
     /// tables and paired comparisons.
