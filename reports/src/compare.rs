@@ -1,5 +1,5 @@
 //! Paired comparison of two runs over the same instances: for each group and metric, the mean
-//! difference B − A with a 95% paired t interval and a significance test.
+//! difference B − A with a 95% paired interval (Newcombe's for 0/1 metrics, Student's t otherwise) and a significance test.
 //!
 //! Why paired: both runs answered the same instances, so most of the instance-to-instance
 //! variation (easy and hard questions) cancels in the per-instance differences. A paired test
@@ -62,7 +62,7 @@ pub struct Comparison {
     pub mean_b: f64,
     /// Mean of the per-instance differences B − A (equal to `mean_b - mean_a` up to rounding).
     pub diff: f64,
-    /// 95% paired t interval of the mean difference (NaN when n < 2).
+    /// 95% paired interval of the mean difference: Newcombe's for 0/1 metrics, t otherwise (NaN when n < 2).
     pub ci_low: f64,
     pub ci_high: f64,
     pub test: Test,
@@ -612,6 +612,46 @@ fn resolve_metrics(
     }
 }
 
+/// 95% interval of p_B − p_A for paired 0/1 outcomes: Newcombe's (1998) method 10, Wilson
+/// intervals of both proportions combined with the correlation of the pairs. Unlike a t
+/// interval of the 0/1 differences it never collapses to a point when every instance moved the
+/// same way (5 of 5 flipped: [+0.57, +1]), and stays inside [−1, 1]. `both` instances are 1 in
+/// both runs, `a_only` only in A, `b_only` only in B, of `n`.
+pub fn newcombe_paired(both: u64, a_only: u64, b_only: u64, n: u64) -> (f64, f64) {
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let nf = n as f64;
+    let neither = n - both - a_only - b_only;
+    let (a, b, c, d) = (both as f64, a_only as f64, b_only as f64, neither as f64);
+    let p_a = (a + b) / nf;
+    let p_b = (a + c) / nf;
+    let (l_a, u_a) = crate::stats::wilson(p_a, nf);
+    let (l_b, u_b) = crate::stats::wilson(p_b, nf);
+    // The correlation of the pairs with Newcombe's continuity correction (as in Altman et al.,
+    // Statistics with Confidence, 2000, p. 52).
+    let denom = ((a + b) * (c + d) * (a + c) * (b + d)).sqrt();
+    let cross = a * d - b * c;
+    let corrected = if cross > nf / 2.0 {
+        cross - nf / 2.0
+    } else if cross < 0.0 {
+        cross
+    } else {
+        0.0
+    };
+    let phi = if denom > 0.0 { corrected / denom } else { 0.0 };
+    let delta = p_b - p_a;
+    let low = delta
+        - ((p_b - l_b).powi(2) - 2.0 * phi * (p_b - l_b) * (u_a - p_a) + (u_a - p_a).powi(2))
+            .max(0.0)
+            .sqrt();
+    let high = delta
+        + ((u_b - p_b).powi(2) - 2.0 * phi * (u_b - p_b) * (p_a - l_a) + (p_a - l_a).powi(2))
+            .max(0.0)
+            .sqrt();
+    (low.max(-1.0), high.min(1.0))
+}
+
 /// One row from the paired scores (A, B) of a group.
 fn comparison(
     group: &str,
@@ -626,15 +666,21 @@ fn comparison(
     let mean_b = scores.iter().map(|s| s.1).sum::<f64>() / nf;
     let diffs: Vec<f64> = scores.iter().map(|(x, y)| y - x).collect();
     let diff = diffs.iter().sum::<f64>() / nf;
-    let (ci_low, ci_high) = if n >= 2 {
+    let b_higher = diffs.iter().filter(|&&d| d > 0.0).count() as u64;
+    let a_higher = diffs.iter().filter(|&&d| d < 0.0).count() as u64;
+    let (ci_low, ci_high) = if binary {
+        let both = scores
+            .iter()
+            .filter(|(x, y)| *x == 1.0 && *y == 1.0)
+            .count() as u64;
+        newcombe_paired(both, a_higher, b_higher, n as u64)
+    } else if n >= 2 {
         let var = diffs.iter().map(|d| (d - diff) * (d - diff)).sum::<f64>() / (nf - 1.0);
         let half = t_quantile_975(nf - 1.0) * (var / nf).sqrt();
         (diff - half, diff + half)
     } else {
         (f64::NAN, f64::NAN)
     };
-    let b_higher = diffs.iter().filter(|&&d| d > 0.0).count() as u64;
-    let a_higher = diffs.iter().filter(|&&d| d < 0.0).count() as u64;
     let ties = n as u64 - b_higher - a_higher;
     let (test, p_value) = if binary {
         (Test::McNemar, mcnemar_exact(b_higher, a_higher))
@@ -757,7 +803,7 @@ fn cells(r: &Comparison) -> [String; 9] {
 
 /// A plain aligned text table, after two legend lines (`A: <a_label>`, `B: <b_label>`): one
 /// line per group and metric with the means of A and B, the mean difference B − A with its 95%
-/// paired t interval, the test, its p-value and the flips `+b/−a` (instances where B scored
+/// paired interval (Newcombe for 0/1 metrics, t otherwise), the test, its p-value and the flips `+b/−a` (instances where B scored
 /// higher / where A scored higher).
 pub fn table(rows: &[Comparison], a_label: &str, b_label: &str) -> String {
     let mut lines: Vec<[String; 9]> = vec![HEADER.map(str::to_string)];
@@ -847,6 +893,28 @@ pub fn verdict(r: &Comparison) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn newcombe_interval_of_paired_proportions() {
+        // Values from an independent implementation of the same formulas (the R function
+        // confIntPairedProportion of biostatUZH, transcribed to Python).
+        let (lo, hi) = newcombe_paired(12, 2, 1, 16);
+        assert!(
+            (lo - -0.316094).abs() < 1e-5 && (hi - 0.195673).abs() < 1e-5,
+            "{lo} {hi}"
+        );
+        let (lo, hi) = newcombe_paired(30, 8, 14, 112);
+        assert!(
+            (lo - -0.029462).abs() < 1e-5 && (hi - 0.135394).abs() < 1e-5,
+            "{lo} {hi}"
+        );
+        // Every instance flipped the same way: an interval, not a point.
+        let (lo, hi) = newcombe_paired(0, 0, 5, 5);
+        assert!(lo > 0.3 && lo < 0.8 && hi == 1.0, "{lo} {hi}");
+        // No change at all: centred on 0 with some width.
+        let (lo, hi) = newcombe_paired(3, 0, 0, 10);
+        assert!(lo < 0.0 && hi > 0.0, "{lo} {hi}");
+    }
     use std::collections::BTreeMap;
 
     /// P[X <= k] for X ~ Bin(n, 1/2), exactly in integers (n <= 120).
@@ -1156,7 +1224,7 @@ mod tests {
     }
 
     #[test]
-    fn paired_interval_is_a_t_interval() {
+    fn paired_interval_of_a_continuous_metric_is_a_t_interval() {
         let diffs = [1.0, 0.0, 2.0, 1.0, 0.5];
         let a: Vec<Sample> = (0..5)
             .map(|i| sample(&i.to_string(), "g", &[("m", 0.5)]))
@@ -1224,7 +1292,7 @@ mod tests {
         assert!(lines[4].starts_with("---"));
         assert!(lines[6].starts_with("all"), "{t}");
         assert!(lines[6].contains("McNemar  0.0117  +10/−1"), "{t}");
-        assert!(lines[6].contains("+0.450 [+0.167, +0.733]"), "{t}");
+        assert!(lines[6].contains("+0.450 [+0.147, +0.664]"), "{t}");
         let md = markdown(&rows, "base", "tu|ned");
         assert!(md.contains("- **B**: tu\\|ned"));
         assert!(
@@ -1234,7 +1302,7 @@ mod tests {
         assert_eq!(md.lines().filter(|l| l.starts_with('|')).count(), 4);
         assert_eq!(
             verdict(&rows[1]),
-            "exact-match: B − A = +0.450 [+0.167, +0.733], McNemar p = 0.0117: B is higher, beyond noise at the 5% level"
+            "exact-match: B − A = +0.450 [+0.147, +0.664], McNemar p = 0.0117: B is higher, beyond noise at the 5% level"
         );
         assert_eq!(format_p(3e-7), "< 1e-4");
         assert_eq!(format_p(0.03125), "0.0312");

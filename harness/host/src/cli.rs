@@ -85,7 +85,7 @@ pub enum Command {
     /// refused.
     ///
     /// For each group and metric (and `all`, every instance) it prints the means of A and B,
-    /// the mean difference B − A with its 95% paired t interval, a p-value and the flips (+b/−a:
+    /// the mean difference B − A with its 95% paired interval (Newcombe's for 0/1 metrics, Student's t otherwise), a p-value and the flips (+b/−a:
     /// instances where B scored higher / where A did). A 0/1 metric (exact-match) gets McNemar's
     /// exact test, which looks only at the instances that changed; any other metric gets a
     /// paired permutation test (random sign flips of the per-instance differences).
