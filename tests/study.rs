@@ -344,3 +344,45 @@ fn figures_render_the_same_bytes_without_any_system_font() {
         golden.display()
     );
 }
+
+/// A variant that only an option refers to (`seen_in = "@tuned"`) is trained before the eval
+/// that needs it, and a study folder given as `./x` or `x` is the same study.
+#[test]
+fn a_variant_only_referred_to_is_trained_and_paths_do_not_depend_on_spelling() {
+    let dir = temp_dir("study-refs");
+    write_tiny_model(&dir.join("model"), 5);
+    std::fs::write(
+        dir.join("refs.toml"),
+        r#"[study]
+model = "model"
+
+[variants.vanilla]
+
+[variants.tuned]
+train = { task = "addition", examples = 4, task_options = { digits = "1" }, train = { r = 4, micro_batch = 4 } }
+
+[[evals]]
+name = "probe"
+task = "addition"
+options = { digits = "1", n = 2, shots = 1, seen_in = "@tuned", seen_per_k = 1 }
+variants = ["vanilla"]
+"#,
+    )
+    .unwrap();
+    let out = ok(harness()
+        .current_dir(&dir)
+        .args(["study", "refs.toml", "--out", "x"]));
+    assert!(out.contains("[1/2] train tuned"), "{out}");
+    let again = ok(harness()
+        .current_dir(&dir)
+        .args(["study", "./refs.toml", "--out", "./x"]));
+    assert!(again.contains("nothing to run"), "{again}");
+    let record = std::fs::read_to_string(dir.join("x/runs/probe/vanilla/run.toml")).unwrap();
+    assert!(
+        record.contains(&format!(
+            "seen_in = \"{}",
+            dir.canonicalize().unwrap().display()
+        )),
+        "seen_in is recorded absolute:\n{record}"
+    );
+}

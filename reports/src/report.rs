@@ -790,6 +790,7 @@ fn category_split(
 /// A loss curve per distinct adapter that has a train.csv.
 fn loss_sections(runs: &[Run], target: &Target<'_>) -> Result<Vec<Section>, ReportError> {
     let mut seen: Vec<PathBuf> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
     let mut out = Vec::new();
     for run in runs {
         let Some(adapter) = &run.adapter else {
@@ -799,10 +800,18 @@ fn loss_sections(runs: &[Run], target: &Target<'_>) -> Result<Vec<Section>, Repo
             continue;
         }
         seen.push(adapter.clone());
-        let name = adapter
+        let base = adapter
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "adapter".into());
+        // Two adapters in folders of the same name get distinct figures.
+        let mut name = base.clone();
+        let mut i = 2;
+        while names.contains(&name) {
+            name = format!("{base}-{i}");
+            i += 1;
+        }
+        names.push(name.clone());
         out.push(loss_section(adapter, &name, target)?);
     }
     Ok(out)

@@ -30,8 +30,8 @@ pub struct Run {
     pub label: String,
     pub task: String,
     pub results: Vec<ResultRow>,
-    /// The adapter folder the run evaluated, if any (as recorded, resolved against the run's
-    /// working directory when relative).
+    /// The adapter folder the run evaluated, if any, as run.toml records it (absolute since
+    /// this version; an older relative one is read against the current folder).
     pub adapter: Option<PathBuf>,
     /// The digit counts k the adapter was trained on, when its train.toml records them.
     pub trained_digits: Option<Vec<u32>>,
@@ -159,7 +159,7 @@ pub fn parse_digit_spec(spec: &str) -> Option<Vec<u32>> {
         match part.split_once('-') {
             Some((a, b)) => {
                 let (a, b): (u32, u32) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
-                if a > b {
+                if a > b || b > 1000 {
                     return None;
                 }
                 out.extend(a..=b);

@@ -35,7 +35,12 @@ fn main() -> ExitCode {
         Err(e) => {
             let causes: Vec<String> = e.chain().map(|c| c.to_string()).collect();
             eprintln!("error: {}", causes.join(": "));
-            ExitCode::FAILURE
+            if interrupt::requested() {
+                // The shell's convention for a command stopped by Ctrl-C.
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -98,6 +98,9 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
                 adapter.display()
             );
         }
+        // Recorded absolute, so that reports find the adapter's record and loss curve from
+        // any folder.
+        let adapter = std::path::absolute(adapter).unwrap_or_else(|_| adapter.clone());
         b.insert(
             "adapter".into(),
             Value::String(adapter.display().to_string()),

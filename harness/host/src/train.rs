@@ -39,7 +39,7 @@ pub(crate) struct TrainPlan {
 
 impl TrainPlan {
     /// The plan as train.toml's `[plan]` table, from which `--resume` rebuilds it.
-    fn to_table(&self) -> Table {
+    pub(crate) fn to_table(&self) -> Table {
         let mut t = Table::new();
         let mut put = |k: &str, v: Option<Value>| {
             if let Some(v) = v {

@@ -1,0 +1,308 @@
+//! The cells of a study (each training and each evaluation), where each lives, whether it is
+//! done, and running one through `train` and `eval`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use toml::{Table, Value};
+
+use crate::cli::{EvalArgs, TrainArgs};
+use crate::registry::Registry;
+use crate::run_dir::{self, write_atomic};
+use crate::train;
+
+use super::file::{resolve_refs, AdapterPlan, Study, VariantPlan};
+
+/// One unit of work.
+#[derive(Debug, Clone)]
+pub(super) enum Cell {
+    Train { variant: String },
+    Eval { eval: usize, variant: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Status {
+    Done,
+    /// Started and stopped: resumed from its checkpoint or its samples.
+    Partial,
+    Todo,
+}
+
+impl Status {
+    pub(super) fn word(self) -> &'static str {
+        match self {
+            Status::Done => "done",
+            Status::Partial => "partial (resumes)",
+            Status::Todo => "to do",
+        }
+    }
+}
+
+const CELL_TOML: &str = "cell.toml";
+
+impl Study {
+    pub(super) fn variant(&self, name: &str) -> &VariantPlan {
+        &self
+            .variants
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("checked at load")
+            .1
+    }
+
+    pub(super) fn cells(&self) -> Vec<Cell> {
+        let mut cells = Vec::new();
+        for (name, v) in &self.variants {
+            let used = self
+                .evals
+                .iter()
+                .any(|e| e.variants.contains(name) || e.refs.contains(name));
+            if used && matches!(v.adapter, AdapterPlan::Train { .. }) {
+                cells.push(Cell::Train {
+                    variant: name.clone(),
+                });
+            }
+        }
+        for (i, e) in self.evals.iter().enumerate() {
+            for v in &e.variants {
+                cells.push(Cell::Eval {
+                    eval: i,
+                    variant: v.clone(),
+                });
+            }
+        }
+        cells
+    }
+
+    pub(super) fn cell_dir(&self, cell: &Cell) -> PathBuf {
+        match cell {
+            Cell::Train { variant } => self.out.join("adapters").join(variant),
+            Cell::Eval { eval, variant } => self
+                .out
+                .join("runs")
+                .join(&self.evals[*eval].name)
+                .join(variant),
+        }
+    }
+
+    pub(super) fn cell_name(&self, cell: &Cell) -> String {
+        match cell {
+            Cell::Train { variant } => format!("train {variant}"),
+            Cell::Eval { eval, variant } => {
+                format!("eval {} on {variant}", self.evals[*eval].name)
+            }
+        }
+    }
+
+    /// What a cell is made from, as TOML: the model (path and sha256), backend and device, and
+    /// for a training its config (and its data's sha256), for an evaluation the task, options,
+    /// metrics, batch and what the variant (and any variant an option refers to) is made from.
+    /// A cell whose folder records another definition is stale.
+    pub(super) fn definition(&self, cell: &Cell) -> String {
+        let mut t = Table::new();
+        t.insert(
+            "model".into(),
+            Value::String(self.model.display().to_string()),
+        );
+        t.insert(
+            "model_sha256".into(),
+            Value::String(self.model_sha256.clone()),
+        );
+        t.insert("backend".into(), Value::String(self.backend.clone()));
+        if let Some(d) = &self.device {
+            t.insert("device".into(), Value::String(d.clone()));
+        }
+        match cell {
+            Cell::Train { variant } => {
+                t.insert(
+                    "variant".into(),
+                    Value::Table(self.variant(variant).fingerprint.clone()),
+                );
+            }
+            Cell::Eval { eval, variant } => {
+                let e = &self.evals[*eval];
+                t.insert("task".into(), Value::String(e.task.clone()));
+                t.insert("options".into(), Value::Table(e.options.clone()));
+                t.insert(
+                    "metrics".into(),
+                    Value::Array(e.metrics.iter().cloned().map(Value::String).collect()),
+                );
+                t.insert(
+                    "backend_options".into(),
+                    Value::Table(e.backend_options.clone()),
+                );
+                t.insert("batch".into(), Value::Integer(e.batch as i64));
+                t.insert(
+                    "variant".into(),
+                    Value::Table(self.variant(variant).fingerprint.clone()),
+                );
+                let mut refs = Table::new();
+                for r in &e.refs {
+                    refs.insert(r.clone(), Value::Table(self.variant(r).fingerprint.clone()));
+                }
+                if !refs.is_empty() {
+                    t.insert("refers_to".into(), Value::Table(refs));
+                }
+            }
+        }
+        t.to_string()
+    }
+
+    pub(super) fn status(&self, cell: &Cell) -> Result<Status> {
+        let dir = self.cell_dir(cell);
+        if let Ok(recorded) = std::fs::read_to_string(dir.join(CELL_TOML)) {
+            if recorded != self.definition(cell) {
+                bail!(
+                    "{} was made from another definition of {} than {} now gives; delete that folder to redo it, or pass --out to start the study elsewhere",
+                    dir.display(),
+                    self.cell_name(cell),
+                    self.file.display()
+                );
+            }
+        }
+        Ok(match cell {
+            Cell::Train { .. } => {
+                let finished = std::fs::read_to_string(dir.join("train.toml"))
+                    .ok()
+                    .and_then(|t| t.parse::<Table>().ok())
+                    .and_then(|t| {
+                        t.get("summary")?
+                            .get("stopped_early")
+                            .and_then(Value::as_bool)
+                    })
+                    == Some(false);
+                let adapter = dir.join("adapter_model.safetensors").is_file();
+                if finished && adapter {
+                    Status::Done
+                } else if dir.join("optimizer.safetensors").is_file() {
+                    Status::Partial
+                } else if adapter {
+                    // Killed between saving the last adapter and recording the run.
+                    bail!(
+                        "{} holds an adapter but no record that its training finished, and no checkpoint to resume; delete that folder to train {} again",
+                        dir.display(),
+                        self.cell_name(cell)
+                    );
+                } else {
+                    Status::Todo
+                }
+            }
+            Cell::Eval { .. } => {
+                if dir.join(run_dir::RESULTS).is_file() {
+                    Status::Done
+                } else if dir.join(run_dir::RUN_TOML).is_file() {
+                    Status::Partial
+                } else {
+                    Status::Todo
+                }
+            }
+        })
+    }
+
+    /// Records the definition of a finished cell that has none (made by an older harness, or by
+    /// hand with the same settings), so that later edits of the study file are caught.
+    pub(super) fn adopt(&self, cell: &Cell) -> Result<()> {
+        let path = self.cell_dir(cell).join(CELL_TOML);
+        if !path.exists() {
+            write_atomic(&path, self.definition(cell).as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// A rough cost of a cell, for the estimate of what is left: an eval is 1; training is
+    /// proportional to its examples (1000 addition examples train in about 2.5 evals' time of
+    /// 1200 problems on a 2-core CPU).
+    pub(super) fn cost(&self, cell: &Cell) -> f64 {
+        match cell {
+            Cell::Eval { .. } => 1.0,
+            Cell::Train { variant } => match &self.variant(variant).adapter {
+                AdapterPlan::Train { config, .. } => {
+                    let examples = config
+                        .get("examples")
+                        .and_then(Value::as_integer)
+                        .unwrap_or(1000);
+                    let epochs = config
+                        .get("train")
+                        .and_then(|t| t.get("epochs"))
+                        .and_then(Value::as_integer)
+                        .unwrap_or(1);
+                    (examples * epochs) as f64 / 400.0
+                }
+                _ => 1.0,
+            },
+        }
+    }
+
+    pub(super) fn run_cell(&self, reg: &Registry, cell: &Cell, status: Status) -> Result<()> {
+        let dir = self.cell_dir(cell);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        write_atomic(&dir.join(CELL_TOML), self.definition(cell).as_bytes())?;
+        let command = format!("harness study {}", self.file.display());
+        match cell {
+            Cell::Train { variant } => {
+                if status == Status::Partial {
+                    let args = TrainArgs {
+                        resume: Some(dir),
+                        ..TrainArgs::default()
+                    };
+                    return train::run(reg, &args, command);
+                }
+                let AdapterPlan::Train { config, .. } = &self.variant(variant).adapter else {
+                    unreachable!("train cells are made for trained variants only")
+                };
+                let args = TrainArgs {
+                    out: Some(dir),
+                    model: Some(self.model.clone()),
+                    backend: Some(self.backend.clone()),
+                    device: self.device.clone(),
+                    ..TrainArgs::default()
+                };
+                let plan = train::plan_with(config, &args)?;
+                train::execute(reg, plan, false, command)
+            }
+            Cell::Eval { eval, variant } => {
+                let plan = if status == Status::Partial {
+                    crate::plan::from_args(&EvalArgs {
+                        resume: Some(dir),
+                        backend: self.backend.clone(),
+                        batch: 8,
+                        ..EvalArgs::default()
+                    })?
+                } else {
+                    let e = &self.evals[*eval];
+                    let v = self.variant(variant);
+                    let pairs = |t: &Table| -> Vec<String> {
+                        t.iter().map(|(k, v)| format!("{k}={v}")).collect()
+                    };
+                    let folders: BTreeMap<String, PathBuf> = e
+                        .refs
+                        .iter()
+                        .filter_map(|r| {
+                            let dir = self.variant(r).adapter_dir()?;
+                            Some((r.clone(), dir.to_path_buf()))
+                        })
+                        .collect();
+                    let options = resolve_refs(&e.options, &folders);
+                    crate::plan::from_args(&EvalArgs {
+                        task: Some(e.task.clone()),
+                        metrics: e.metrics.clone(),
+                        backend: self.backend.clone(),
+                        model: Some(self.model.clone()),
+                        adapter: v.adapter_dir().map(Path::to_path_buf),
+                        base: Some(v.base.clone()),
+                        device: self.device.clone(),
+                        options: pairs(&options),
+                        backend_options: pairs(&e.backend_options),
+                        batch: e.batch,
+                        out: Some(dir),
+                        label: Some(v.label.clone()),
+                        ..EvalArgs::default()
+                    })?
+                };
+                crate::eval::run(reg, plan, command)
+            }
+        }
+    }
+}
