@@ -15,7 +15,7 @@ use std::sync::Once;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
-use plotters::style::FontStyle;
+use plotters::style::{FontStyle, FontTransform};
 
 use crate::ReportError;
 
@@ -195,8 +195,7 @@ pub fn line_figure(fig: &LineFigure, path: &Path, format: Format) -> DrawResult 
 /// Writes a bar figure to `path`.
 pub fn bar_figure(fig: &BarFigure, path: &Path, format: Format) -> DrawResult {
     register_font();
-    let width = (220 + 70 * fig.categories.len() as u32 * fig.series.len().max(1) as u32)
-        .clamp(PANEL_W, 1800);
+    let width = bar_width(fig);
     let legend: Vec<LegendEntry> = fig
         .series
         .iter()
@@ -206,8 +205,11 @@ pub fn bar_figure(fig: &BarFigure, path: &Path, format: Format) -> DrawResult {
             kind: LegendKind::Box { pale: b.pale },
         })
         .collect();
-    let height =
-        TITLE_H + PANEL_H + LEGEND_ROW_H * legend_rows(&legend_labels(&legend), width) + 16;
+    let height = TITLE_H
+        + PANEL_H
+        + rotated_label_room(fig)
+        + LEGEND_ROW_H * legend_rows(&legend_labels(&legend), width)
+        + 16;
     match format {
         Format::Png => {
             let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
@@ -219,6 +221,41 @@ pub fn bar_figure(fig: &BarFigure, path: &Path, format: Format) -> DrawResult {
             draw_bars(fig, &root, &legend)?;
             root.present().map_err(figure_err)
         }
+    }
+}
+
+/// Wide enough for every bar (at least 22 px each) and for each category's name under its
+/// group when the names fit horizontally; from 640 px up to 6000.
+fn bar_width(fig: &BarFigure) -> u32 {
+    let cats = fig.categories.len().max(1) as u32;
+    let bars = fig.series.len().max(1) as u32 * 22 + 24;
+    let names = if rotate_labels(fig) {
+        0
+    } else {
+        longest_label(fig) * 9 + 16
+    };
+    (160 + cats * bars.max(names)).clamp(PANEL_W, 6000)
+}
+
+fn longest_label(fig: &BarFigure) -> u32 {
+    fig.categories
+        .iter()
+        .map(|c| c.chars().count() as u32)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Many categories get their names written downwards under each group instead of across.
+fn rotate_labels(fig: &BarFigure) -> bool {
+    fig.categories.len() > 8
+}
+
+/// Extra height under the plot for names written downwards.
+fn rotated_label_room(fig: &BarFigure) -> u32 {
+    if rotate_labels(fig) {
+        longest_label(fig) * 8
+    } else {
+        0
     }
 }
 
@@ -443,12 +480,16 @@ fn draw_lines<DB: DrawingBackend>(
             .draw()
             .map_err(figure_err)?;
         if let Some((lo, hi, _)) = &fig.shade {
-            chart
-                .draw_series(std::iter::once(Rectangle::new(
-                    [(lo - 0.5, y0), (hi + 0.5, y1)],
-                    SHADE.mix(0.6).filled(),
-                )))
-                .map_err(figure_err)?;
+            // Clipped to the plot: plotters does not clip shapes to the chart area.
+            let (lo, hi) = ((lo - 0.5).max(x0), (hi + 0.5).min(x1));
+            if lo < hi {
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(lo, y0), (hi, y1)],
+                        SHADE.mix(0.6).filled(),
+                    )))
+                    .map_err(figure_err)?;
+            }
         }
         for s in &panel.series {
             let c = color(s.color);
@@ -521,7 +562,7 @@ fn draw_bars<DB: DrawingBackend>(
     let mut chart = ChartBuilder::on(&body)
         .margin(12)
         .margin_right(24)
-        .x_label_area_size(56)
+        .x_label_area_size(56 + rotated_label_room(fig))
         .y_label_area_size(68)
         .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), y.0..y.1)
         .map_err(figure_err)?;
@@ -568,13 +609,21 @@ fn draw_bars<DB: DrawingBackend>(
     }
     // Category names under each group, placed in pixels (plotters picks its own tick positions
     // on a continuous axis, which need not fall on the categories).
+    let rotate = rotate_labels(fig);
     for (i, name) in fig.categories.iter().enumerate() {
         let (px, py) = chart.backend_coord(&(i as f64, y.0));
         let base = root.get_base_pixel();
+        let style = if rotate {
+            text_style(15)
+                .transform(FontTransform::Rotate90)
+                .pos(Pos::new(HPos::Left, VPos::Center))
+        } else {
+            text_style(15).pos(Pos::new(HPos::Center, VPos::Top))
+        };
         root.draw(&Text::new(
             name.clone(),
             (px - base.0, py - base.1 + 10),
-            text_style(15).pos(Pos::new(HPos::Center, VPos::Top)),
+            style,
         ))
         .map_err(figure_err)?;
     }
