@@ -24,7 +24,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::run::Sample;
-use crate::ReportError;
+use crate::{fixed, ReportError};
 
 /// The significance test of a [`Comparison`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -709,11 +709,6 @@ fn comparison(
 
 // ---------------------------------------------------------------------------------------------
 // Output.
-
-/// Fixed six decimals, with −0 written as 0.
-fn fixed(x: f64) -> String {
-    format!("{:.6}", x + 0.0)
-}
 
 /// Writes `rows` as CSV with a header line: `group, metric, n, mean_a, mean_b, diff, ci_low,
 /// ci_high, test, p_value, b_higher, a_higher, ties`. Numbers have six fixed decimals, except

@@ -33,6 +33,9 @@ pub enum ReportError {
     Csv(#[from] csv::Error),
     #[error("cannot write results: {0}")]
     Io(#[from] std::io::Error),
+    /// A file that could not be read or written (the message names it).
+    #[error("{0}")]
+    File(String),
     /// A run folder that cannot be read for a report (the message names the file).
     #[error("{0}")]
     Run(String),
@@ -41,8 +44,32 @@ pub enum ReportError {
     Figure(String),
 }
 
-fn fixed(x: f64) -> String {
-    format!("{x:.6}")
+/// Six fixed decimals (with −0 written as 0): the one number format of every file the
+/// harness writes, so the same scores give the same bytes.
+pub fn fixed(x: f64) -> String {
+    format!("{:.6}", x + 0.0)
+}
+
+/// Writes `bytes` to `PATH.tmp`, syncs it, and renames it over `path` (making its folder), so
+/// `path` is always either the old file or the whole new one, never half-written.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), ReportError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| io_at(dir, e))?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io_at(&tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io_at(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_at(path, e))?;
+    Ok(())
+}
+
+/// An I/O error with the file it happened on.
+fn io_at(path: &std::path::Path, e: std::io::Error) -> ReportError {
+    ReportError::File(format!("{}: {e}", path.display()))
 }
 
 /// Writes `rows` as CSV with a header line.

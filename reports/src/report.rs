@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use crate::figures::{self, BarFigure, BarSeries, Format, LineFigure, Panel, Point, Series};
 use crate::run::{Run, Sample};
-use crate::{stats, ReportError, ResultRow};
+use crate::{fixed, stats, write_atomic, ReportError, ResultRow};
 
 /// One part of a report: a figure (with its CSV) and/or a table.
 #[derive(Debug, Clone)]
@@ -55,10 +55,6 @@ impl Target<'_> {
             dir.join(format!("{}-{name}.csv", self.prefix)),
         )
     }
-}
-
-fn fixed(x: f64) -> String {
-    format!("{x:.6}")
 }
 
 /// Legend labels, made unique (a repeated label gets its run folder's name).
@@ -129,20 +125,6 @@ fn write_csv_rows(path: &Path, header: &[&str], rows: &[Vec<String>]) -> Result<
         .into_inner()
         .map_err(|e| ReportError::Run(e.to_string()))?;
     write_atomic(path, &bytes)
-}
-
-/// Writes `bytes` to a temporary file beside `path` and renames it over `path`, so a report is
-/// never half-written.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 /// Draws a figure to a temporary name and renames it, like [`write_atomic`].

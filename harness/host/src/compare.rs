@@ -4,10 +4,7 @@
 //! Nothing here needs a model or plugins: it reads run folders only, so it works on folders
 //! copied from another machine.
 
-use std::io::Write;
-use std::path::Path;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use reports::compare::{self, CompareOptions};
 use reports::run::Run;
 
@@ -44,25 +41,8 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     if let Some(out) = &args.out {
         let mut bytes = Vec::new();
         compare::write_csv(&rows, &mut bytes)?;
-        write_atomic(out, &bytes)?;
+        crate::run_dir::write_atomic(out, &bytes)?;
         println!("wrote {}", out.display());
     }
-    Ok(())
-}
-
-/// Writes `bytes` to `PATH.tmp`, syncs it, and renames it over `path`, so `path` is either the
-/// old file or the whole new one.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
