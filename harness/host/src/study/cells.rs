@@ -21,6 +21,51 @@ pub(super) enum Cell {
     Eval { eval: usize, variant: String },
 }
 
+/// The two kinds of cell, which run at different rates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Train,
+    Eval,
+}
+
+impl Kind {
+    /// Seconds per unit of work before any cell of the kind has been timed: about what a
+    /// 2-core CPU takes with the default model (an addition problem; a training example).
+    fn prior_seconds(self) -> f64 {
+        match self {
+            Kind::Eval => 0.35,
+            Kind::Train => 1.8,
+        }
+    }
+}
+
+/// Seconds per unit of work, measured per kind as cells finish.
+#[derive(Debug, Default)]
+pub(super) struct Rates {
+    measured: Vec<(Kind, f64, f64)>,
+}
+
+impl Rates {
+    pub(super) fn record(&mut self, kind: Kind, units: f64, seconds: f64) {
+        self.measured.push((kind, units, seconds));
+    }
+
+    /// Seconds left for `work`: measured rates where a cell of the kind ran, the prior else.
+    pub(super) fn seconds(&self, work: &[(Kind, f64)]) -> f64 {
+        work.iter()
+            .map(|&(kind, units)| {
+                let (u, s) = self
+                    .measured
+                    .iter()
+                    .filter(|m| m.0 == kind)
+                    .fold((0.0, 0.0), |(u, s), m| (u + m.1, s + m.2));
+                let rate = if u > 0.0 { s / u } else { kind.prior_seconds() };
+                units * rate
+            })
+            .sum()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Status {
     Done,
@@ -210,27 +255,26 @@ impl Study {
         Ok(())
     }
 
-    /// A rough cost of a cell, for the estimate of what is left: an eval is 1; training is
-    /// proportional to its examples (1000 addition examples train in about 2.5 evals' time of
-    /// 1200 problems on a 2-core CPU).
-    pub(super) fn cost(&self, cell: &Cell) -> f64 {
+    /// How much work a cell is: instances for an evaluation, examples times epochs for a
+    /// training (the estimate of the time left multiplies these by measured rates).
+    pub(super) fn work(&self, cell: &Cell) -> (Kind, f64) {
         match cell {
-            Cell::Eval { .. } => 1.0,
-            Cell::Train { variant } => match &self.variant(variant).adapter {
-                AdapterPlan::Train { config, .. } => {
-                    let examples = config
-                        .get("examples")
-                        .and_then(Value::as_integer)
-                        .unwrap_or(1000);
-                    let epochs = config
-                        .get("train")
-                        .and_then(|t| t.get("epochs"))
-                        .and_then(Value::as_integer)
-                        .unwrap_or(1);
-                    (examples * epochs) as f64 / 400.0
-                }
-                _ => 1.0,
-            },
+            Cell::Eval { eval, .. } => (Kind::Eval, self.evals[*eval].instances as f64),
+            Cell::Train { variant } => {
+                let AdapterPlan::Train { config, .. } = &self.variant(variant).adapter else {
+                    unreachable!("train cells are made for trained variants only")
+                };
+                let examples = config
+                    .get("examples")
+                    .and_then(Value::as_integer)
+                    .unwrap_or(1000);
+                let epochs = config
+                    .get("train")
+                    .and_then(|t| t.get("epochs"))
+                    .and_then(Value::as_integer)
+                    .unwrap_or(1);
+                (Kind::Train, (examples * epochs) as f64)
+            }
         }
     }
 
@@ -304,5 +348,21 @@ impl Study {
                 crate::eval::run(reg, plan, command)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_left_uses_measured_rates_per_kind() {
+        let mut r = Rates::default();
+        let work = [(Kind::Train, 100.0), (Kind::Eval, 10.0)];
+        assert!((r.seconds(&work) - (180.0 + 3.5)).abs() < 1e-9);
+        r.record(Kind::Eval, 20.0, 40.0);
+        assert!((r.seconds(&work) - (180.0 + 20.0)).abs() < 1e-9);
+        r.record(Kind::Train, 10.0, 5.0);
+        assert!((r.seconds(&work) - (50.0 + 20.0)).abs() < 1e-9);
     }
 }

@@ -159,6 +159,8 @@ pub(super) struct EvalPlanned {
     pub(super) options: Table,
     /// Variants whose adapter an option refers to (`"@variant"`).
     pub(super) refs: Vec<String>,
+    /// How many instances the task makes (for the estimate of the time left).
+    pub(super) instances: usize,
     pub(super) metrics: Vec<String>,
     pub(super) variants: Vec<String>,
     pub(super) backend_options: Table,
@@ -296,6 +298,7 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
                 if let Some(task) = &plan.task {
                     if plan.data.is_none() {
                         check_task(reg, task, &plan.task_options)
+                            .map(|_| ())
                             .map_err(|e| anyhow!("{where_t}: variant `{vname}`.train: {e}"))?;
                     }
                 }
@@ -369,7 +372,7 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
         // study has not trained yet points at a stand-in holding the train.toml it will have.
         let stand_in =
             std::env::temp_dir().join(format!("harness-study-check-{}-{name}", std::process::id()));
-        let checked = (|| -> Result<()> {
+        let checked = (|| -> Result<usize> {
             let mut folders = BTreeMap::new();
             for r in &refs {
                 let v = &variants
@@ -394,7 +397,7 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
             check_task(reg, spec.task.get_ref(), &options)
         })();
         let _ = std::fs::remove_dir_all(&stand_in);
-        checked.map_err(|m| anyhow!("{}: {m}", at(file, &text, &spec.task)))?;
+        let instances = checked.map_err(|m| anyhow!("{}: {m}", at(file, &text, &spec.task)))?;
         for m in &spec.metrics {
             reg.get(PluginKind::Metric, m.get_ref())
                 .map_err(|x| anyhow!("{}: {x}", at(file, &text, m)))?;
@@ -410,6 +413,7 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
             task: spec.task.get_ref().clone(),
             options: spec.options.clone(),
             refs,
+            instances,
             metrics: spec.metrics.iter().map(|m| m.get_ref().clone()).collect(),
             variants: spec.variants.iter().map(|v| v.get_ref().clone()).collect(),
             backend_options: spec.backend_options.clone(),
@@ -556,15 +560,15 @@ fn fingerprint(base: &str, adapter: &AdapterPlan) -> Result<Table> {
     Ok(t)
 }
 
-/// Builds the task with these options, which checks them.
-fn check_task(reg: &Registry, task: &str, options: &Table) -> Result<()> {
+/// Builds the task with these options, which checks them; returns how many instances it makes.
+fn check_task(reg: &Registry, task: &str, options: &Table) -> Result<usize> {
     let entry = reg.get(PluginKind::Task, task)?;
     let opts = options.to_string();
-    plugin_result(
+    let task = plugin_result(
         entry,
         (entry.lib.new_task())(RStr::from(task), RStr::from(opts.as_str())),
     )?;
-    Ok(())
+    Ok(plugin_result(entry, task.eval_instances())?.len())
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use crate::cli::StudyArgs;
 use crate::registry::Registry;
 use crate::run_dir::write_atomic;
 
-use cells::Status;
+use cells::{Kind, Rates, Status};
 use file::load;
 use report::write_study_report;
 
@@ -94,27 +94,20 @@ pub fn run(reg: &Registry, args: &StudyArgs) -> Result<()> {
         );
     }
     let start = Instant::now();
-    let total_cost: f64 = cells
+    let mut left: Vec<(Kind, f64)> = cells
         .iter()
         .zip(&statuses)
         .filter(|(_, s)| **s != Status::Done)
-        .map(|(c, _)| study.cost(c))
-        .sum();
-    let mut spent_cost = 0.0;
+        .map(|(c, _)| study.work(c))
+        .collect();
+    let mut rates = Rates::default();
     let mut finished = done;
     for (c, s) in cells.iter().zip(&statuses) {
         if *s == Status::Done {
             continue;
         }
         let elapsed = start.elapsed().as_secs_f64();
-        let estimate = if spent_cost > 0.0 {
-            format!(
-                ", about {} left",
-                duration(elapsed / spent_cost * (total_cost - spent_cost))
-            )
-        } else {
-            String::new()
-        };
+        let estimate = format!(", about {} left", duration(rates.seconds(&left)));
         println!(
             "\n[{}/{}] {}{} (elapsed {}{estimate})",
             finished + 1,
@@ -127,6 +120,7 @@ pub fn run(reg: &Registry, args: &StudyArgs) -> Result<()> {
             },
             duration(elapsed),
         );
+        let cell_start = Instant::now();
         let result = study.run_cell(reg, c, *s);
         if crate::interrupt::requested() {
             bail!(
@@ -136,7 +130,8 @@ pub fn run(reg: &Registry, args: &StudyArgs) -> Result<()> {
             );
         }
         result.with_context(|| format!("study cell `{}`", study.cell_name(c)))?;
-        spent_cost += study.cost(c);
+        let (kind, units) = left.remove(0);
+        rates.record(kind, units, cell_start.elapsed().as_secs_f64());
         finished += 1;
     }
     let report = write_study_report(&study)?;
