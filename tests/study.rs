@@ -31,7 +31,7 @@ train = {{ task = "addition", examples = 8, task_options = {{ digits = "1" }}, t
 [[evals]]
 name = "addition"
 task = "addition"
-options = {{ digits = "1-2", n = {n}, shots = 1, seen_in = "@tuned" }}
+options = {{ digits = "1-2", n = {n}, shots = 1, seen_in = "@tuned", seen_per_k = 1 }}
 metrics = ["exact-match", "levenshtein"]
 variants = ["vanilla", "tuned"]
 
@@ -80,7 +80,7 @@ fn a_study_runs_reuses_resumes_and_refuses_a_changed_file() {
         "runs/addition/tuned/results.csv",
         "figures/addition-accuracy-vs-k.png",
         "figures/addition-metrics-vs-k.png",
-        "figures/addition-loss-tuned.png",
+        "figures/train-loss-tuned.png",
         "figures/addition-by-seen.png",
         "figures/addition-compare-vanilla-tuned.csv",
     ] {

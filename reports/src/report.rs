@@ -41,6 +41,8 @@ pub struct Target<'a> {
     /// Prefix of every file name (an eval's name in a study; the task's otherwise).
     pub prefix: &'a str,
     pub format: Format,
+    /// Draw the loss curve of each run's adapter (a study draws them once, under its recipe).
+    pub loss: bool,
 }
 
 impl Target<'_> {
@@ -186,7 +188,9 @@ pub fn sections(runs: &[Run], target: &Target<'_>) -> Result<Vec<Section>, Repor
         out.extend(group_sections(runs, &labels, target)?);
     }
     out.extend(attribute_sections(runs, &labels, target)?);
-    out.extend(loss_sections(runs, target)?);
+    if target.loss {
+        out.extend(loss_sections(runs, target)?);
+    }
     Ok(out)
 }
 
@@ -501,6 +505,17 @@ fn attribute_sections(
             .flatten()
             .filter_map(|s| s.attributes.get(&key))
             .all(|v| v.parse::<i64>().is_ok());
+        let mut values: Vec<&String> = samples
+            .iter()
+            .flatten()
+            .filter_map(|s| s.attributes.get(&key))
+            .collect();
+        values.sort();
+        values.dedup();
+        if values.len() < 2 {
+            // Every instance alike (no problem was seen in training): nothing to split.
+            continue;
+        }
         if numeric {
             sections.push(numeric_split(
                 labels, &samples, &key, &metric, binary, target,
@@ -630,8 +645,9 @@ fn numeric_split(
         csv: Some(csv),
         table,
         caption: format!(
-            "Every instance of each run, split by its `{key}` attribute; 95% intervals \
-             recomputed from the samples."
+            "Every instance of each run, split by its `{key}` attribute, all groups pooled (so \
+             where the attribute grows with the group, as carries do with k, the two mix); 95% \
+             intervals recomputed from the samples, wide where a value has few instances."
         ),
     })
 }
@@ -976,6 +992,7 @@ pub fn write_report(runs: &[Run], out: &Path, format: Format) -> Result<Vec<Sect
                 out,
                 prefix: task,
                 format,
+                loss: true,
             },
         )?;
         if tasks.len() > 1 {

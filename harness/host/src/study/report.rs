@@ -60,7 +60,7 @@ pub(super) fn write_study_report(study: &Study) -> Result<PathBuf> {
         let adapter = match &v.adapter {
             AdapterPlan::None => "none".to_string(),
             AdapterPlan::Folder(p) => format!("`{}`", p.display()),
-            AdapterPlan::Train { dir, .. } => train_summary(dir),
+            AdapterPlan::Train { dir, .. } => train_summary(dir, &study.out),
         };
         let _ = writeln!(md, "| {name} | {} | {} | {adapter} |", v.label, v.base);
     }
@@ -87,19 +87,36 @@ pub(super) fn write_study_report(study: &Study) -> Result<PathBuf> {
         );
     }
     md.push('\n');
-    let mut time = String::new();
-    let mut total = 0.0;
+    let times: Vec<String> = study
+        .variants
+        .iter()
+        .filter_map(|(name, v)| match &v.adapter {
+            AdapterPlan::Train { dir, .. } => {
+                train_seconds(dir).map(|secs| format!("{name} {}", duration(secs)))
+            }
+            _ => None,
+        })
+        .collect();
+    if !times.is_empty() {
+        let _ = writeln!(md, "Training time: {}.\n", times.join(", "));
+    }
+    // Each trained adapter's loss curve, once.
+    let mut curves = Vec::new();
     for (name, v) in &study.variants {
         if let AdapterPlan::Train { dir, .. } = &v.adapter {
-            if let Some(secs) = train_seconds(dir) {
-                total += secs;
-                let _ = write!(time, "train {name} {}; ", duration(secs));
+            if dir.join("train.csv").is_file() {
+                let target = Target {
+                    out,
+                    prefix: "train",
+                    format: study.format,
+                    loss: true,
+                };
+                curves.push(report::loss_section(dir, name, &target)?);
             }
         }
     }
-    if !time.is_empty() {
-        let _ = writeln!(md, "Training time: {}(total {}).\n", time, duration(total));
-    }
+    let curves: Vec<Section> = curves.into_iter().filter(|s| wanted(study, s)).collect();
+    md.push_str(&report::markdown(&curves, "###"));
 
     for e in &study.evals {
         let _ = writeln!(md, "## {}\n", e.name);
@@ -116,6 +133,7 @@ pub(super) fn write_study_report(study: &Study) -> Result<PathBuf> {
                 out,
                 prefix: &e.name,
                 format: study.format,
+                loss: false,
             },
         )?;
         let sections: Vec<Section> = sections.into_iter().filter(|s| wanted(study, s)).collect();
@@ -174,9 +192,14 @@ fn train_seconds(dir: &Path) -> Option<f64> {
 }
 
 /// `trained here: addition, 1000 examples, digits 1-7; r 32, ...` from the adapter's record.
-fn train_summary(dir: &Path) -> String {
+fn train_summary(dir: &Path, out: &Path) -> String {
+    // Named inside the study folder when it is there, so a copied report reads the same.
+    let shown = std::path::absolute(out)
+        .ok()
+        .and_then(|o| dir.strip_prefix(o).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| dir.to_path_buf());
     let Some(t) = train_toml(dir) else {
-        return format!("trained into `{}`", dir.display());
+        return format!("trained into `{}`", shown.display());
     };
     let plan = t.get("plan").and_then(Value::as_table);
     let mut parts = Vec::new();
@@ -211,7 +234,7 @@ fn train_summary(dir: &Path) -> String {
     }
     format!(
         "trained into `{}`: {}",
-        dir.display(),
+        shown.display(),
         parts.join("; ").replace('|', "/")
     )
 }
