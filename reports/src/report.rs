@@ -232,7 +232,7 @@ fn length_sections(
                         .map(|(k, row)| point(row, f64::from(*k)))
                         .collect(),
                     band: true,
-                    color: i,
+                    color: run.color.unwrap_or(i),
                     faint: false,
                 }
             })
@@ -260,7 +260,11 @@ fn length_sections(
             title: format!("{} vs number of digits k", metric_title(&primary)),
             x_label: "k (digits per operand)".into(),
             integer_x: true,
-            panels: vec![panel(&primary, &mut rows)],
+            // One panel: the figure's title says it all.
+            panels: vec![Panel {
+                title: String::new(),
+                ..panel(&primary, &mut rows)
+            }],
             shade: shade.clone(),
         };
         let (png, csv) = target.paths("accuracy-vs-k");
@@ -415,7 +419,7 @@ fn group_sections(
                     .collect();
                 BarSeries {
                     label: label.clone(),
-                    color: i,
+                    color: run.color.unwrap_or(i),
                     pale: false,
                     values,
                 }
@@ -477,6 +481,11 @@ fn attribute_sections(
     let Some(metric) = split_metric(runs) else {
         return Ok(Vec::new());
     };
+    let colors: Vec<usize> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| r.color.unwrap_or(i))
+        .collect();
     let samples: Vec<Vec<Sample>> = runs
         .iter()
         .map(|r| {
@@ -518,11 +527,11 @@ fn attribute_sections(
         }
         if numeric {
             sections.push(numeric_split(
-                labels, &samples, &key, &metric, binary, target,
+                &colors, labels, &samples, &key, &metric, binary, target,
             )?);
         } else {
             sections.push(category_split(
-                labels, &samples, &key, &metric, binary, target,
+                &colors, labels, &samples, &key, &metric, binary, target,
             )?);
         }
     }
@@ -537,6 +546,7 @@ fn summary_point(xs: &[f64], binary: bool, x: f64) -> Point {
 /// Accuracy as a line over the values of a numeric attribute (carries).
 #[allow(clippy::too_many_arguments)]
 fn numeric_split(
+    colors: &[usize],
     labels: &[String],
     samples: &[Vec<Sample>],
     key: &str,
@@ -589,7 +599,7 @@ fn numeric_split(
                 label: label.clone(),
                 points,
                 band: true,
-                color: i,
+                color: colors[i],
                 faint: false,
             });
         }
@@ -655,6 +665,7 @@ fn numeric_split(
 /// Accuracy per group, split by the values of a categorical attribute (seen / unseen).
 #[allow(clippy::too_many_arguments)]
 fn category_split(
+    colors: &[usize],
     labels: &[String],
     samples: &[Vec<Sample>],
     key: &str,
@@ -745,7 +756,7 @@ fn category_split(
             }
             series.push(BarSeries {
                 label: format!("{label}, {key} = {v}"),
-                color: ri,
+                color: colors[ri],
                 pale: vi > 0,
                 values: points,
             });

@@ -35,6 +35,9 @@ pub struct Run {
     pub adapter: Option<PathBuf>,
     /// The digit counts k the adapter was trained on, when its train.toml records them.
     pub trained_digits: Option<Vec<u32>>,
+    /// The palette index figures draw the run in (default: its position among the runs
+    /// reported together); a study gives each variant one colour across all its figures.
+    pub color: Option<usize>,
 }
 
 fn err(path: &Path, what: impl std::fmt::Display) -> ReportError {
@@ -102,6 +105,7 @@ impl Run {
             results,
             adapter,
             trained_digits,
+            color: None,
         })
     }
 

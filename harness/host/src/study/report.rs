@@ -125,6 +125,7 @@ pub(super) fn write_study_report(study: &Study) -> Result<PathBuf> {
             let dir = out.join("runs").join(&e.name).join(v);
             let mut run = Run::read(&dir)?;
             run.label = study.variant(v).label.clone();
+            run.color = study.variants.iter().position(|(n, _)| n == v);
             runs.push(run);
         }
         let sections = report::sections(
