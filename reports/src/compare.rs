@@ -803,40 +803,12 @@ fn cells(r: &Comparison) -> [String; 9] {
 pub fn table(rows: &[Comparison], a_label: &str, b_label: &str) -> String {
     let mut lines: Vec<[String; 9]> = vec![HEADER.map(str::to_string)];
     lines.extend(rows.iter().map(cells));
-    let widths: Vec<usize> = (0..9)
-        .map(|c| {
-            lines
-                .iter()
-                .map(|l| l[c].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
     let left = [true, true, false, false, false, false, true, false, false];
-    let mut out = format!("A: {a_label}\nB: {b_label}\n\n");
-    for (i, line) in lines.iter().enumerate() {
-        let text: Vec<String> = line
-            .iter()
-            .zip(&widths)
-            .zip(left)
-            .map(|((cell, &w), left)| {
-                let pad = " ".repeat(w - cell.chars().count());
-                if left {
-                    format!("{cell}{pad}")
-                } else {
-                    format!("{pad}{cell}")
-                }
-            })
-            .collect();
-        out.push_str(text.join("  ").trim_end());
-        out.push('\n');
-        if i == 0 {
-            let total: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
-            out.push_str(&"-".repeat(total));
-            out.push('\n');
-        }
-    }
-    out
+    let lines: Vec<Vec<String>> = lines.into_iter().map(Vec::from).collect();
+    format!(
+        "A: {a_label}\nB: {b_label}\n\n{}",
+        crate::aligned(&lines, &left)
+    )
 }
 
 /// The same columns as [`table`] as a Markdown table, after a legend naming A and B.

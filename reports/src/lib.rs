@@ -128,9 +128,19 @@ pub fn summary_table(rows: &[ResultRow]) -> String {
         }
         table.push(line);
     }
-    let widths: Vec<usize> = (0..table[0].len())
+    let mut left = vec![false; table[0].len()];
+    left[0] = true;
+    aligned(&table, &left)
+}
+
+/// Lines of cells as a plain-text table: columns padded to their widest cell (counted in
+/// characters), left- or right-aligned per column, two spaces apart, a rule under the first
+/// line (the header).
+pub fn aligned(lines: &[Vec<String>], left: &[bool]) -> String {
+    let columns = lines.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
         .map(|c| {
-            table
+            lines
                 .iter()
                 .map(|l| l[c].chars().count())
                 .max()
@@ -138,23 +148,24 @@ pub fn summary_table(rows: &[ResultRow]) -> String {
         })
         .collect();
     let mut out = String::new();
-    for (i, line) in table.iter().enumerate() {
+    for (i, line) in lines.iter().enumerate() {
         let cells: Vec<String> = line
             .iter()
             .zip(&widths)
-            .enumerate()
-            .map(|(c, (cell, w))| {
-                if c == 0 {
-                    format!("{cell:<w$}")
+            .zip(left)
+            .map(|((cell, &w), &left)| {
+                let pad = " ".repeat(w - cell.chars().count());
+                if left {
+                    format!("{cell}{pad}")
                 } else {
-                    format!("{cell:>w$}")
+                    format!("{pad}{cell}")
                 }
             })
             .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
         if i == 0 {
-            let total: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+            let total: usize = widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1);
             out.push_str(&"-".repeat(total));
             out.push('\n');
         }
