@@ -11,7 +11,7 @@ The case is a tiny random LLaMA in HF layout (model/), a LoRA adapter on all sev
 trained on it by harness (adapter/), and harness's next-token logits with and without the
 adapter (cases.json). PEFT loads the adapter onto the same model; the logits must agree. (The
 other direction, a PEFT-made adapter loaded by harness, is tested against
-shared/fixtures/smollm2/peft-adapter in the backend's reference tests.)
+tests/fixtures/smollm2/peft-adapter in the backend's reference tests.)
 """
 
 import json

@@ -1,6 +1,6 @@
 //! End-to-end evals: the built binary and plugins on a tiny random model (fast) and on the real
 //! SmolLM2-135M-Instruct fetched by `harness fetch` (checked against the references in
-//! shared/fixtures/smollm2/).
+//! tests/fixtures/smollm2/).
 
 mod common;
 
@@ -298,7 +298,7 @@ fn addition_marks_carries_and_probes_an_adapters_training_set() {
 // ---- The real default model. `harness fetch` must have run (CI does it first). ----
 
 fn fixture_readme() -> String {
-    let path = repo_root().join("../shared/fixtures/smollm2/README.md");
+    let path = repo_root().join("tests/fixtures/smollm2/README.md");
     std::fs::read_to_string(&path)
         .unwrap_or_else(|_| panic!("reference fixtures missing at {}", path.display()))
 }
@@ -420,7 +420,7 @@ fn smollm2_vanilla_addition_is_within_sampling_error_of_reference() {
 #[test]
 fn smollm2_with_the_peft_adapter_records_it_in_the_run() {
     let _ = real_model();
-    let adapter = repo_root().join("../shared/fixtures/smollm2/peft-adapter");
+    let adapter = repo_root().join("tests/fixtures/smollm2/peft-adapter");
     let dir = temp_dir("smollm2-adapter");
     ok(harness()
         .args([

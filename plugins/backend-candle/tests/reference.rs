@@ -1,5 +1,5 @@
-//! Checks the backend against reference outputs of other implementations, in
-//! `shared/fixtures/smollm2/` (token ids, next-token logits, greedy continuations), on the real
+//! Checks the backend against reference outputs of other implementations, in the repository's
+//! `tests/fixtures/smollm2/` (token ids, next-token logits, greedy continuations), on the real
 //! SmolLM2-135M-Instruct fetched by `harness fetch`.
 
 use std::path::PathBuf;
@@ -9,10 +9,10 @@ use serde_json::Value;
 
 fn fixtures() -> PathBuf {
     let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = here.join("../../../shared/fixtures/smollm2");
+    let dir = here.join("../../tests/fixtures/smollm2");
     assert!(
         dir.is_dir(),
-        "reference fixtures not found at {}; they ship beside the repository in shared/",
+        "reference fixtures not found at {}; they ship in the repository",
         dir.display()
     );
     dir
