@@ -171,6 +171,25 @@ fn legend_item_width(label: &str) -> u32 {
     40 + (label.chars().count() as u32 * 17).div_ceil(2) + 24
 }
 
+/// Draws with `$draw` (given the root area) on a PNG or SVG backend of `$size` at `$path`,
+/// then writes the file: one body for both backends, whose types differ.
+macro_rules! render {
+    ($format:expr, $path:expr, $size:expr, |$root:ident| $draw:expr) => {
+        match $format {
+            Format::Png => {
+                let $root = &BitMapBackend::new($path, $size).into_drawing_area();
+                $draw?;
+                $root.present().map_err(figure_err)
+            }
+            Format::Svg => {
+                let $root = &SVGBackend::new($path, $size).into_drawing_area();
+                $draw?;
+                $root.present().map_err(figure_err)
+            }
+        }
+    };
+}
+
 /// Writes a line figure to `path` (format from `format`).
 pub fn line_figure(fig: &LineFigure, path: &Path, format: Format) -> DrawResult {
     register_font();
@@ -178,18 +197,9 @@ pub fn line_figure(fig: &LineFigure, path: &Path, format: Format) -> DrawResult 
     let legend = legend_entries_lines(fig);
     let height =
         TITLE_H + PANEL_H + LEGEND_ROW_H * legend_rows(&legend_labels(&legend), width) + 16;
-    match format {
-        Format::Png => {
-            let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
-            draw_lines(fig, &root, &legend)?;
-            root.present().map_err(figure_err)
-        }
-        Format::Svg => {
-            let root = SVGBackend::new(path, (width, height)).into_drawing_area();
-            draw_lines(fig, &root, &legend)?;
-            root.present().map_err(figure_err)
-        }
-    }
+    render!(format, path, (width, height), |root| draw_lines(
+        fig, root, &legend
+    ))
 }
 
 /// Writes a bar figure to `path`.
@@ -210,18 +220,9 @@ pub fn bar_figure(fig: &BarFigure, path: &Path, format: Format) -> DrawResult {
         + rotated_label_room(fig)
         + LEGEND_ROW_H * legend_rows(&legend_labels(&legend), width)
         + 16;
-    match format {
-        Format::Png => {
-            let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
-            draw_bars(fig, &root, &legend)?;
-            root.present().map_err(figure_err)
-        }
-        Format::Svg => {
-            let root = SVGBackend::new(path, (width, height)).into_drawing_area();
-            draw_bars(fig, &root, &legend)?;
-            root.present().map_err(figure_err)
-        }
-    }
+    render!(format, path, (width, height), |root| draw_bars(
+        fig, root, &legend
+    ))
 }
 
 /// Wide enough for every bar (at least 22 px each) and for each category's name under its
