@@ -226,7 +226,7 @@ fn duplicate_plugin_names_name_both_files() {
 
 #[test]
 fn a_task_built_outside_the_workspace_loads_without_rebuilding_harness() {
-    let plugin_dir = build_copy_task();
+    let plugin_dir = build_fixture("copy-task");
     let out = ok(harness().arg("--plugin-dir").arg(&plugin_dir).arg("list"));
     let line = out
         .lines()
@@ -269,6 +269,52 @@ fn a_task_built_outside_the_workspace_loads_without_rebuilding_harness() {
             .arg(dir.join("run-panic")),
     );
     assert!(e.contains("plugin `copy` panicked: asked to panic"), "{e}");
+}
+
+#[test]
+fn a_metric_built_outside_the_workspace_scores_and_its_panic_ends_the_run_cleanly() {
+    let plugin_dir = build_fixture("char-f1");
+    build_fixture("copy-task");
+    let out = ok(harness().arg("--plugin-dir").arg(&plugin_dir).arg("list"));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("metric") && l.contains(" char-f1 ")),
+        "{out}"
+    );
+    let dir = temp_dir("char-f1");
+    write_tiny_model(&dir.join("model"), 1);
+    let eval = |words: &str, run: &str| {
+        let mut c = harness();
+        c.arg("--plugin-dir")
+            .arg(&plugin_dir)
+            .args(["eval", "--task", "copy", "--option", "n=6", "--option"])
+            .arg(format!("words={words}"))
+            .args(["--metric", "char-f1,exact-match", "--batch", "2", "--model"])
+            .arg(dir.join("model"))
+            .arg("--out")
+            .arg(dir.join(run));
+        c
+    };
+    ok(&mut eval("apple,river", "run"));
+    let results = std::fs::read_to_string(dir.join("run/results.csv")).unwrap();
+    assert!(results.contains("copy,all,char-f1,6,"), "{results}");
+    let run_toml = std::fs::read_to_string(dir.join("run/run.toml")).unwrap();
+    assert!(run_toml.contains("[metrics.scale]"), "{run_toml}");
+
+    // The third instance's target makes the metric panic: the run ends with one line naming
+    // the metric and the instance, and keeps the two instances of the first batch.
+    let e = fails(&mut eval("apple,river,panic", "run-panic"));
+    assert!(
+        e.contains("metric `char-f1` failed on instance `copy-2`")
+            && e.contains("plugin `char-f1` panicked: asked to panic")
+            && e.contains("the 2 instances answered before are kept")
+            && e.contains("harness eval --resume"),
+        "{e}"
+    );
+    let samples = std::fs::read_to_string(dir.join("run-panic/samples.jsonl")).unwrap();
+    assert_eq!(samples.lines().count(), 2, "{samples}");
+    assert!(dir.join("run-panic/run.toml").exists());
+    assert!(!dir.join("run-panic/results.csv").exists());
 }
 
 #[test]
@@ -329,9 +375,10 @@ fn a_missing_adapter_is_one_clear_line() {
 
 #[test]
 fn a_plugin_built_against_another_abi_version_is_refused_with_the_reason() {
-    // Build the copy-task plugin against a copy of harness-abi that claims version 0.2.0.
+    // Build the copy-task plugin against a copy of harness-abi that claims to be the previous
+    // ABI version, 0.1.0: an old plugin.
     let root = repo_root();
-    let work = root.join("target").join("fixtures-abi2");
+    let work = root.join("target").join("fixtures-abi-old");
     let abi = work.join("abi");
     let task = work.join("copy-task");
     std::fs::create_dir_all(abi.join("src")).unwrap();
@@ -340,11 +387,20 @@ fn a_plugin_built_against_another_abi_version_is_refused_with_the_reason() {
         let p = entry.unwrap().path();
         std::fs::copy(&p, abi.join("src").join(p.file_name().unwrap())).unwrap();
     }
-    std::fs::write(
-        abi.join("Cargo.toml"),
-        "[package]\nname = \"harness-abi\"\nversion = \"0.2.0\"\nedition = \"2021\"\n\n[dependencies]\nabi_stable = \"0.11.3\"\ntoml = \"0.8\"\n",
-    )
-    .unwrap();
+    let ours = format!("version = \"{}\"", harness_abi::VERSION);
+    let abi_manifest = std::fs::read_to_string(root.join("harness/abi/Cargo.toml")).unwrap();
+    assert!(abi_manifest.contains(&ours), "{abi_manifest}");
+    let abi_manifest = abi_manifest
+        .replace(&ours, "version = \"0.1.0\"")
+        .replace("edition.workspace = true", "edition = \"2021\"")
+        .replace("license.workspace = true", "")
+        .replace("abi_stable.workspace = true", "abi_stable = \"0.11.3\"")
+        .replace("toml.workspace = true", "toml = \"0.8\"")
+        .replace(
+            "serde.workspace = true",
+            "serde = { version = \"1\", features = [\"derive\"] }",
+        );
+    std::fs::write(abi.join("Cargo.toml"), abi_manifest).unwrap();
     let manifest = std::fs::read_to_string(root.join("tests/fixtures/copy-task/Cargo.toml"))
         .unwrap()
         .replace("../../../harness/abi", "../abi");
@@ -376,7 +432,7 @@ fn a_plugin_built_against_another_abi_version_is_refused_with_the_reason() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
         err.contains("libcopy_task")
-            && err.contains("built against harness-abi 0.2.0")
+            && err.contains("built against harness-abi 0.1.0")
             && err.contains("rebuild the plugin"),
         "{err}"
     );
@@ -385,7 +441,7 @@ fn a_plugin_built_against_another_abi_version_is_refused_with_the_reason() {
 
 #[test]
 fn plugins_are_found_through_harness_plugin_path() {
-    let plugin_dir = build_copy_task();
+    let plugin_dir = build_fixture("copy-task");
     let out = ok(harness()
         .env("HARNESS_PLUGIN_PATH", &plugin_dir)
         .arg("list"));

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use crate::figures::{self, BarFigure, BarSeries, Format, LineFigure, Panel, Point, Series};
 use crate::run::{Run, Sample};
+use crate::stats::Scale;
 use crate::{fixed, stats, write_atomic, ReportError, ResultRow};
 
 /// One part of a report: a figure (with its CSV) and/or a table.
@@ -503,10 +504,21 @@ fn attribute_sections(
         .collect();
     keys.sort();
     keys.dedup();
-    let binary = samples
+    // The range the metric declared, else (older runs) 0/1 when every score is.
+    let scale = runs
         .iter()
-        .flatten()
-        .all(|s| s.scores.get(&metric).is_none_or(|&x| x == 0.0 || x == 1.0));
+        .find_map(|r| r.scales.get(&metric).copied())
+        .unwrap_or_else(|| {
+            let zero_one = samples
+                .iter()
+                .flatten()
+                .all(|s| s.scores.get(&metric).is_none_or(|&x| x == 0.0 || x == 1.0));
+            if zero_one {
+                Scale::BINARY
+            } else {
+                Scale::UNBOUNDED
+            }
+        });
     let mut sections = Vec::new();
     for key in keys {
         let numeric = samples
@@ -527,19 +539,19 @@ fn attribute_sections(
         }
         if numeric {
             sections.push(numeric_split(
-                &colors, labels, &samples, &key, &metric, binary, target,
+                &colors, labels, &samples, &key, &metric, scale, target,
             )?);
         } else {
             sections.push(category_split(
-                &colors, labels, &samples, &key, &metric, binary, target,
+                &colors, labels, &samples, &key, &metric, scale, target,
             )?);
         }
     }
     Ok(sections)
 }
 
-fn summary_point(xs: &[f64], binary: bool, x: f64) -> Point {
-    let (mean, _, low, high) = stats::summarize(xs, binary);
+fn summary_point(xs: &[f64], scale: Scale, x: f64) -> Point {
+    let (mean, _, low, high) = stats::summarize(xs, scale);
     Point { x, mean, low, high }
 }
 
@@ -551,7 +563,7 @@ fn numeric_split(
     samples: &[Vec<Sample>],
     key: &str,
     metric: &str,
-    binary: bool,
+    scale: Scale,
     target: &Target<'_>,
 ) -> Result<Section, ReportError> {
     let mut rows = Vec::new();
@@ -582,7 +594,7 @@ fn numeric_split(
     for (i, (m, label)) in per_run.iter().zip(labels).enumerate() {
         let mut points = Vec::new();
         for (v, xs) in m {
-            let p = summary_point(xs, binary, *v as f64);
+            let p = summary_point(xs, scale, *v as f64);
             rows.push(vec![
                 metric.to_string(),
                 label.clone(),
@@ -610,7 +622,7 @@ fn numeric_split(
             let c = m
                 .get(v)
                 .map(|xs| {
-                    let p = summary_point(xs, binary, 0.0);
+                    let p = summary_point(xs, scale, 0.0);
                     format!(
                         "{:.3} [{:.3}, {:.3}] (n={})",
                         p.mean,
@@ -670,7 +682,7 @@ fn category_split(
     samples: &[Vec<Sample>],
     key: &str,
     metric: &str,
-    binary: bool,
+    scale: Scale,
     target: &Target<'_>,
 ) -> Result<Section, ReportError> {
     // Groups that have the attribute, in order of appearance (then `all`).
@@ -734,7 +746,7 @@ fn category_split(
                     cells[gi].push("–".into());
                     continue;
                 }
-                let p = summary_point(&xs, binary, 0.0);
+                let p = summary_point(&xs, scale, 0.0);
                 rows.push(vec![
                     metric.to_string(),
                     label.clone(),

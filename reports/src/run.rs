@@ -38,6 +38,9 @@ pub struct Run {
     /// The palette index figures draw the run in (default: its position among the runs
     /// reported together); a study gives each variant one colour across all its figures.
     pub color: Option<usize>,
+    /// The range each metric declared (run.toml's `[[metrics]] scale`; absent in runs of
+    /// harness before 0.2 of the plugin ABI).
+    pub scales: std::collections::BTreeMap<String, crate::stats::Scale>,
 }
 
 fn err(path: &Path, what: impl std::fmt::Display) -> ReportError {
@@ -98,6 +101,17 @@ impl Run {
             .as_deref()
             .and_then(|a| read_train_toml(a).ok())
             .and_then(|t| trained_digits(&t));
+        let scales = record
+            .get("metrics")
+            .and_then(|m| m.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|m| {
+                let name = m.get("name")?.as_str()?.to_string();
+                let scale = m.get("scale")?.clone().try_into().ok()?;
+                Some((name, scale))
+            })
+            .collect();
         Ok(Run {
             dir: dir.to_path_buf(),
             label,
@@ -106,6 +120,7 @@ impl Run {
             adapter,
             trained_digits,
             color: None,
+            scales,
         })
     }
 

@@ -228,18 +228,18 @@ pub fn write_tiny_model(dir: &Path, seed: u64) {
     safetensors::serialize_to_file(&views, &None, &dir.join("model.safetensors")).unwrap();
 }
 
-/// Builds the out-of-workspace task plugin in tests/fixtures/copy-task and returns the folder
-/// holding its library.
-pub fn build_copy_task() -> PathBuf {
+/// Builds the out-of-workspace plugin in `tests/fixtures/NAME` (`copy-task`, `char-f1`) the way
+/// a plugin author would, against harness-abi alone, and returns the folder holding its library.
+pub fn build_fixture(name: &str) -> PathBuf {
     let root = repo_root();
     let target = root.join("target").join("fixtures");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["build", "--release", "--quiet", "--manifest-path"])
-        .arg(root.join("tests/fixtures/copy-task/Cargo.toml"))
+        .arg(root.join("tests/fixtures").join(name).join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&target)
         .status()
         .expect("cargo runs");
-    assert!(status.success(), "building the copy-task fixture failed");
+    assert!(status.success(), "building the {name} fixture failed");
     target.join("release")
 }

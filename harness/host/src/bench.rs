@@ -5,12 +5,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use harness_abi::abi_stable::std_types::{RStr, RVec};
-use harness_abi::{
-    BackendBox, PluginKind, ProgressSink, ProgressSink_TO, TD_Opaque, TrainExample, TrainStep,
-};
+use harness_abi::{ProgressSink, ProgressSink_TO, TD_Opaque, TrainExample, TrainStep};
 
 use crate::cli::BenchTrainArgs;
-use crate::eval::plugin_result;
 use crate::registry::Registry;
 
 struct Timer {
@@ -41,7 +38,6 @@ pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
     if args.seq_len < 8 || args.micro_batch == 0 || args.steps == 0 {
         bail!("--seq-len must be at least 8, --micro-batch and --steps at least 1");
     }
-    let entry = reg.get(PluginKind::Backend, "candle")?;
     let model = args
         .model
         .clone()
@@ -59,10 +55,7 @@ pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
         opts.insert("device".into(), device.clone().into());
     }
     let opts = opts.to_string();
-    let mut backend: BackendBox = plugin_result(
-        entry,
-        (entry.lib.new_backend())(RStr::from("candle"), RStr::from(opts.as_str())),
-    )?;
+    let (entry, mut backend) = reg.backend("candle", &opts)?;
     let completion = (args.seq_len / 4).max(1) as usize;
     let prompt = args.seq_len as usize - completion;
     let n = (args.micro_batch * (args.steps + 1)) as usize;
@@ -73,11 +66,7 @@ pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
                     .map(|j| char::from(b'0' + ((i * 7 + j * 3 + salt) % 10) as u8))
                     .collect()
             };
-            TrainExample {
-                prompt: digits(prompt, 1).into(),
-                completion: digits(completion, 5).into(),
-                group: "bench".into(),
-            }
+            TrainExample::new(digits(prompt, 1), digits(completion, 5)).in_group("bench")
         })
         .collect();
     let train_opts = format!(
@@ -91,14 +80,11 @@ pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
         last: Instant::now(),
         steps: steps.clone(),
     };
-    let summary = plugin_result(
-        entry,
-        backend.train(
-            RVec::from(examples),
-            RStr::from(train_opts.as_str()),
-            ProgressSink_TO::from_value(timer, TD_Opaque),
-        ),
-    )?;
+    let summary = entry.outcome(backend.train(
+        RVec::from(examples),
+        RStr::from(train_opts.as_str()),
+        ProgressSink_TO::from_value(timer, TD_Opaque),
+    ))?;
     let timed: Vec<(f64, u64)> = steps
         .lock()
         .map(|s| s.iter().skip(1).copied().collect())

@@ -10,85 +10,63 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use harness_abi::abi_stable::std_types::{RResult, RStr};
+use harness_abi::abi_stable::std_types::RStr;
 use harness_abi::{
-    BackendBox, ChoiceRequest, GenerateRequest, Instance, MetricBox, PluginKind, Request, TaskBox,
+    BackendBox, ChoiceRequest, GenerateRequest, Instance, MetricBox, MetricInfo, PluginKind,
+    Request,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::plan::EvalPlan;
 use crate::registry::{Entry, Registry};
-use crate::run_dir::{self, Component, ModelRecord, RunRecord, SampleWriter};
+use crate::run_dir::{self, ModelRecord, RunRecord, SampleWriter};
 use crate::stats::{self, MetricScores};
 
-pub(crate) fn plugin_result<T>(
-    entry: &Entry,
-    r: RResult<T, harness_abi::abi_stable::std_types::RString>,
-) -> Result<T> {
-    r.into_result().map_err(|e| {
-        let msg = e.to_string();
-        // Plugins usually prefix their own name; add it when they did not.
-        if msg.starts_with(entry.info.name.as_str()) || msg.starts_with("plugin `") {
-            anyhow!(msg)
-        } else {
-            anyhow!("{}: {msg}", entry.info.name)
-        }
-    })
+/// A metric built for this run, with what it declared about its scores.
+struct LoadedMetric<'a> {
+    name: String,
+    entry: &'a Entry,
+    metric: MetricBox,
+    info: MetricInfo,
 }
 
-pub(crate) fn component(entry: &Entry, options: String) -> Result<Component> {
-    Ok(Component {
-        name: entry.info.name.to_string(),
-        version: entry.info.version.to_string(),
-        library: entry.library.display().to_string(),
-        library_sha256: run_dir::sha256_path(&entry.library)?,
-        options,
-    })
-}
-
-struct Loaded {
-    metrics: Vec<(String, MetricBox, bool)>,
+struct Loaded<'a> {
+    metrics: Vec<LoadedMetric<'a>>,
 }
 
 /// Runs the plan; prints the summary table and where the run folder is.
 pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
     // Everything a user can get wrong is checked before the model is loaded.
-    let task_entry = reg.get(PluginKind::Task, &plan.task)?;
-    let task: TaskBox = plugin_result(
-        task_entry,
-        (task_entry.lib.new_task())(
-            RStr::from(plan.task.as_str()),
-            RStr::from(plan.task_options.as_str()),
-        ),
-    )?;
+    let (task_entry, task) = reg.task(&plan.task, &plan.task_options)?;
     let metric_names: Vec<String> = if plan.metrics.is_empty() {
-        task.default_metrics()
+        task_entry
+            .outcome(task.default_metrics())?
             .iter()
             .map(|m| m.to_string())
             .collect()
     } else {
         plan.metrics.clone()
     };
-    let mut metric_entries = Vec::new();
     let mut loaded = Loaded {
         metrics: Vec::new(),
     };
     for name in &metric_names {
-        if loaded.metrics.iter().any(|(n, _, _)| n == name) {
+        if loaded.metrics.iter().any(|m| &m.name == name) {
             continue;
         }
-        let entry = reg.get(PluginKind::Metric, name)?;
-        let m: MetricBox = plugin_result(
+        let (entry, metric) = reg.metric(name, "")?;
+        let info = entry.outcome(metric.info())?;
+        loaded.metrics.push(LoadedMetric {
+            name: name.clone(),
             entry,
-            (entry.lib.new_metric())(RStr::from(name.as_str()), RStr::from("")),
-        )?;
-        let binary = m.is_binary();
-        loaded.metrics.push((name.clone(), m, binary));
-        metric_entries.push(entry);
+            metric,
+            info,
+        });
     }
     let backend_entry = reg.get(PluginKind::Backend, &plan.backend)?;
-    let instances: Vec<Instance> = plugin_result(task_entry, task.eval_instances())?
+    let instances: Vec<Instance> = task_entry
+        .outcome(task.eval_instances())?
         .into_iter()
         .collect();
     if instances.is_empty() {
@@ -121,14 +99,8 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
     );
     if !todo.is_empty() {
         let load_start = Instant::now();
-        let mut backend: BackendBox = plugin_result(
-            backend_entry,
-            (backend_entry.lib.new_backend())(
-                RStr::from(plan.backend.as_str()),
-                RStr::from(plan.backend_options.as_str()),
-            ),
-        )?;
-        let info = backend.info();
+        let (_, mut backend) = reg.backend(&plan.backend, &plan.backend_options)?;
+        let info = backend_entry.outcome(backend.info())?;
         // Made once the model is loaded, so a model that fails to load leaves no empty folder.
         std::fs::create_dir_all(&plan.run_dir)
             .with_context(|| format!("cannot create run folder {}", plan.run_dir.display()))?;
@@ -147,8 +119,8 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
                 command: command_line,
                 label: plan.label.clone(),
                 batch: plan.batch as u64,
-                task: component(task_entry, task.resolved_options().to_string())?,
-                backend: component(backend_entry, info.resolved_options.to_string())?,
+                task: task_entry.component(task_entry.outcome(task.resolved_options())?.into())?,
+                backend: backend_entry.component(info.resolved_options.to_string())?,
                 model: ModelRecord {
                     name: info.name.to_string(),
                     path: info.path.to_string(),
@@ -157,12 +129,13 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
                     parameters: info.parameters,
                     device: info.device.to_string(),
                 },
-                metrics: metric_entries
+                metrics: loaded
+                    .metrics
                     .iter()
-                    .zip(&loaded.metrics)
-                    .map(|(e, (name, _, _))| {
-                        let mut c = component(e, String::new())?;
-                        c.name = name.clone();
+                    .map(|m| {
+                        let mut c = m.entry.component(String::new())?;
+                        c.name = m.name.clone();
+                        c.scale = Some(scale(&m.info));
                         Ok(c)
                     })
                     .collect::<Result<_>>()?,
@@ -198,6 +171,15 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
         plan.run_dir.join(run_dir::RESULTS).display()
     );
     Ok(())
+}
+
+/// The interval rule of a metric's scores.
+fn scale(info: &MetricInfo) -> reports::stats::Scale {
+    reports::stats::Scale {
+        binary: info.binary,
+        min: info.min,
+        max: info.max,
+    }
 }
 
 fn check_ids(instances: &[Instance]) -> Result<std::collections::HashMap<&str, usize>> {
@@ -269,7 +251,7 @@ fn answer(
     crate::interrupt::install();
     let pb = progress(instances.len() as u64, already as u64);
     let start = Instant::now();
-    let before = backend.stats();
+    let before = backend_entry.outcome(backend.stats())?;
     let mut i = 0;
     while i < todo.len() {
         let mut batch = Batch::new(&instances[todo[i]]);
@@ -278,9 +260,18 @@ fn answer(
             j += 1;
         }
         let lines = match &batch {
-            Batch::Generate(b) => generated_lines(plan, backend_entry, backend, b, loaded)?,
-            Batch::Choice(b) => choice_lines(plan, backend_entry, backend, b, loaded)?,
+            Batch::Generate(b) => generated_lines(plan, backend_entry, backend, b, loaded),
+            Batch::Choice(b) => choice_lines(plan, backend_entry, backend, b, loaded),
         };
+        let lines = lines.map_err(|e| {
+            pb.finish_and_clear();
+            anyhow!(
+                "{e:#}; the {} instances answered before are kept in {}, and `harness eval --resume {}` continues once the cause is fixed",
+                already + i,
+                plan.run_dir.display(),
+                plan.run_dir.display()
+            )
+        })?;
         writer.append(&lines)?;
         pb.inc((j - i) as u64);
         i = j;
@@ -296,7 +287,7 @@ fn answer(
     }
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    let after = backend.stats();
+    let after = backend_entry.outcome(backend.stats())?;
     let prompt = after.prompt_tokens - before.prompt_tokens;
     let prompt_s = after.prompt_seconds - before.prompt_seconds;
     let generated = after.generated_tokens - before.generated_tokens;
@@ -325,9 +316,9 @@ fn generated_lines(
     loaded: &Loaded,
 ) -> Result<Vec<serde_json::Value>> {
     let reqs = batch.iter().map(|(_, g)| (*g).clone()).collect();
-    let out = plugin_result(backend_entry, backend.generate(reqs))?;
+    let out = backend_entry.outcome(backend.generate(reqs))?;
     check_answered(plan, "answered", out.len(), batch.len(), "requests")?;
-    Ok(batch
+    batch
         .iter()
         .zip(out.iter())
         .map(|((inst, req), g)| {
@@ -338,14 +329,14 @@ fn generated_lines(
                 "prompt": req.prompt.as_str(),
                 "prediction": prediction,
                 "target": inst.target.as_str(),
-                "scores": scores(loaded, prediction, inst.target.as_str()),
+                "scores": scores(loaded, inst, prediction)?,
                 "prompt_tokens": g.prompt_tokens,
                 "generated_tokens": g.generated_tokens,
             });
             add_attributes(&mut line, inst);
-            line
+            Ok(line)
         })
-        .collect())
+        .collect()
 }
 
 /// Sends a batch of multiple-choice requests and makes their sample lines: the prediction is
@@ -359,7 +350,7 @@ fn choice_lines(
     loaded: &Loaded,
 ) -> Result<Vec<serde_json::Value>> {
     let reqs = batch.iter().map(|(_, c)| (*c).clone()).collect();
-    let out = plugin_result(backend_entry, backend.score_choices(reqs))?;
+    let out = backend_entry.outcome(backend.score_choices(reqs))?;
     check_answered(plan, "answered", out.len(), batch.len(), "requests")?;
     let mut lines = Vec::with_capacity(batch.len());
     for ((inst, req), scored) in batch.iter().zip(out.iter()) {
@@ -389,7 +380,7 @@ fn choice_lines(
             "option_logprobs": scored.iter().map(|s| s.logprob).collect::<Vec<_>>(),
             "prediction": prediction,
             "target": inst.target.as_str(),
-            "scores": scores(loaded, prediction, inst.target.as_str()),
+            "scores": scores(loaded, inst, prediction)?,
         });
         add_attributes(&mut line, inst);
         lines.push(line);
@@ -436,18 +427,33 @@ fn check_answered(plan: &EvalPlan, verb: &str, got: usize, asked: usize, what: &
     Ok(())
 }
 
-fn scores(loaded: &Loaded, prediction: &str, target: &str) -> serde_json::Value {
-    let map: serde_json::Map<String, serde_json::Value> = loaded
-        .metrics
-        .iter()
-        .map(|(name, m, _)| {
-            (
-                name.clone(),
-                json!(m.score(RStr::from(prediction), RStr::from(target))),
-            )
-        })
-        .collect();
-    serde_json::Value::Object(map)
+/// Every metric's score of `prediction`; a metric that fails, panics or returns a score outside
+/// the range it declared is an error naming the metric and the instance.
+fn scores(loaded: &Loaded, inst: &Instance, prediction: &str) -> Result<serde_json::Value> {
+    let mut map = serde_json::Map::new();
+    for m in &loaded.metrics {
+        let scored = m
+            .metric
+            .score(RStr::from(prediction), RStr::from(inst.target.as_str()));
+        let x = m
+            .entry
+            .outcome(scored)
+            .and_then(|x| {
+                m.info
+                    .check(x)
+                    .map(|_| x)
+                    .map_err(|why| anyhow!("it returned {why}"))
+            })
+            .map_err(|e| {
+                anyhow!(
+                    "metric `{}` failed on instance `{}`: {e:#}",
+                    m.name,
+                    inst.id
+                )
+            })?;
+        map.insert(m.name.clone(), json!(x));
+    }
+    Ok(serde_json::Value::Object(map))
 }
 
 /// Aggregates the samples on disk, in instance order.
@@ -460,9 +466,9 @@ fn results(
     let mut per_metric: Vec<MetricScores<'_>> = loaded
         .metrics
         .iter()
-        .map(|(name, _, binary)| MetricScores {
-            metric: name,
-            binary: *binary,
+        .map(|m| MetricScores {
+            metric: &m.name,
+            scale: scale(&m.info),
             scores: Vec::with_capacity(instances.len()),
         })
         .collect();

@@ -13,8 +13,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use anyhow::anyhow;
 use harness_abi::abi_stable::library::{lib_header_from_path, LibraryError};
-use harness_abi::{PluginInfo, PluginKind, PluginLibRef};
+use harness_abi::abi_stable::std_types::{RResult, RStr, RString};
+use harness_abi::{BackendBox, MetricBox, PluginInfo, PluginKind, PluginLibRef, TaskBox};
+
+use crate::run_dir::{self, Component};
 
 /// One component found in a library.
 #[derive(Clone)]
@@ -107,8 +111,13 @@ pub fn load(dirs: &[PathBuf]) -> Result<Registry, RegistryError> {
                 continue;
             }
             files_seen.push(canonical);
-            match open(&file) {
-                Ok(lib) => reg.add(lib, &file)?,
+            match open(&file).and_then(|lib| {
+                let manifest = (lib.manifest())()
+                    .into_result()
+                    .map_err(|e| format!("its manifest failed: {e}"))?;
+                Ok((lib, manifest))
+            }) {
+                Ok((lib, manifest)) => reg.add(lib, manifest.into_vec(), &file)?,
                 Err(why) => reg
                     .warnings
                     .push(format!("skipped {}: {why}", file.display())),
@@ -183,8 +192,12 @@ fn first_line(s: &str) -> String {
 }
 
 impl Registry {
-    fn add(&mut self, lib: PluginLibRef, file: &Path) -> Result<(), RegistryError> {
-        let manifest = (lib.manifest())();
+    fn add(
+        &mut self,
+        lib: PluginLibRef,
+        manifest: Vec<PluginInfo>,
+        file: &Path,
+    ) -> Result<(), RegistryError> {
         for info in manifest {
             let key = (info.kind, info.name.to_string());
             if let Some(prev) = self.entries.get(&key) {
@@ -240,6 +253,64 @@ impl Registry {
             } else {
                 known.join(", ")
             },
+        })
+    }
+}
+
+impl Registry {
+    /// The task `name` built with `options` (TOML), which the task checks.
+    pub fn task(&self, name: &str, options: &str) -> anyhow::Result<(&Entry, TaskBox)> {
+        let entry = self.get(PluginKind::Task, name)?;
+        let made = (entry.lib.new_task())(RStr::from(name), RStr::from(options));
+        Ok((entry, entry.outcome(made)?))
+    }
+
+    /// The metric `name` built with `options` (TOML).
+    pub fn metric(&self, name: &str, options: &str) -> anyhow::Result<(&Entry, MetricBox)> {
+        let entry = self.get(PluginKind::Metric, name)?;
+        let made = (entry.lib.new_metric())(RStr::from(name), RStr::from(options));
+        Ok((entry, entry.outcome(made)?))
+    }
+
+    /// The backend `name` with its model loaded, as `options` (TOML) say.
+    pub fn backend(&self, name: &str, options: &str) -> anyhow::Result<(&Entry, BackendBox)> {
+        let entry = self.get(PluginKind::Backend, name)?;
+        let made = (entry.lib.new_backend())(RStr::from(name), RStr::from(options));
+        Ok((entry, entry.outcome(made)?))
+    }
+
+    /// The training options of backend `name` checked, with defaults filled in, before any model
+    /// is loaded.
+    pub fn check_train_options(&self, name: &str, options: &str) -> anyhow::Result<String> {
+        let entry = self.get(PluginKind::Backend, name)?;
+        let checked = (entry.lib.check_train_options())(RStr::from(name), RStr::from(options));
+        Ok(entry.outcome(checked)?.into())
+    }
+}
+
+impl Entry {
+    /// What a call into the plugin returned, its error as one line that names the plugin.
+    pub fn outcome<T>(&self, r: RResult<T, RString>) -> anyhow::Result<T> {
+        r.into_result().map_err(|e| {
+            let msg = e.to_string();
+            // Plugins usually prefix their own name; add it when they did not.
+            if msg.starts_with(self.info.name.as_str()) || msg.starts_with("plugin `") {
+                anyhow!(msg)
+            } else {
+                anyhow!("{}: {msg}", self.info.name)
+            }
+        })
+    }
+
+    /// The record of this component in a run folder, with the options it resolved.
+    pub fn component(&self, options: String) -> anyhow::Result<Component> {
+        Ok(Component {
+            name: self.info.name.to_string(),
+            version: self.info.version.to_string(),
+            library: self.library.display().to_string(),
+            library_sha256: run_dir::sha256_path(&self.library)?,
+            options,
+            scale: None,
         })
     }
 }

@@ -28,6 +28,9 @@ pub struct Component {
     /// The options after the plugin filled in defaults, as TOML.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub options: String,
+    /// A metric's declared range, which its intervals respect (reports read it back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<reports::stats::Scale>,
 }
 
 /// The model as recorded in run.toml.

@@ -3,16 +3,17 @@
 //! Per group and over all samples (the micro average); when there are several groups, also the
 //! macro average (the mean of the group means, with the standard errors of the groups
 //! propagated as independent). 0/1 metrics get Wilson score intervals, which stay inside
-//! [0, 1] and behave at 0% and 100%; other metrics a normal interval.
+//! [0, 1] and behave at 0% and 100%; other metrics a normal interval clipped to the range the
+//! metric declared.
 
 use reports::ResultRow;
 
-use reports::stats::{summarize, Z95};
+use reports::stats::{summarize, Scale, Z95};
 
 /// A metric's scores, in instance order, with the group of each.
 pub struct MetricScores<'a> {
     pub metric: &'a str,
-    pub binary: bool,
+    pub scale: Scale,
     /// (group, score) in instance order.
     pub scores: Vec<(&'a str, f64)>,
 }
@@ -47,12 +48,12 @@ pub fn aggregate(task: &str, metrics: &[MetricScores<'_>]) -> Vec<ResultRow> {
                 .filter(|(mg, _)| mg == g)
                 .map(|(_, x)| *x)
                 .collect();
-            rows.push(row(g, m.metric, xs.len(), summarize(&xs, m.binary)));
+            rows.push(row(g, m.metric, xs.len(), summarize(&xs, m.scale)));
         }
     }
     for m in metrics {
         let xs: Vec<f64> = m.scores.iter().map(|(_, x)| *x).collect();
-        rows.push(row("all", m.metric, xs.len(), summarize(&xs, m.binary)));
+        rows.push(row("all", m.metric, xs.len(), summarize(&xs, m.scale)));
     }
     if groups.len() > 1 {
         for m in metrics {
@@ -68,7 +69,8 @@ pub fn aggregate(task: &str, metrics: &[MetricScores<'_>]) -> Vec<ResultRow> {
                 .sum::<f64>()
                 .sqrt()
                 / k;
-            let s = (mean, stderr, mean - Z95 * stderr, mean + Z95 * stderr);
+            let (lo, hi) = m.scale.clip(mean - Z95 * stderr, mean + Z95 * stderr);
+            let s = (mean, stderr, lo, hi);
             rows.push(row("macro", m.metric, per_group.len(), s));
         }
     }
@@ -83,7 +85,7 @@ mod tests {
     fn groups_all_and_macro() {
         let m = MetricScores {
             metric: "exact-match",
-            binary: true,
+            scale: Scale::BINARY,
             scores: vec![
                 ("a", 1.0),
                 ("a", 1.0),

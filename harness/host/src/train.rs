@@ -10,16 +10,12 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use harness_abi::abi_stable::std_types::{RStr, RVec};
-use harness_abi::{
-    BackendBox, PluginKind, ProgressSink, ProgressSink_TO, TD_Opaque, TaskBox, TrainExample,
-    TrainStep,
-};
+use harness_abi::{PluginKind, ProgressSink, ProgressSink_TO, TD_Opaque, TrainExample, TrainStep};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use toml::{Table, Value};
 
 use crate::cli::TrainArgs;
-use crate::eval::{component, plugin_result};
 use crate::plan::insert_pair;
 use crate::registry::Registry;
 use crate::run_dir::{self, write_atomic};
@@ -374,20 +370,19 @@ pub(crate) fn execute(
     resumed: bool,
     command_line: String,
 ) -> Result<()> {
+    // The training options are the backend's to check, and it checks them before any model
+    // is loaded: a typo costs no load time.
+    let train_opts = train_options(&p, resumed);
+    reg.check_train_options(&p.backend, &train_opts)?;
     let mut task_record = None;
     let examples: Vec<TrainExample> = match &p.data {
         Some(path) => read_pairs(path)?,
         None => {
             let name = p.task.clone().expect("checked in plan");
-            let entry = reg.get(PluginKind::Task, &name)?;
-            let opts = p.task_options.to_string();
-            let task: TaskBox = plugin_result(
-                entry,
-                (entry.lib.new_task())(RStr::from(name.as_str()), RStr::from(opts.as_str())),
-            )?;
+            let (entry, task) = reg.task(&name, &p.task_options.to_string())?;
             let n = p.examples.expect("checked in plan");
-            let ex = plugin_result(entry, task.train_examples(n))?;
-            task_record = Some(component(entry, task.resolved_options().to_string())?);
+            let ex = entry.outcome(task.train_examples(n))?;
+            task_record = Some(entry.component(entry.outcome(task.resolved_options())?.into())?);
             ex.into_iter().collect()
         }
     };
@@ -413,30 +408,14 @@ pub(crate) fn execute(
         backend_opts.insert("double_quant".into(), dq.clone());
     }
     let backend_opts = backend_opts.to_string();
-    let mut train_table = p.train.clone();
-    // Checkpoints (every `save_every` steps, and on Ctrl-C) go beside the adapter.
-    train_table.insert(
-        "checkpoint_dir".into(),
-        Value::String(p.out.display().to_string()),
-    );
-    if resumed {
-        train_table.insert("resume".into(), Value::String(p.out.display().to_string()));
-    }
-    let train_opts = train_table.to_string();
     println!(
         "{} on {} examples -> {}",
         if resumed { "resume training" } else { "train" },
         examples.len(),
         p.out.display()
     );
-    let mut backend: BackendBox = plugin_result(
-        backend_entry,
-        (backend_entry.lib.new_backend())(
-            RStr::from(p.backend.as_str()),
-            RStr::from(backend_opts.as_str()),
-        ),
-    )?;
-    let info = backend.info();
+    let (_, mut backend) = reg.backend(&p.backend, &backend_opts)?;
+    let info = backend_entry.outcome(backend.info())?;
 
     crate::interrupt::install();
     let bar = if std::io::stdout().is_terminal() {
@@ -506,10 +485,8 @@ pub(crate) fn execute(
             );
         }
     };
-    plugin_result(
-        backend_entry,
-        backend.save_adapter(RStr::from(p.out.display().to_string().as_str())),
-    )?;
+    backend_entry
+        .outcome(backend.save_adapter(RStr::from(p.out.display().to_string().as_str())))?;
     if let Some(t) = task_record {
         record.insert("task".into(), Value::try_from(t)?);
     }
@@ -530,7 +507,7 @@ pub(crate) fn execute(
     record.insert("model".into(), Value::Table(model_t));
     record.insert(
         "backend".into(),
-        Value::try_from(component(backend_entry, info.resolved_options.to_string())?)?,
+        Value::try_from(backend_entry.component(info.resolved_options.to_string())?)?,
     );
     record.insert(
         "train_options".into(),
@@ -587,6 +564,20 @@ pub(crate) fn execute(
         );
     }
     Ok(())
+}
+
+/// The training options the backend gets: the plan's, with checkpoints (every `save_every`
+/// steps, and on Ctrl-C) going beside the adapter, continuing from there when `resumed`.
+fn train_options(p: &TrainPlan, resumed: bool) -> String {
+    let mut train_table = p.train.clone();
+    train_table.insert(
+        "checkpoint_dir".into(),
+        Value::String(p.out.display().to_string()),
+    );
+    if resumed {
+        train_table.insert("resume".into(), Value::String(p.out.display().to_string()));
+    }
+    train_table.to_string()
 }
 
 const CURVE_HEADER: &str = "step,epoch,loss,lr,grad_norm,tokens\n";

@@ -17,7 +17,8 @@ pub enum BackendError {
     Tokenizer(String),
     #[error("the input is {tokens} tokens long, more than the model's limit of {limit}")]
     TooLong { tokens: usize, limit: usize },
-    #[error("candle backend: {0}")]
+    /// A wrong option; the message names it (the SDK or the host prefixes the plugin's name).
+    #[error("{0}")]
     Options(String),
     #[error("internal error in the candle backend: {0}")]
     Internal(String),

@@ -23,33 +23,53 @@ pub mod trainer;
 pub mod training;
 pub mod weights;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use harness_abi::{
-    abi_stable::{
-        prefix_type::PrefixTypeTrait,
-        std_types::{RResult, RStr, RString, RVec},
-    },
-    guard, not_provided,
-    options::Options,
-    Backend, BackendBox, BackendStats, Backend_TO, ChoiceRequest, ChoiceScore, GenerateRequest,
-    Generation, MetricBox, ModelInfo, PluginInfo, PluginKind, PluginLib, PluginLibRef,
-    ProgressSinkBox, TD_Opaque, TaskBox, TokenLogprob, TrainExample, TrainStep, TrainSummary,
+use harness_abi::sdk::{
+    BackendPlugin, BackendStats, ChoiceRequest, ChoiceScore, GenerateRequest, Generation,
+    ModelInfo, TokenLogprob, TrainExample, TrainStep, TrainSummary,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
 use crate::error::{BackendError, Result};
+use crate::training::{TrainArgs, TrainOptions};
 
 const NAME: &str = "candle";
-const OPTIONS: &[&str] = &[
-    "model",
-    "adapter",
-    "base",
-    "double_quant",
-    "max_batch",
-    "device",
-];
+
+/// The backend's options as given (`--model`, `--adapter`, `--base`, `--device`, `--batch`,
+/// `--backend-option`); recorded in run.toml with every default filled in and paths absolute,
+/// which is what `harness eval --resume` loads the model with again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Options {
+    /// A `.gguf` file or a HF folder (default: the fetched default model).
+    pub model: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder merged into the base weights.
+    pub adapter: Option<PathBuf>,
+    /// `f32`, `nf4` or `nf4-packed` (default `nf4` with an adapter, else `f32`).
+    pub base: Option<BaseKind>,
+    /// Double quantization of the NF4 block maxima.
+    pub double_quant: bool,
+    /// Requests decoded together.
+    pub max_batch: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            model: None,
+            adapter: None,
+            base: None,
+            double_quant: true,
+            max_batch: 8,
+            device: "cpu".into(),
+        }
+    }
+}
 
 /// The validated options of the backend.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,7 +138,8 @@ impl DeviceSpec {
 }
 
 /// How the base's projection weights are held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum BaseKind {
     /// The checkpoint's values in f32.
     F32,
@@ -130,68 +151,49 @@ pub enum BaseKind {
     Nf4Packed,
 }
 
-impl BaseKind {
-    fn name(self) -> &'static str {
-        match self {
-            BaseKind::F32 => "f32",
-            BaseKind::Nf4 => "nf4",
-            BaseKind::Nf4Packed => "nf4-packed",
-        }
-    }
-}
-
 impl Config {
+    /// Reads and checks options given as TOML.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let o = Options::parse(NAME, text, OPTIONS).map_err(BackendError::Options)?;
-        let model = o
-            .string("model")
-            .map_err(BackendError::Options)?
-            .map(PathBuf::from)
-            .unwrap_or_else(harness_abi::paths::default_model);
-        let max_batch = o
-            .u64("max_batch")
-            .map_err(BackendError::Options)?
-            .unwrap_or(8) as usize;
-        if max_batch == 0 {
+        let mut o = harness_abi::options::read(NAME, text).map_err(BackendError::Options)?;
+        Config::new(&mut o)
+    }
+
+    /// Checks the options and writes back what was resolved: the model (the default one when
+    /// none is given) and the adapter as absolute paths, the base, the device's canonical name.
+    pub fn new(o: &mut Options) -> Result<Self> {
+        let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let model = absolute(
+            &o.model
+                .clone()
+                .unwrap_or_else(harness_abi::paths::default_model),
+        );
+        let adapter = o.adapter.as_deref().map(absolute);
+        if o.max_batch == 0 {
             return Err(BackendError::Options(
                 "`max_batch` must be at least 1".into(),
             ));
         }
-        let device = match o.string("device").map_err(BackendError::Options)? {
-            None => DeviceSpec::Cpu,
-            Some(text) => DeviceSpec::parse(&text)?,
-        };
-        let adapter = o
-            .string("adapter")
-            .map_err(BackendError::Options)?
-            .map(PathBuf::from);
-        let base = match o.string("base").map_err(BackendError::Options)?.as_deref() {
-            None if adapter.is_some() => BaseKind::Nf4,
-            None => BaseKind::F32,
-            Some("nf4") => BaseKind::Nf4,
-            Some("f32") => BaseKind::F32,
-            Some("nf4-packed") => BaseKind::Nf4Packed,
-            Some(other) => {
-                return Err(BackendError::Options(format!(
-                    "base `{other}` is not `nf4`, `f32` or `nf4-packed`"
-                )))
-            }
-        };
+        let device = DeviceSpec::parse(&o.device)?;
+        let base = o.base.unwrap_or(if adapter.is_some() {
+            BaseKind::Nf4
+        } else {
+            BaseKind::F32
+        });
         if base == BaseKind::Nf4Packed && adapter.is_some() {
             return Err(BackendError::Options(
                 "an adapter is merged into f32 weights, not a packed base; use base = \"nf4\" to evaluate on the QLoRA base".into(),
             ));
         }
-        let double_quant = o
-            .bool("double_quant")
-            .map_err(BackendError::Options)?
-            .unwrap_or(true);
+        o.model = Some(model.clone());
+        o.adapter = adapter.clone();
+        o.base = Some(base);
+        o.device = device.name();
         Ok(Config {
             model,
             adapter,
             base,
-            double_quant,
-            max_batch,
+            double_quant: o.double_quant,
+            max_batch: o.max_batch as usize,
             device,
         })
     }
@@ -224,19 +226,8 @@ impl CandleBackend {
             architecture: ckpt.architecture.clone().into(),
             parameters: ckpt.parameters,
             device: config.device.name().into(),
-            resolved_options: format!(
-                "model = {:?}\n{}base = \"{}\"\nmax_batch = {}\ndevice = \"{}\"\n",
-                config.model.display().to_string(),
-                config
-                    .adapter
-                    .as_ref()
-                    .map(|a| format!("adapter = {:?}\n", a.display().to_string()))
-                    .unwrap_or_default(),
-                config.base.name(),
-                config.max_batch,
-                config.device.name()
-            )
-            .into(),
+            // Filled in by the SDK with the recorded options.
+            resolved_options: Default::default(),
         };
         Ok(CandleBackend {
             engine: Engine::new(model, ckpt.tokenizer, ckpt.eos, config.max_batch),
@@ -254,181 +245,138 @@ fn text(e: BackendError) -> String {
     e.to_string()
 }
 
-impl Backend for CandleBackend {
+impl BackendPlugin for CandleBackend {
+    type Options = Options;
+    type TrainOptions = TrainArgs;
+    const DESCRIPTION: &'static str = "LLaMA-family models (GGUF or HF safetensors) on candle, CPU or CUDA (options: model, adapter, base, double_quant, max_batch, device)";
+
+    fn new(options: &mut Options) -> std::result::Result<Self, String> {
+        let config = Config::new(options).map_err(text)?;
+        CandleBackend::load(&config).map_err(text)
+    }
+
     fn info(&self) -> ModelInfo {
         self.info.clone()
     }
 
-    fn tokenize(&self, text_in: RStr<'_>) -> RResult<RVec<u32>, RString> {
-        guard(NAME, || {
-            self.engine
-                .encode(text_in.as_str())
-                .map(RVec::from)
-                .map_err(text)
-        })
+    fn tokenize(&self, text_in: &str) -> std::result::Result<Vec<u32>, String> {
+        self.engine.encode(text_in).map_err(text)
     }
 
-    fn generate(&mut self, requests: RVec<GenerateRequest>) -> RResult<RVec<Generation>, RString> {
-        guard(NAME, || {
-            self.engine
-                .generate(&requests)
-                .map(RVec::from)
-                .map_err(text)
-        })
+    fn generate(
+        &mut self,
+        requests: Vec<GenerateRequest>,
+    ) -> std::result::Result<Vec<Generation>, String> {
+        self.engine.generate(&requests).map_err(text)
     }
 
     fn score_choices(
         &mut self,
-        requests: RVec<ChoiceRequest>,
-    ) -> RResult<RVec<RVec<ChoiceScore>>, RString> {
-        guard(NAME, || {
-            let mut out = RVec::with_capacity(requests.len());
-            for r in requests.iter() {
+        requests: Vec<ChoiceRequest>,
+    ) -> std::result::Result<Vec<Vec<ChoiceScore>>, String> {
+        requests
+            .iter()
+            .map(|r| {
                 let options: Vec<String> = r.options.iter().map(|o| o.to_string()).collect();
-                let scores = self
-                    .engine
+                self.engine
                     .score_choices(r.context.as_str(), &options)
-                    .map_err(text)?;
-                out.push(RVec::from(scores));
-            }
-            Ok(out)
-        })
+                    .map_err(text)
+            })
+            .collect()
     }
 
     fn next_token_logprobs(
         &mut self,
-        text_in: RStr<'_>,
+        text_in: &str,
         top: u32,
-    ) -> RResult<RVec<TokenLogprob>, RString> {
-        guard(NAME, || {
-            let top = self
-                .engine
-                .next_token_logprobs(text_in.as_str(), top as usize)
-                .map_err(text)?;
-            top.into_iter()
-                .map(|(id, logprob)| {
-                    let piece = self
-                        .engine
-                        .tokenizer()
-                        .decode(&[id], false)
-                        .map_err(|e| e.to_string())?;
-                    Ok(TokenLogprob {
-                        id,
-                        text: piece.into(),
-                        logprob,
-                    })
+    ) -> std::result::Result<Vec<TokenLogprob>, String> {
+        let top = self
+            .engine
+            .next_token_logprobs(text_in, top as usize)
+            .map_err(text)?;
+        top.into_iter()
+            .map(|(id, logprob)| {
+                let piece = self
+                    .engine
+                    .tokenizer()
+                    .decode(&[id], false)
+                    .map_err(|e| e.to_string())?;
+                Ok(TokenLogprob {
+                    id,
+                    text: piece.into(),
+                    logprob,
                 })
-                .collect::<std::result::Result<Vec<_>, String>>()
-                .map(RVec::from)
-        })
+            })
+            .collect()
     }
 
     fn stats(&self) -> BackendStats {
         self.engine.stats()
     }
 
+    fn check_train_options(args: &TrainArgs) -> std::result::Result<(), String> {
+        TrainOptions::new(args.clone()).map(|_| ()).map_err(text)
+    }
+
     fn train(
         &mut self,
-        examples: RVec<TrainExample>,
-        options: RStr<'_>,
-        mut progress: ProgressSinkBox,
-    ) -> RResult<TrainSummary, RString> {
-        guard(NAME, || {
-            if self.trained.is_some() {
-                return Err("this backend already trained an adapter; load the model again to train another".into());
-            }
-            let opts = training::TrainOptions::from_toml(options.as_str()).map_err(text)?;
-            let name = self.info.name.to_string();
-            let mut trained = None;
-            let result = training::run(
-                &mut self.engine,
-                &name,
-                &examples,
-                &opts,
-                &mut trained,
-                |r| {
-                    progress.report(TrainStep {
-                        step: r.step as u64,
-                        total_steps: r.total_steps as u64,
-                        epoch: r.epoch as u64,
-                        loss: r.loss,
-                        lr: r.lr,
-                        grad_norm: r.grad_norm,
-                        tokens: r.tokens as u64,
-                    })
-                },
+        examples: Vec<TrainExample>,
+        args: TrainArgs,
+        progress: &mut dyn FnMut(TrainStep) -> bool,
+    ) -> std::result::Result<TrainSummary, String> {
+        if self.trained.is_some() {
+            return Err(
+                "this backend already trained an adapter; load the model again to train another"
+                    .into(),
             );
-            // Kept even when training failed: the adapter of the last good step can be saved.
-            self.trained = trained;
-            let outcome = result.map_err(text)?;
-            let parameters = self.trained.as_ref().map_or(0, |t| t.parameter_count());
-            let summary = TrainSummary {
-                steps: outcome.reports.len() as u64,
-                examples: outcome.examples as u64,
-                tokens: outcome.reports.iter().map(|r| r.tokens as u64).sum(),
-                seconds: outcome.seconds,
-                final_loss: outcome.reports.last().map(|r| r.loss).unwrap_or(f64::NAN),
-                trainable_parameters: parameters,
-                stopped_early: outcome.stopped_early,
-                resolved_options: opts.to_toml(self.engine.model_mut().is_portable()).into(),
-            };
-            Ok(summary)
+        }
+        let opts = TrainOptions::new(args).map_err(text)?;
+        let name = self.info.name.to_string();
+        let mut trained = None;
+        let result = training::run(
+            &mut self.engine,
+            &name,
+            &examples,
+            &opts,
+            &mut trained,
+            |r| {
+                progress(TrainStep {
+                    step: r.step as u64,
+                    total_steps: r.total_steps as u64,
+                    epoch: r.epoch as u64,
+                    loss: r.loss,
+                    lr: r.lr,
+                    grad_norm: r.grad_norm,
+                    tokens: r.tokens as u64,
+                })
+            },
+        );
+        // Kept even when training failed: the adapter of the last good step can be saved.
+        self.trained = trained;
+        let outcome = result.map_err(text)?;
+        let parameters = self.trained.as_ref().map_or(0, |t| t.parameter_count());
+        Ok(TrainSummary {
+            steps: outcome.reports.len() as u64,
+            examples: outcome.examples as u64,
+            tokens: outcome.reports.iter().map(|r| r.tokens as u64).sum(),
+            seconds: outcome.seconds,
+            final_loss: outcome.reports.last().map(|r| r.loss).unwrap_or(f64::NAN),
+            trainable_parameters: parameters,
+            stopped_early: outcome.stopped_early,
+            resolved_options: opts.to_toml(self.engine.model_mut().is_portable()).into(),
         })
     }
 
-    fn save_adapter(&self, dir: RStr<'_>) -> RResult<(), RString> {
-        guard(NAME, || {
-            let trained = self
-                .trained
-                .as_ref()
-                .ok_or("no adapter to save: train first")?;
-            trained
-                .save(std::path::Path::new(dir.as_str()))
-                .map_err(text)
-        })
+    fn save_adapter(&self, dir: &Path) -> std::result::Result<(), String> {
+        let trained = self
+            .trained
+            .as_ref()
+            .ok_or("no adapter to save: train first")?;
+        trained.save(dir).map_err(text)
     }
 }
 
-extern "C" fn manifest() -> RVec<PluginInfo> {
-    RVec::from(vec![PluginInfo {
-        kind: PluginKind::Backend,
-        name: NAME.into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        description: "LLaMA-family models (GGUF or HF safetensors) on candle, CPU or CUDA (options: model, adapter, base, double_quant, max_batch, device)".into(),
-    }])
-}
-
-extern "C" fn new_backend(name: RStr<'_>, options: RStr<'_>) -> RResult<BackendBox, RString> {
-    if name.as_str() != NAME {
-        return not_provided(PluginKind::Backend, name);
-    }
-    guard(NAME, || {
-        let config = Config::from_toml(options.as_str()).map_err(text)?;
-        let backend = CandleBackend::load(&config).map_err(text)?;
-        Ok(Backend_TO::from_value(backend, TD_Opaque))
-    })
-}
-
-extern "C" fn new_task(name: RStr<'_>, _options: RStr<'_>) -> RResult<TaskBox, RString> {
-    not_provided(PluginKind::Task, name)
-}
-
-extern "C" fn new_metric(name: RStr<'_>, _options: RStr<'_>) -> RResult<MetricBox, RString> {
-    not_provided(PluginKind::Metric, name)
-}
-
-/// The root module the host loads.
-pub fn plugin_lib() -> PluginLibRef {
-    PluginLib {
-        manifest,
-        new_task,
-        new_metric,
-        new_backend,
-    }
-    .leak_into_prefix()
-}
-
-harness_abi::export_plugin!(plugin_lib);
+harness_abi::plugin! { backend "candle" => CandleBackend }
 
 #[cfg(test)]
 mod tests {
@@ -449,9 +397,28 @@ mod tests {
             .to_string();
         assert!(e.contains("use base = \"nf4\""), "{e}");
         let e = base("base = \"int8\"").unwrap_err().to_string();
-        assert!(e.contains("`nf4`, `f32` or `nf4-packed`"), "{e}");
+        assert!(e.contains("`f32`, `nf4`, `nf4-packed`"), "{e}");
         let c = Config::from_toml("base = \"nf4\"\ndouble_quant = false").unwrap();
         assert!(!c.double_quant);
+    }
+
+    /// What `harness eval --resume` loads the model with is the record read back: every option
+    /// survives it (`double_quant = false` was once lost this way).
+    #[test]
+    fn the_recorded_options_rebuild_the_same_config() {
+        for given in [
+            "base = \"nf4\"\ndouble_quant = false\nmax_batch = 3",
+            "adapter = \"rel/adapter\"\nmodel = \"m.gguf\"",
+            "base = \"nf4-packed\"\ndevice = \"cuda:1\"",
+        ] {
+            let mut o: Options = harness_abi::options::read(NAME, given).unwrap();
+            let config = Config::new(&mut o).unwrap();
+            let record = harness_abi::options::record(&o).unwrap();
+            assert_eq!(Config::from_toml(&record).unwrap(), config, "{record}");
+            assert!(record.contains("double_quant = "), "{record}");
+            assert!(config.model.is_absolute(), "{record}");
+            assert!(config.adapter.as_ref().is_none_or(|a| a.is_absolute()));
+        }
     }
 
     #[test]

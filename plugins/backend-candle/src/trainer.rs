@@ -12,7 +12,8 @@ use crate::fused::CrossEntropy;
 use crate::llama::Llama;
 
 /// Learning-rate schedule after the warm-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Constant,
     Linear,

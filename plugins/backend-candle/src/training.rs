@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Var;
-use harness_abi::options::Options;
 use harness_abi::TrainExample;
+use serde::{Deserialize, Serialize};
 
 use crate::adapter::{save_peft, write_tensors, AdapterSpec};
 use crate::engine::Engine;
@@ -14,32 +14,81 @@ use crate::error::{BackendError, Result};
 use crate::llama::TARGETS;
 use crate::trainer::{self, Example, Resume, Schedule, StepReport, TrainConfig};
 
-const KEYS: &[&str] = &[
-    "r",
-    "alpha",
-    "dropout",
-    "targets",
-    "lr",
-    "beta1",
-    "beta2",
-    "weight_decay",
-    "warmup_ratio",
-    "schedule",
-    "micro_batch",
-    "grad_accum",
-    "max_seq_len",
-    "epochs",
-    "clip",
-    "seed",
-    "double_quant",
-    "checkpoint_tokens",
-    "resume",
-    "compute",
-    "checkpoint_dir",
-    "save_every",
-];
+/// The training options as given (`--train-option KEY=VALUE`, a train config's `[train]`), with
+/// the QLoRA paper's defaults; recorded in train.toml by serializing this struct, except the
+/// two paths of the invocation (`resume`, `checkpoint_dir`), which say where, not what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainArgs {
+    pub r: u64,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// LoRA targets among the projections (`q_proj,v_proj` or a list).
+    pub targets: Vec<String>,
+    pub double_quant: bool,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub warmup_ratio: f64,
+    pub schedule: Schedule,
+    pub micro_batch: u64,
+    pub grad_accum: u64,
+    pub max_seq_len: u64,
+    pub epochs: u64,
+    pub clip: f64,
+    pub seed: u64,
+    pub checkpoint_tokens: u64,
+    /// Products in bf16 (where the CPU has AMX or AVX512-BF16) or all in f32.
+    pub compute: Compute,
+    pub save_every: u64,
+    /// An unfinished run's folder to continue from (its adapter and optimizer.safetensors).
+    #[serde(skip_serializing)]
+    pub resume: Option<std::path::PathBuf>,
+    /// Where to save a resumable checkpoint every `save_every` steps.
+    #[serde(skip_serializing)]
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+}
 
-/// LoRA and optimiser options, with the QLoRA paper's defaults.
+/// The `compute` training option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compute {
+    Bf16,
+    F32,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        let d = TrainConfig::default();
+        TrainArgs {
+            r: 32,
+            alpha: 16.0,
+            dropout: 0.1,
+            targets: TARGETS.iter().map(|s| s.to_string()).collect(),
+            double_quant: true,
+            lr: d.lr,
+            beta1: d.beta1,
+            beta2: d.beta2,
+            weight_decay: d.weight_decay,
+            warmup_ratio: d.warmup_ratio,
+            schedule: d.schedule,
+            micro_batch: d.micro_batch as u64,
+            grad_accum: d.grad_accum as u64,
+            max_seq_len: d.max_seq_len as u64,
+            epochs: d.epochs as u64,
+            clip: d.clip,
+            seed: d.seed,
+            checkpoint_tokens: d.checkpoint_tokens as u64,
+            compute: Compute::Bf16,
+            save_every: 100,
+            resume: None,
+            checkpoint_dir: None,
+        }
+    }
+}
+
+/// LoRA and optimiser options, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainOptions {
     pub r: usize,
@@ -59,126 +108,121 @@ pub struct TrainOptions {
     /// to bf16 and sums kept in f32, as QLoRA's bf16 compute dtype. Or all in f32 (`"f32"`).
     /// The adapter's weights, their gradients and the optimiser are f32 always.
     pub bf16: bool,
+    /// The options as given, for the record.
+    pub args: TrainArgs,
 }
 
 impl TrainOptions {
     pub fn from_toml(text: &str) -> Result<Self> {
-        let o = Options::parse("candle train", text, KEYS).map_err(BackendError::Options)?;
-        let e = BackendError::Options;
-        let d = TrainConfig::default();
-        let targets: Vec<String> = match o.string("targets").map_err(e)? {
-            None => TARGETS.iter().map(|s| s.to_string()).collect(),
-            Some(list) => list
-                .split(',')
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
-                .collect(),
-        };
-        for t in &targets {
+        let args = harness_abi::options::read(NAME, text).map_err(BackendError::Options)?;
+        TrainOptions::new(args)
+    }
+
+    /// Checks the values the types do not.
+    pub fn new(args: TrainArgs) -> Result<Self> {
+        let bad = |m: String| Err(BackendError::Options(format!("{NAME}: {m}")));
+        for t in &args.targets {
             if !TARGETS.contains(&t.as_str()) {
-                return Err(BackendError::Options(format!(
+                return bad(format!(
                     "unknown LoRA target `{t}`; choose among {}",
                     TARGETS.join(", ")
-                )));
+                ));
             }
         }
-        let schedule = match o.string("schedule").map_err(e)?.as_deref() {
-            None | Some("constant") => Schedule::Constant,
-            Some("linear") => Schedule::Linear,
-            Some("cosine") => Schedule::Cosine,
-            Some(other) => {
-                return Err(BackendError::Options(format!(
-                    "schedule `{other}` is not one of constant, linear, cosine"
-                )))
-            }
-        };
-        let r = o.u64("r").map_err(e)?.unwrap_or(32) as usize;
-        if r == 0 {
-            return Err(BackendError::Options("`r` must be at least 1".into()));
+        if args.targets.is_empty() {
+            return bad(format!(
+                "`targets` names none; choose among {}",
+                TARGETS.join(", ")
+            ));
         }
-        let opts = TrainOptions {
-            r,
-            alpha: o.f64("alpha").map_err(e)?.unwrap_or(16.0),
-            dropout: o.f64("dropout").map_err(e)?.unwrap_or(0.1),
-            targets,
-            double_quant: o.bool("double_quant").map_err(e)?.unwrap_or(true),
-            resume: o.string("resume").map_err(e)?.map(std::path::PathBuf::from),
-            checkpoint_dir: o
-                .string("checkpoint_dir")
-                .map_err(e)?
-                .map(std::path::PathBuf::from),
-            save_every: o.u64("save_every").map_err(e)?.unwrap_or(100) as usize,
-            bf16: match o.string("compute").map_err(e)?.as_deref() {
-                None | Some("bf16") => true,
-                Some("f32") => false,
-                Some(other) => {
-                    return Err(BackendError::Options(format!(
-                        "compute `{other}` is not `bf16` or `f32`"
-                    )))
-                }
-            },
+        for (key, v) in [
+            ("r", args.r),
+            ("micro_batch", args.micro_batch),
+            ("grad_accum", args.grad_accum),
+            ("max_seq_len", args.max_seq_len),
+            ("epochs", args.epochs),
+            ("save_every", args.save_every),
+        ] {
+            if v == 0 {
+                return bad(format!("`{key}` must be at least 1"));
+            }
+        }
+        if !(0.0..1.0).contains(&args.dropout) {
+            return bad("`dropout` must be in [0, 1)".into());
+        }
+        for (key, v) in [
+            ("alpha", args.alpha),
+            ("lr", args.lr),
+            ("weight_decay", args.weight_decay),
+            ("clip", args.clip),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(format!(
+                    "`{key}` must be a finite number of 0 or more, got {v}"
+                ));
+            }
+        }
+        for (key, v) in [
+            ("beta1", args.beta1),
+            ("beta2", args.beta2),
+            ("warmup_ratio", args.warmup_ratio),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(format!("`{key}` must be in [0, 1), got {v}"));
+            }
+        }
+        let d = TrainConfig::default();
+        Ok(TrainOptions {
+            r: args.r as usize,
+            alpha: args.alpha,
+            dropout: args.dropout,
+            targets: args.targets.clone(),
+            double_quant: args.double_quant,
+            resume: args.resume.clone(),
+            checkpoint_dir: args.checkpoint_dir.clone(),
+            save_every: args.save_every as usize,
+            bf16: args.compute == Compute::Bf16,
             optimizer: TrainConfig {
-                lr: o.f64("lr").map_err(e)?.unwrap_or(d.lr),
-                beta1: o.f64("beta1").map_err(e)?.unwrap_or(d.beta1),
-                beta2: o.f64("beta2").map_err(e)?.unwrap_or(d.beta2),
+                lr: args.lr,
+                beta1: args.beta1,
+                beta2: args.beta2,
                 eps: d.eps,
-                weight_decay: o.f64("weight_decay").map_err(e)?.unwrap_or(d.weight_decay),
-                warmup_ratio: o.f64("warmup_ratio").map_err(e)?.unwrap_or(d.warmup_ratio),
-                schedule,
-                micro_batch: o
-                    .u64("micro_batch")
-                    .map_err(e)?
-                    .unwrap_or(d.micro_batch as u64)
-                    .max(1) as usize,
-                grad_accum: o
-                    .u64("grad_accum")
-                    .map_err(e)?
-                    .unwrap_or(d.grad_accum as u64)
-                    .max(1) as usize,
-                max_seq_len: o
-                    .u64("max_seq_len")
-                    .map_err(e)?
-                    .unwrap_or(d.max_seq_len as u64) as usize,
-                epochs: o
-                    .u64("epochs")
-                    .map_err(e)?
-                    .unwrap_or(d.epochs as u64)
-                    .max(1) as usize,
-                clip: o.f64("clip").map_err(e)?.unwrap_or(d.clip),
-                seed: o.u64("seed").map_err(e)?.unwrap_or(d.seed),
-                checkpoint_tokens: o
-                    .u64("checkpoint_tokens")
-                    .map_err(e)?
-                    .unwrap_or(d.checkpoint_tokens as u64)
-                    as usize,
+                weight_decay: args.weight_decay,
+                warmup_ratio: args.warmup_ratio,
+                schedule: args.schedule,
+                micro_batch: args.micro_batch as usize,
+                grad_accum: args.grad_accum as usize,
+                max_seq_len: args.max_seq_len as usize,
+                epochs: args.epochs as usize,
+                clip: args.clip,
+                seed: args.seed,
+                checkpoint_tokens: args.checkpoint_tokens as usize,
             },
-        };
-        if !(0.0..1.0).contains(&opts.dropout) {
-            return Err(BackendError::Options("`dropout` must be in [0, 1)".into()));
-        }
-        Ok(opts)
+            args,
+        })
     }
 
     /// The options as TOML, with a comment on how the products really ran: `portable` when
     /// the model is on the portable path (off the CPU), which computes in f32.
     pub fn to_toml(&self, portable: bool) -> String {
-        let c = &self.optimizer;
-        format!(
-            "r = {}\nalpha = {:?}\ndropout = {:?}\ntargets = {:?}\ndouble_quant = {}\nlr = {:?}\nbeta1 = {:?}\nbeta2 = {:?}\nweight_decay = {:?}\nwarmup_ratio = {:?}\nschedule = \"{}\"\nmicro_batch = {}\ngrad_accum = {}\nmax_seq_len = {}\nepochs = {}\nclip = {:?}\nseed = {}\ncheckpoint_tokens = {}\ncompute = \"{}\"\nsave_every = {}\n",
-            self.r, self.alpha, self.dropout, self.targets.join(","), self.double_quant, c.lr, c.beta1,
-            c.beta2, c.weight_decay, c.warmup_ratio,
-            match c.schedule { Schedule::Constant => "constant", Schedule::Linear => "linear", Schedule::Cosine => "cosine" },
-            c.micro_batch, c.grad_accum, c.max_seq_len, c.epochs, c.clip, c.seed, c.checkpoint_tokens,
-            if self.bf16 { "bf16" } else { "f32" },
-            self.save_every
-        ) + &match (self.bf16, portable, crate::bf16::kernel()) {
-            (false, ..) => String::new(),
-            (true, true, _) => "# compute ran in f32: the portable path (off the CPU) has no bf16 products\n".into(),
-            (true, false, Some(k)) => format!("# bf16 products on {}\n", k.name()),
-            (true, false, None) => "# compute ran in f32: this CPU has neither AMX nor AVX512-BF16\n".into(),
-        }
+        let record = harness_abi::options::record(&self.args).unwrap_or_default();
+        record
+            + &match (self.bf16, portable, crate::bf16::kernel()) {
+                (false, ..) => String::new(),
+                (true, true, _) => {
+                    "# compute ran in f32: the portable path (off the CPU) has no bf16 products\n"
+                        .into()
+                }
+                (true, false, Some(k)) => format!("# bf16 products on {}\n", k.name()),
+                (true, false, None) => {
+                    "# compute ran in f32: this CPU has neither AMX nor AVX512-BF16\n".into()
+                }
+            }
     }
 }
+
+/// The name training errors start with.
+const NAME: &str = "candle train";
 
 /// A trained (or training) adapter, kept for saving.
 pub struct Trained {
@@ -426,6 +470,19 @@ mod tests {
         assert!(e.contains("unknown LoRA target `lm_head`"), "{e}");
         let again = TrainOptions::from_toml(&o.to_toml(false)).unwrap();
         assert_eq!(again, o);
+        for (bad, why) in [
+            ("r = 0", "`r` must be at least 1"),
+            ("dropout = 1.5", "`dropout` must be in [0, 1)"),
+            ("lr = -1", "`lr` must be a finite number"),
+            (
+                "schedule = \"steep\"",
+                "must be one of `constant`, `linear`, `cosine`",
+            ),
+            ("compute = \"fp8\"", "must be one of `bf16`, `f32`"),
+        ] {
+            let e = TrainOptions::from_toml(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     /// Writes a PEFT compatibility case for `scripts/peft_check.py` into $HARNESS_PEFT_CHECK:

@@ -4,18 +4,7 @@
 //! Every metric compares the prediction and the target **after trimming surrounding whitespace**,
 //! so a model's leading space (" 579") is not an error.
 
-use harness_abi::{
-    abi_stable::{
-        prefix_type::PrefixTypeTrait,
-        std_types::{RResult, RStr, RString, RVec},
-    },
-    guard, not_provided,
-    options::Options,
-    BackendBox, Metric, MetricBox, Metric_TO, PluginInfo, PluginKind, PluginLib, PluginLibRef,
-    TD_Opaque, TaskBox,
-};
-
-const VERSION: &str = env!("CARGO_PKG_VERSION");
+use harness_abi::sdk::{MetricInfo, MetricPlugin, NoOptions};
 
 /// 1 when the trimmed prediction equals the trimmed target, else 0.
 pub fn exact_match(prediction: &str, target: &str) -> f64 {
@@ -51,95 +40,62 @@ pub fn levenshtein(prediction: &str, target: &str) -> f64 {
     strsim::levenshtein(prediction.trim(), target.trim()) as f64
 }
 
-#[derive(Clone, Copy)]
-enum Which {
-    ExactMatch,
-    DigitAccuracy,
-    Levenshtein,
-}
+/// `exact-match`: 0 or 1.
+pub struct ExactMatch;
+/// `digit-accuracy`: a share in [0, 1].
+pub struct DigitAccuracy;
+/// `levenshtein`: an edit distance, 0 or more, lower is better.
+pub struct Levenshtein;
 
-const METRICS: [(&str, Which, &str); 3] = [
-    (
-        "exact-match",
-        Which::ExactMatch,
-        "1 if the trimmed prediction equals the target, else 0",
-    ),
-    (
-        "digit-accuracy",
-        Which::DigitAccuracy,
-        "share of digit positions (from the right) where prediction and target agree",
-    ),
-    (
-        "levenshtein",
-        Which::Levenshtein,
-        "edit distance between prediction and target (lower is better)",
-    ),
-];
-
-struct TextMetric(Which);
-
-impl Metric for TextMetric {
-    fn higher_is_better(&self) -> bool {
-        !matches!(self.0, Which::Levenshtein)
+impl MetricPlugin for ExactMatch {
+    type Options = NoOptions;
+    const DESCRIPTION: &'static str = "1 if the trimmed prediction equals the target, else 0";
+    fn new(_: &mut NoOptions) -> Result<Self, String> {
+        Ok(ExactMatch)
     }
-
-    fn is_binary(&self) -> bool {
-        matches!(self.0, Which::ExactMatch)
+    fn info(&self) -> MetricInfo {
+        MetricInfo::binary()
     }
-
-    fn score(&self, prediction: RStr<'_>, target: RStr<'_>) -> f64 {
-        let (p, t) = (prediction.as_str(), target.as_str());
-        match self.0 {
-            Which::ExactMatch => exact_match(p, t),
-            Which::DigitAccuracy => digit_accuracy(p, t),
-            Which::Levenshtein => levenshtein(p, t),
-        }
+    fn score(&self, prediction: &str, target: &str) -> Result<f64, String> {
+        Ok(exact_match(prediction, target))
     }
 }
 
-extern "C" fn manifest() -> RVec<PluginInfo> {
-    METRICS
-        .iter()
-        .map(|(name, _, description)| PluginInfo {
-            kind: PluginKind::Metric,
-            name: (*name).into(),
-            version: VERSION.into(),
-            description: (*description).into(),
-        })
-        .collect()
-}
-
-extern "C" fn new_metric(name: RStr<'_>, options: RStr<'_>) -> RResult<MetricBox, RString> {
-    guard("metrics", || {
-        let (_, which, _) = METRICS
-            .iter()
-            .find(|(n, _, _)| *n == name.as_str())
-            .ok_or_else(|| format!("this library provides no metric named `{name}`"))?;
-        Options::parse(name.as_str(), options.as_str(), &[])?;
-        Ok(Metric_TO::from_value(TextMetric(*which), TD_Opaque))
-    })
-}
-
-extern "C" fn new_task(name: RStr<'_>, _options: RStr<'_>) -> RResult<TaskBox, RString> {
-    not_provided(PluginKind::Task, name)
-}
-
-extern "C" fn new_backend(name: RStr<'_>, _options: RStr<'_>) -> RResult<BackendBox, RString> {
-    not_provided(PluginKind::Backend, name)
-}
-
-/// The root module the host loads.
-pub fn plugin_lib() -> PluginLibRef {
-    PluginLib {
-        manifest,
-        new_task,
-        new_metric,
-        new_backend,
+impl MetricPlugin for DigitAccuracy {
+    type Options = NoOptions;
+    const DESCRIPTION: &'static str =
+        "share of digit positions (from the right) where prediction and target agree";
+    fn new(_: &mut NoOptions) -> Result<Self, String> {
+        Ok(DigitAccuracy)
     }
-    .leak_into_prefix()
+    fn info(&self) -> MetricInfo {
+        MetricInfo::bounded(0.0, 1.0)
+    }
+    fn score(&self, prediction: &str, target: &str) -> Result<f64, String> {
+        Ok(digit_accuracy(prediction, target))
+    }
 }
 
-harness_abi::export_plugin!(plugin_lib);
+impl MetricPlugin for Levenshtein {
+    type Options = NoOptions;
+    const DESCRIPTION: &'static str =
+        "edit distance between prediction and target (lower is better)";
+    fn new(_: &mut NoOptions) -> Result<Self, String> {
+        Ok(Levenshtein)
+    }
+    fn info(&self) -> MetricInfo {
+        MetricInfo::distance()
+    }
+    fn score(&self, prediction: &str, target: &str) -> Result<f64, String> {
+        Ok(levenshtein(prediction, target))
+    }
+}
+
+harness_abi::plugin! {
+    metric "exact-match" => ExactMatch,
+    metric "digit-accuracy" => DigitAccuracy,
+    metric "levenshtein" => Levenshtein,
+}
 
 #[cfg(test)]
 mod tests {
@@ -190,10 +146,11 @@ mod tests {
     }
 
     #[test]
-    fn trait_objects_report_direction_and_kind() {
-        let m = TextMetric(Which::Levenshtein);
-        assert!(!m.higher_is_better());
-        assert!(!m.is_binary());
-        assert!(TextMetric(Which::ExactMatch).is_binary());
+    fn metrics_declare_direction_and_range() {
+        assert!(!Levenshtein.info().higher_is_better);
+        assert!(!Levenshtein.info().binary);
+        assert!(ExactMatch.info().binary);
+        assert_eq!(DigitAccuracy.info().max, 1.0);
+        assert!(Levenshtein.info().check(-1.0).is_err());
     }
 }

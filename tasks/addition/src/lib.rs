@@ -14,8 +14,8 @@
 //!   problems it was trained on, and every instance gets the attribute `seen = yes` when its
 //!   problem `a + b` is among them, else `seen = no`. Only the same order counts: the model saw
 //!   the text `a + b`, and `b + a` is another prompt. The whole training set counts, even when the
-//!   run was stopped early. The path is taken as given (relative to where harness runs), also
-//!   when a run is resumed.
+//!   run was stopped early. A relative path is taken from where harness runs and recorded
+//!   absolute, so a resumed run finds the folder from anywhere.
 //! - `seen_per_k = N` (default 0; needs `seen_in`): for each k of `digits` the training set has
 //!   problems of, up to N more instances (ids `k{k}-seen-{i}`, group `k={k}`, `seen = yes`)
 //!   after the regular ones of that k: the first N distinct training problems of that k in
@@ -25,7 +25,7 @@
 //!   built as the others': the same shared shots, or per-instance shots drawn after the regular
 //!   instances' and never equal to a regular or a probe problem.
 //!
-//! With `seen_in`, the resolved options (run.toml) record `seen_in` as given, `seen_per_k`, and
+//! With `seen_in`, the resolved options (run.toml) record `seen_in` (absolute), `seen_per_k`, and
 //! `seen_overlap = M`: how many regular (non-probe) instances are in the adapter's training set,
 //! which is how a run says how much of its evaluation overlaps training (0 for an adapter trained
 //! with the same seed, digits and n, except for k = 1 where the 81 problems can run out). When
@@ -42,18 +42,10 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use harness_abi::{
-    abi_stable::{
-        prefix_type::PrefixTypeTrait,
-        std_types::{RResult, RStr, RString, RVec},
-    },
-    guard, not_provided,
-    options::Options,
-    Attribute, BackendBox, GenerateRequest, Instance, MetricBox, PluginInfo, PluginKind, PluginLib,
-    PluginLibRef, Request, TD_Opaque, Task, TaskBox, Task_TO, TrainExample,
-};
+use harness_abi::sdk::{Instance, TaskPlugin, TrainExample};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 pub use digits::parse_digits;
 
@@ -62,25 +54,46 @@ const NAME: &str = "addition";
 /// The instruction of the paper's Listing 4.
 pub const INSTRUCTION: &str = "You are an expert in solving math problems.\nYou will be given two numbers and you need to add them. Do not produce any output other than the sum of the two numbers. You will also be given examples to help you understand the task.\n\n";
 
-const OPTIONS: &[&str] = &[
-    "digits",
-    "n",
-    "shots",
-    "seed",
-    "fewshot",
-    "max_new_tokens",
-    "seen_in",
-    "seen_per_k",
-    "seen_overlap",
-];
-
 /// How few-shot examples are chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum FewShot {
     /// Fresh examples for every problem (like lm-evaluation-harness).
     PerInstance,
     /// One set of examples for all problems of the same k (the prompt prefix is then shared).
     Shared,
+}
+
+/// The task's options as given (and recorded in run.toml); see the crate documentation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Options {
+    pub digits: String,
+    pub n: u64,
+    pub shots: u64,
+    pub seed: u64,
+    pub fewshot: FewShot,
+    /// Tokens allowed beyond the k+1 digits of the answer (default k + 6 in all).
+    pub max_new_tokens: Option<u32>,
+    pub seen_in: Option<PathBuf>,
+    pub seen_per_k: u64,
+    pub seen_overlap: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            digits: "1-12".into(),
+            n: 100,
+            shots: 3,
+            seed: 1234,
+            fewshot: FewShot::PerInstance,
+            max_new_tokens: None,
+            seen_in: None,
+            seen_per_k: 0,
+            seen_overlap: None,
+        }
+    }
 }
 
 /// The validated options of the task.
@@ -102,77 +115,40 @@ pub struct Config {
 }
 
 impl Config {
+    /// Reads and checks options given as TOML.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        let o = Options::parse(NAME, text, OPTIONS)?;
-        let digits = parse_digits(&o.string("digits")?.unwrap_or_else(|| "1-12".into()))?;
-        let fewshot = match o.string("fewshot")?.as_deref() {
-            None | Some("per-instance") => FewShot::PerInstance,
-            Some("shared") => FewShot::Shared,
-            Some(other) => {
-                return Err(format!(
-                    "addition: option `fewshot` must be `per-instance` or `shared`, got `{other}`"
-                ))
-            }
-        };
-        let n = o.u64("n")?.unwrap_or(100);
-        if n == 0 {
+        Config::new(&harness_abi::options::read(NAME, text)?)
+    }
+
+    /// Checks the options.
+    pub fn new(o: &Options) -> Result<Self, String> {
+        let digits = parse_digits(&o.digits)?;
+        if o.n == 0 {
             return Err("addition: option `n` must be at least 1".into());
         }
-        let seen_in = match o.string("seen_in")? {
-            Some(s) if s.trim().is_empty() => {
-                return Err(
-                    "addition: option `seen_in` must name an adapter folder written by `harness train --task addition`"
-                        .into(),
-                )
-            }
-            s => s.map(PathBuf::from),
-        };
-        let seen_per_k = o.u64("seen_per_k")?.unwrap_or(0);
-        if seen_per_k > 0 && seen_in.is_none() {
+        if o.seen_in.as_ref().is_some_and(|s| s.as_os_str().is_empty()) {
+            return Err(
+                "addition: option `seen_in` must name an adapter folder written by `harness train --task addition`"
+                    .into(),
+            );
+        }
+        if o.seen_per_k > 0 && o.seen_in.is_none() {
             return Err("addition: option `seen_per_k` needs `seen_in`, the adapter folder whose training problems to probe".into());
         }
-        let seen_overlap = o.u64("seen_overlap")?;
-        if seen_overlap.is_some() && seen_in.is_none() {
+        if o.seen_overlap.is_some() && o.seen_in.is_none() {
             return Err("addition: option `seen_overlap` is recorded by a run with `seen_in` and means nothing without it".into());
         }
         Ok(Config {
             digits,
-            n,
-            shots: o.u64("shots")?.unwrap_or(3),
-            seed: o.u64("seed")?.unwrap_or(1234),
-            fewshot,
-            max_new_tokens: o.u64("max_new_tokens")?.map(|v| v as u32),
-            seen_in,
-            seen_per_k,
-            seen_overlap,
+            n: o.n,
+            shots: o.shots,
+            seed: o.seed,
+            fewshot: o.fewshot,
+            max_new_tokens: o.max_new_tokens,
+            seen_in: o.seen_in.clone(),
+            seen_per_k: o.seen_per_k,
+            seen_overlap: o.seen_overlap,
         })
-    }
-
-    /// The options with defaults filled in; `seen_overlap` is the task's to add.
-    fn to_toml(&self) -> String {
-        let digits: Vec<String> = self.digits.iter().map(u32::to_string).collect();
-        let mut s = format!(
-            "digits = \"{}\"\nn = {}\nshots = {}\nseed = {}\nfewshot = \"{}\"\n{}",
-            digits.join(","),
-            self.n,
-            self.shots,
-            self.seed,
-            match self.fewshot {
-                FewShot::PerInstance => "per-instance",
-                FewShot::Shared => "shared",
-            },
-            self.max_new_tokens
-                .map(|m| format!("max_new_tokens = {m}\n"))
-                .unwrap_or_default()
-        );
-        if let Some(dir) = &self.seen_in {
-            let quoted = toml::Value::String(dir.display().to_string()).to_string();
-            s.push_str(&format!(
-                "seen_in = {quoted}\nseen_per_k = {}\n",
-                self.seen_per_k
-            ));
-        }
-        s
     }
 }
 
@@ -388,26 +364,19 @@ impl Addition {
         p: &Problem,
         seen: Option<bool>,
     ) -> Instance {
-        let mut attributes = vec![Attribute {
-            key: "carries".into(),
-            value: carries(p.a, p.b).to_string().into(),
-        }];
-        if let Some(seen) = seen {
-            attributes.push(Attribute {
-                key: "seen".into(),
-                value: if seen { "yes" } else { "no" }.into(),
-            });
-        }
-        Instance {
-            id: id.into(),
-            group: format!("k={k}").into(),
-            request: Request::Generate(GenerateRequest {
-                prompt: self.prompt(shots, p).into(),
-                stop: vec![RString::from("\n")].into(),
-                max_new_tokens: self.config.max_new_tokens.unwrap_or(k + 6),
-            }),
-            target: p.sum().to_string().into(),
-            attributes: attributes.into(),
+        let max_new_tokens = self.config.max_new_tokens.unwrap_or(k + 6);
+        let inst = Instance::generate(
+            id,
+            format!("k={k}"),
+            self.prompt(shots, p),
+            p.sum().to_string(),
+        )
+        .stop_at("\n")
+        .max_new_tokens(max_new_tokens)
+        .attribute("carries", carries(p.a, p.b).to_string());
+        match seen {
+            Some(seen) => inst.attribute("seen", if seen { "yes" } else { "no" }),
+            None => inst,
         }
     }
 
@@ -511,11 +480,8 @@ impl Addition {
                 let shots: Vec<Problem> = (0..self.config.shots)
                     .map(|_| problem(&mut shot_rng, k))
                     .collect();
-                TrainExample {
-                    prompt: self.prompt(&shots, &p).into(),
-                    completion: format!(" {}\n", p.sum()).into(),
-                    group: format!("k={k}").into(),
-                }
+                TrainExample::new(self.prompt(&shots, &p), format!(" {}\n", p.sum()))
+                    .in_group(format!("k={k}"))
             })
             .collect())
     }
@@ -534,74 +500,53 @@ fn draw_avoiding(rng: &mut ChaCha8Rng, k: u32, avoid: &HashSet<Problem>) -> Prob
     p
 }
 
-impl Task for Addition {
-    fn eval_instances(&self) -> RResult<RVec<Instance>, RString> {
-        guard(NAME, || self.instances().map(RVec::from))
-    }
+impl TaskPlugin for Addition {
+    type Options = Options;
+    const DESCRIPTION: &'static str = "k-digit addition, k-shot prompts of the paper's Listing 4 (options: digits, n, shots, seed, fewshot, max_new_tokens, seen_in, seen_per_k)";
 
-    fn default_metrics(&self) -> RVec<RString> {
-        ["exact-match", "digit-accuracy", "levenshtein"]
-            .iter()
-            .map(|s| RString::from(*s))
-            .collect()
-    }
-
-    fn resolved_options(&self) -> RString {
-        let mut s = self.config.to_toml();
-        if let Ok(Some(t)) = self.training_set() {
-            s.push_str(&format!("seen_overlap = {}\n", self.seen_overlap(t)));
+    /// Checks the options; with `seen_in`, records it absolute and, when the adapter's
+    /// training set can be read, the overlap `seen_overlap` a resumed run is checked against.
+    fn new(options: &mut Options) -> Result<Self, String> {
+        if let Some(dir) = &options.seen_in {
+            options.seen_in = Some(std::path::absolute(dir).unwrap_or_else(|_| dir.clone()));
         }
-        s.into()
+        let task = Addition::new(Config::new(options)?);
+        // A folder that cannot be read is reported when instances are made (training, which
+        // refuses `seen_in`, says so first).
+        if let Ok(Some(t)) = task.training_set() {
+            options.seen_overlap = Some(task.seen_overlap(t));
+        }
+        Ok(task)
     }
 
-    fn train_examples(&self, count: u64) -> RResult<RVec<TrainExample>, RString> {
-        guard(NAME, || self.training(count).map(RVec::from))
+    fn eval_instances(&self) -> Result<Vec<Instance>, String> {
+        self.instances()
+    }
+
+    fn default_metrics(&self) -> Vec<String> {
+        ["exact-match", "digit-accuracy", "levenshtein"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    fn train_examples(&self, count: u64) -> Result<Vec<TrainExample>, String> {
+        self.training(count)
     }
 }
 
-extern "C" fn manifest() -> RVec<PluginInfo> {
-    RVec::from(vec![PluginInfo {
-        kind: PluginKind::Task,
-        name: NAME.into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        description: "k-digit addition, k-shot prompts of the paper's Listing 4 (options: digits, n, shots, seed, fewshot, seen_in, seen_per_k)".into(),
-    }])
-}
-
-extern "C" fn new_task(name: RStr<'_>, options: RStr<'_>) -> RResult<TaskBox, RString> {
-    if name.as_str() != NAME {
-        return not_provided(PluginKind::Task, name);
-    }
-    guard(NAME, || {
-        let config = Config::from_toml(options.as_str())?;
-        Ok(Task_TO::from_value(Addition::new(config), TD_Opaque))
-    })
-}
-
-extern "C" fn new_metric(name: RStr<'_>, _options: RStr<'_>) -> RResult<MetricBox, RString> {
-    not_provided(PluginKind::Metric, name)
-}
-
-extern "C" fn new_backend(name: RStr<'_>, _options: RStr<'_>) -> RResult<BackendBox, RString> {
-    not_provided(PluginKind::Backend, name)
-}
-
-/// The root module the host loads.
-pub fn plugin_lib() -> PluginLibRef {
-    PluginLib {
-        manifest,
-        new_task,
-        new_metric,
-        new_backend,
-    }
-    .leak_into_prefix()
-}
-
-harness_abi::export_plugin!(plugin_lib);
+harness_abi::plugin! { task "addition" => Addition }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use harness_abi::sdk::Request;
+
+    /// The options `harness eval --resume` gives back: what the SDK records after `new`.
+    fn resolved(toml: &str) -> (Addition, String) {
+        let mut o: Options = harness_abi::options::read(NAME, toml).unwrap();
+        let t = <Addition as TaskPlugin>::new(&mut o).unwrap();
+        (t, harness_abi::options::record(&o).unwrap())
+    }
 
     fn task(toml: &str) -> Addition {
         Addition::new(Config::from_toml(toml).unwrap())
@@ -854,7 +799,7 @@ mod tests {
         }
         // Only the same order counts: (b, a) of a trained (a, b) is not seen unless trained too.
         assert!(yes > yes_k2, "some k=1 problems overlap training: {yes}");
-        let resolved = t.resolved_options().to_string();
+        let (_, resolved) = resolved(&opts);
         assert!(
             resolved.contains(&format!("seen_overlap = {yes}\n"))
                 && resolved.contains("seen_per_k = 0\n")

@@ -11,34 +11,57 @@ pub mod data;
 
 use std::path::PathBuf;
 
-use harness_abi::{
-    abi_stable::{
-        prefix_type::PrefixTypeTrait,
-        std_types::{RResult, RStr, RString, RVec},
-    },
-    guard, not_provided,
-    options::{edit_distance, Options},
-    BackendBox, ChoiceRequest, Instance, MetricBox, PluginInfo, PluginKind, PluginLib,
-    PluginLibRef, Request, TD_Opaque, Task, TaskBox, Task_TO, TrainExample,
-};
+use harness_abi::options::edit_distance;
+use harness_abi::sdk::{Instance, TaskPlugin, TrainExample};
 use rand::{seq::index::sample, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::data::{Dataset, Question};
 
 const NAME: &str = "mmlu";
-const OPTIONS: &[&str] = &[
-    "subject", "exclude", "data", "shots", "scoring", "seed", "limit",
-];
 const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
 
 /// How an answer is read off the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Scoring {
     /// Log-likelihood of " A", " B", " C", " D" after the lettered options.
     Letter,
     /// Log-likelihood per byte of each option's text after the question.
     Cloze,
+}
+
+/// The task's options as given; recorded with the subjects resolved (`all` and `exclude`
+/// become the list of subjects) and the data file's path absolute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Options {
+    /// One subject, a comma-separated list, or `all` (required).
+    pub subject: Option<String>,
+    /// Subjects to leave out of `subject` (with `all`, the paper's General FT).
+    pub exclude: Option<String>,
+    /// The MMLU JSONL or CSV file (default: the fetched test split).
+    pub data: Option<PathBuf>,
+    pub shots: u64,
+    pub scoring: Scoring,
+    pub seed: u64,
+    /// At most this many questions per subject.
+    pub limit: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            subject: None,
+            exclude: None,
+            data: None,
+            shots: 0,
+            scoring: Scoring::Letter,
+            seed: 1234,
+            limit: None,
+        }
+    }
 }
 
 /// The validated options of the task.
@@ -61,39 +84,39 @@ pub struct Mmlu {
 impl Mmlu {
     /// Parses the options, loads the data and checks the subjects exist.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        let o = Options::parse(NAME, text, OPTIONS)?;
-        let spec = o.string("subject")?.ok_or_else(|| {
+        Mmlu::new(&mut harness_abi::options::read(NAME, text)?)
+    }
+
+    /// Loads the data and checks the subjects exist; writes back the resolved subjects and the
+    /// data file's absolute path.
+    fn new(o: &mut Options) -> Result<Self, String> {
+        let spec = o.subject.clone().ok_or_else(|| {
             "mmlu: choose a subject with --subject NAME (e.g. machine_learning, a comma-separated list, or `all`)".to_string()
         })?;
         let data_path = o
-            .string("data")?
-            .map(PathBuf::from)
+            .data
+            .clone()
             .unwrap_or_else(harness_abi::paths::default_mmlu);
-        let scoring = match o.string("scoring")?.as_deref() {
-            None | Some("letter") => Scoring::Letter,
-            Some("cloze") => Scoring::Cloze,
-            Some(other) => {
-                return Err(format!(
-                    "mmlu: option `scoring` must be `letter` or `cloze`, got `{other}`"
-                ))
-            }
-        };
+        let data_path = std::path::absolute(&data_path).unwrap_or(data_path);
         let data = data::load(&data_path)?;
         let mut subjects = resolve_subjects(&spec, &data)?;
-        if let Some(exclude) = o.string("exclude")? {
-            let dropped = resolve_subjects(&exclude, &data)?;
+        if let Some(exclude) = &o.exclude {
+            let dropped = resolve_subjects(exclude, &data)?;
             subjects.retain(|s| !dropped.contains(s));
             if subjects.is_empty() {
                 return Err("mmlu: `exclude` leaves no subject".into());
             }
         }
+        o.subject = Some(subjects.join(","));
+        o.exclude = None;
+        o.data = Some(data_path.clone());
         let config = Config {
             subjects,
             data: data_path,
-            shots: o.u64("shots")?.unwrap_or(0) as usize,
-            scoring,
-            seed: o.u64("seed")?.unwrap_or(1234),
-            limit: o.u64("limit")?.map(|l| l as usize),
+            shots: o.shots as usize,
+            scoring: o.scoring,
+            seed: o.seed,
+            limit: o.limit.map(|l| l as usize),
         };
         Ok(Mmlu { config, data })
     }
@@ -182,19 +205,23 @@ impl Mmlu {
                 }
                 context.push_str(&self.block(q, false));
                 let options = (0..4)
-                    .map(|c| RString::from(format!(" {}", self.answer_text(q, c))))
+                    .map(|c| {
+                        (
+                            format!(" {}", self.answer_text(q, c)),
+                            LETTERS[c].to_string(),
+                        )
+                    })
                     .collect();
-                out.push(Instance {
-                    id: format!("{subject}-{i}").into(),
-                    group: subject.as_str().into(),
-                    request: Request::Choice(ChoiceRequest {
-                        context: context.into(),
-                        options,
-                        labels: LETTERS.iter().map(|l| RString::from(*l)).collect(),
-                        length_normalize: self.config.scoring == Scoring::Cloze,
-                    }),
-                    target: LETTERS[q.answer].into(),
-                    attributes: RVec::new(),
+                let inst = Instance::choice(
+                    format!("{subject}-{i}"),
+                    subject.as_str(),
+                    context,
+                    options,
+                    LETTERS[q.answer],
+                );
+                out.push(match self.config.scoring {
+                    Scoring::Cloze => inst.length_normalized(),
+                    Scoring::Letter => inst,
                 });
             }
         }
@@ -233,31 +260,12 @@ impl Mmlu {
                 prompt.push_str(&self.block(shot, true));
             }
             prompt.push_str(&self.block(q, false));
-            out.push(TrainExample {
-                prompt: prompt.into(),
-                completion: format!(" {}\n", self.answer_text(q, q.answer)).into(),
-                group: subject.into(),
-            });
+            out.push(
+                TrainExample::new(prompt, format!(" {}\n", self.answer_text(q, q.answer)))
+                    .in_group(subject),
+            );
         }
         Ok(out)
-    }
-
-    fn to_toml(&self) -> String {
-        let c = &self.config;
-        format!(
-            "subject = {:?}\ndata = {:?}\nshots = {}\nscoring = \"{}\"\nseed = {}\n{}",
-            c.subjects.join(","),
-            c.data.display().to_string(),
-            c.shots,
-            match c.scoring {
-                Scoring::Letter => "letter",
-                Scoring::Cloze => "cloze",
-            },
-            c.seed,
-            c.limit
-                .map(|l| format!("limit = {l}\n"))
-                .unwrap_or_default()
-        )
     }
 }
 
@@ -300,69 +308,29 @@ fn fnv1a(s: &str) -> u64 {
     })
 }
 
-impl Task for Mmlu {
-    fn eval_instances(&self) -> RResult<RVec<Instance>, RString> {
-        guard(NAME, || self.instances().map(RVec::from))
+impl TaskPlugin for Mmlu {
+    type Options = Options;
+    const DESCRIPTION: &'static str = "MMLU subjects, prompt of the paper's Listing 1 (options: subject, exclude, data, shots, scoring, seed, limit); trains on its questions";
+
+    fn new(options: &mut Options) -> Result<Self, String> {
+        Mmlu::new(options)
     }
 
-    fn default_metrics(&self) -> RVec<RString> {
-        RVec::from(vec![RString::from("exact-match")])
+    fn eval_instances(&self) -> Result<Vec<Instance>, String> {
+        self.instances()
     }
 
-    fn resolved_options(&self) -> RString {
-        self.to_toml().into()
-    }
-
-    fn train_examples(&self, count: u64) -> RResult<RVec<TrainExample>, RString> {
-        guard(NAME, || self.training(count).map(RVec::from))
+    fn train_examples(&self, count: u64) -> Result<Vec<TrainExample>, String> {
+        self.training(count)
     }
 }
 
-extern "C" fn manifest() -> RVec<PluginInfo> {
-    RVec::from(vec![PluginInfo {
-        kind: PluginKind::Task,
-        name: NAME.into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        description: "MMLU subjects, prompt of the paper's Listing 1 (options: subject, exclude, data, shots, scoring, seed, limit); trains on its questions".into(),
-    }])
-}
-
-extern "C" fn new_task(name: RStr<'_>, options: RStr<'_>) -> RResult<TaskBox, RString> {
-    if name.as_str() != NAME {
-        return not_provided(PluginKind::Task, name);
-    }
-    guard(NAME, || {
-        Ok(Task_TO::from_value(
-            Mmlu::from_toml(options.as_str())?,
-            TD_Opaque,
-        ))
-    })
-}
-
-extern "C" fn new_metric(name: RStr<'_>, _options: RStr<'_>) -> RResult<MetricBox, RString> {
-    not_provided(PluginKind::Metric, name)
-}
-
-extern "C" fn new_backend(name: RStr<'_>, _options: RStr<'_>) -> RResult<BackendBox, RString> {
-    not_provided(PluginKind::Backend, name)
-}
-
-/// The root module the host loads.
-pub fn plugin_lib() -> PluginLibRef {
-    PluginLib {
-        manifest,
-        new_task,
-        new_metric,
-        new_backend,
-    }
-    .leak_into_prefix()
-}
-
-harness_abi::export_plugin!(plugin_lib);
+harness_abi::plugin! { task "mmlu" => Mmlu }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use harness_abi::sdk::Request;
 
     /// A small data file; each caller gets its own, since tests run in parallel.
     fn dataset_file() -> PathBuf {

@@ -5,14 +5,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use harness_abi::abi_stable::std_types::RStr;
 use harness_abi::PluginKind;
 use reports::figures::Format;
 use serde::Deserialize;
 use toml::{Spanned, Table, Value};
 
 use crate::cli::TrainArgs;
-use crate::eval::plugin_result;
 use crate::registry::Registry;
 use crate::run_dir;
 use crate::train;
@@ -562,13 +560,8 @@ fn fingerprint(base: &str, adapter: &AdapterPlan) -> Result<Table> {
 
 /// Builds the task with these options, which checks them; returns how many instances it makes.
 fn check_task(reg: &Registry, task: &str, options: &Table) -> Result<usize> {
-    let entry = reg.get(PluginKind::Task, task)?;
-    let opts = options.to_string();
-    let task = plugin_result(
-        entry,
-        (entry.lib.new_task())(RStr::from(task), RStr::from(opts.as_str())),
-    )?;
-    Ok(plugin_result(entry, task.eval_instances())?.len())
+    let (entry, task) = reg.task(task, &options.to_string())?;
+    Ok(entry.outcome(task.eval_instances())?.len())
 }
 
 #[cfg(test)]
