@@ -212,6 +212,49 @@ fn a_corrupt_model_file_is_one_clear_line() {
 }
 
 #[test]
+fn model_metadata_out_of_range_is_one_line_naming_the_field() {
+    let dir = temp_dir("bad-metadata");
+    write_tiny_model(&dir.join("model"), 1);
+    let config_path = dir.join("model/config.json");
+    let good = std::fs::read_to_string(&config_path).unwrap();
+    for (key, value, want) in [
+        (
+            "num_attention_heads",
+            "0",
+            "config.json `num_attention_heads` is 0",
+        ),
+        (
+            "num_hidden_layers",
+            "1073741824",
+            "config.json `num_hidden_layers` = 1073741824 but the file holds tensors of 2 layers",
+        ),
+        (
+            "num_key_value_heads",
+            "3",
+            "`num_key_value_heads` = 3 does not divide",
+        ),
+    ] {
+        let mut config: serde_json::Value = serde_json::from_str(&good).unwrap();
+        config[key] = serde_json::from_str(value).unwrap();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let e = fails(
+            harness()
+                .args([
+                    "eval", "--task", "addition", "--digits", "1", "--n", "1", "--model",
+                ])
+                .arg(dir.join("model"))
+                .arg("--out")
+                .arg(dir.join("run")),
+        );
+        assert!(
+            e.contains(want) && e.contains("not a usable checkpoint"),
+            "{e}"
+        );
+        assert!(!dir.join("run").exists());
+    }
+}
+
+#[test]
 fn duplicate_plugin_names_name_both_files() {
     let dir = temp_dir("duplicate");
     let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_harness"))
@@ -315,6 +358,87 @@ fn a_metric_built_outside_the_workspace_scores_and_its_panic_ends_the_run_cleanl
     assert_eq!(samples.lines().count(), 2, "{samples}");
     assert!(dir.join("run-panic/run.toml").exists());
     assert!(!dir.join("run-panic/results.csv").exists());
+}
+
+/// The code blocks of README.md's "Write your own task" and "Write your own metric", in order.
+fn readme_plugin_code() -> (String, String, String) {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme.find("## Write your own task").unwrap();
+    let end = start + readme[start..].find("## Layout").unwrap();
+    let mut blocks = Vec::new();
+    let mut rest = &readme[start..end];
+    while let Some(open) = rest.find("```") {
+        let body_start = open + rest[open..].find('\n').unwrap() + 1;
+        let close = body_start + rest[body_start..].find("```").unwrap();
+        blocks.push(rest[body_start..close].to_string());
+        rest = &rest[close + 3..];
+    }
+    assert_eq!(blocks.len(), 3, "expected Cargo.toml, task and metric code");
+    (blocks[0].clone(), blocks[1].clone(), blocks[2].clone())
+}
+
+#[test]
+fn the_readme_task_and_metric_build_outside_the_workspace_and_run() {
+    let (manifest, task, metric) = readme_plugin_code();
+    let root = repo_root();
+    let abi = root.join("harness/abi").display().to_string();
+    let manifest = manifest.replace("/path/to/harness/harness/abi", &abi);
+    let work = root.join("target").join("readme-plugins");
+    let target = root.join("target").join("fixtures");
+    for (name, code) in [("double-task", &task), ("contains-metric", &metric)] {
+        let dir = work.join(name);
+        std::fs::create_dir_all(dir.join("src")).unwrap();
+        std::fs::write(
+            dir.join("Cargo.toml"),
+            manifest.replace("double-task", name) + "\n[workspace]\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("src/lib.rs"), code).unwrap();
+        // The fixture's lock pins the same dependencies, so no new versions are resolved.
+        std::fs::copy(
+            root.join("tests/fixtures/copy-task/Cargo.lock"),
+            dir.join("Cargo.lock"),
+        )
+        .unwrap();
+        let status =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "--release", "--quiet", "--manifest-path"])
+                .arg(dir.join("Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target)
+                .status()
+                .unwrap();
+        assert!(status.success(), "the README's {name} does not build");
+    }
+    let plugin_dir = target.join("release");
+    let dir = temp_dir("readme-plugins");
+    write_tiny_model(&dir.join("model"), 1);
+    let out = ok(harness()
+        .arg("--plugin-dir")
+        .arg(&plugin_dir)
+        .args([
+            "eval", "--task", "double", "--option", "start=50", "--n", "3",
+        ])
+        .args(["--metric", "contains,exact-match", "--model"])
+        .arg(dir.join("model"))
+        .arg("--out")
+        .arg(dir.join("run")));
+    assert!(out.contains("contains"), "{out}");
+    let results = std::fs::read_to_string(dir.join("run/results.csv")).unwrap();
+    assert!(results.contains("double,all,contains,3,"), "{results}");
+    let samples = std::fs::read_to_string(dir.join("run/samples.jsonl")).unwrap();
+    assert!(samples.contains("Question: 50 + 50"), "{samples}");
+    let e = fails(
+        harness()
+            .arg("--plugin-dir")
+            .arg(&plugin_dir)
+            .args(["eval", "--task", "double", "--option", "strt=5", "--model"])
+            .arg(dir.join("model")),
+    );
+    assert!(
+        e.contains("double: unknown option `strt` (did you mean `start`?)"),
+        "{e}"
+    );
 }
 
 #[test]

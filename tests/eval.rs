@@ -145,6 +145,54 @@ fn an_interrupted_run_resumes_to_identical_results() {
     assert!(e.contains("drop --digits"), "{e}");
 }
 
+/// Cuts a finished run back to its first `keep` samples and no results, as a kill would.
+fn cut(run: &Path, keep: usize) {
+    let samples = std::fs::read_to_string(run.join("samples.jsonl")).unwrap();
+    let kept: String = samples
+        .lines()
+        .take(keep)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(run.join("samples.jsonl"), kept).unwrap();
+    std::fs::remove_file(run.join("results.csv")).unwrap();
+}
+
+#[test]
+fn a_run_started_with_relative_paths_resumes_from_any_folder_but_not_on_a_changed_model() {
+    let (_, dir) = tiny_model("relative");
+    // Started inside `dir` with relative --model, --out and backend options.
+    ok(addition_eval(Path::new("model"), Path::new("run"))
+        .args(["--backend-option", "double_quant=false", "--base", "nf4"])
+        .current_dir(&dir));
+    let full = std::fs::read(dir.join("run/results.csv")).unwrap();
+    let record = std::fs::read_to_string(dir.join("run/run.toml")).unwrap();
+    let model_abs = dir.canonicalize().unwrap().join("model");
+    assert!(
+        record.contains(&format!("model = \"{}\"", model_abs.display()))
+            && record.contains("double_quant = false"),
+        "{record}"
+    );
+
+    // Resumed from another folder: the same bytes, and the backend options survive.
+    cut(&dir.join("run"), 5);
+    ok(harness()
+        .args(["eval", "--resume"])
+        .arg(dir.join("run"))
+        .current_dir(repo_root()));
+    assert_eq!(std::fs::read(dir.join("run/results.csv")).unwrap(), full);
+    let again = std::fs::read_to_string(dir.join("run/run.toml")).unwrap();
+    assert_eq!(again, record);
+
+    // A model changed since the run started is refused before anything is loaded.
+    cut(&dir.join("run"), 5);
+    write_tiny_model(&dir.join("model"), 8);
+    let e = fails(harness().args(["eval", "--resume"]).arg(dir.join("run")));
+    assert!(
+        e.contains("the run's model") && e.contains("changed since the run started"),
+        "{e}"
+    );
+}
+
 #[test]
 fn mmlu_on_a_csv_folder_and_cloze_scoring() {
     let (model, dir) = tiny_model("mmlu-csv");

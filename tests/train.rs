@@ -237,6 +237,32 @@ fn training_pairs_come_from_a_jsonl_file_with_errors_by_line() {
             .arg(dir.join("d")),
     );
     assert!(e.contains("unknown option `rank`"), "{e}");
+
+    // Training options are checked before any model is read: a model that is not even a model
+    // does not get in the way of the option's error (it would if it were loaded first).
+    std::fs::write(dir.join("not-a-model.gguf"), b"GGUF junk").unwrap();
+    for (option, want) in [
+        (
+            "rank=3",
+            "candle train: unknown option `rank` (did you mean `r`?)",
+        ),
+        ("dropout=2", "`dropout` must be in [0, 1)"),
+        (
+            "schedule=steep",
+            "option `schedule` must be one of `constant`, `linear`, `cosine`",
+        ),
+    ] {
+        let e = fails(
+            harness()
+                .args(["train", "--task", "addition", "--examples", "4"])
+                .args(["--train-option", option, "--model"])
+                .arg(dir.join("not-a-model.gguf"))
+                .arg("--out")
+                .arg(dir.join("e")),
+        );
+        assert!(e.contains(want), "{option}: {e}");
+        assert!(!dir.join("e").exists(), "{option}");
+    }
 }
 
 #[test]

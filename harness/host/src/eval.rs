@@ -98,6 +98,9 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
         plan.run_dir.display()
     );
     if !todo.is_empty() {
+        if let Some(record) = &plan.resumed {
+            check_unchanged(record)?;
+        }
         let load_start = Instant::now();
         let (_, mut backend) = reg.backend(&plan.backend, &plan.backend_options)?;
         let info = backend_entry.outcome(backend.info())?;
@@ -128,6 +131,12 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
                     architecture: info.architecture.to_string(),
                     parameters: info.parameters,
                     device: info.device.to_string(),
+                    adapter: plan.adapter.as_ref().map(|a| a.display().to_string()),
+                    adapter_sha256: plan
+                        .adapter
+                        .as_deref()
+                        .map(run_dir::sha256_path)
+                        .transpose()?,
                 },
                 metrics: loaded
                     .metrics
@@ -180,6 +189,40 @@ fn scale(info: &MetricInfo) -> reports::stats::Scale {
         min: info.min,
         max: info.max,
     }
+}
+
+/// A resumed run must answer with the model it started with: the file at the recorded path must
+/// still have the recorded sha256 (a retrained adapter or a replaced model would mix two
+/// models' answers in one results file).
+fn check_unchanged(record: &RunRecord) -> Result<()> {
+    let m = &record.model;
+    let mut files = vec![("model", &m.path, &m.sha256)];
+    if let (Some(path), Some(sha)) = (&m.adapter, &m.adapter_sha256) {
+        files.push(("adapter", path, sha));
+    }
+    for (what, path, recorded) in files {
+        let path = Path::new(path);
+        if !path.exists() {
+            bail!(
+                "the run's {what} {} is gone; a run resumes with the {what} it started with",
+                path.display()
+            );
+        }
+        let now = run_dir::sha256_path(path)?;
+        if &now != recorded {
+            bail!(
+                "the run's {what} {} changed since the run started (sha256 {} recorded, {} now); a run resumes with the {what} it started with, so start a new run",
+                path.display(),
+                short(recorded),
+                short(&now)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
 }
 
 fn check_ids(instances: &[Instance]) -> Result<std::collections::HashMap<&str, usize>> {

@@ -25,6 +25,8 @@ pub struct EvalPlan {
     pub run_dir: PathBuf,
     /// What reports call the run.
     pub label: Option<String>,
+    /// The `--adapter` folder, absolute (recorded with its sha256).
+    pub adapter: Option<PathBuf>,
     /// Present when resuming: what the interrupted run recorded.
     pub resumed: Option<RunRecord>,
 }
@@ -80,6 +82,7 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
     }
 
     let mut b = Table::new();
+    let mut adapter_dir = None;
     if let Some(model) = &args.model {
         b.insert("model".into(), Value::String(model.display().to_string()));
     } else {
@@ -101,6 +104,7 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
         // Recorded absolute, so that reports find the adapter's record and loss curve from
         // any folder.
         let adapter = std::path::absolute(adapter).unwrap_or_else(|_| adapter.clone());
+        adapter_dir = Some(adapter.clone());
         b.insert(
             "adapter".into(),
             Value::String(adapter.display().to_string()),
@@ -144,6 +148,7 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
         batch: args.batch as usize,
         run_dir,
         label: args.label.clone(),
+        adapter: adapter_dir,
         resumed: None,
     })
 }
@@ -185,6 +190,7 @@ fn resume(args: &EvalArgs, dir: &std::path::Path) -> Result<EvalPlan> {
         batch: record.batch as usize,
         run_dir: dir.to_path_buf(),
         label: record.label.clone(),
+        adapter: record.model.adapter.as_ref().map(PathBuf::from),
         resumed: Some(record),
     })
 }

@@ -42,6 +42,11 @@ pub struct ModelRecord {
     pub architecture: String,
     pub parameters: u64,
     pub device: String,
+    /// The `--adapter` folder (absolute) and its sha256, checked when the run is resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_sha256: Option<String>,
 }
 
 /// run.toml.

@@ -28,9 +28,9 @@ pub(crate) struct TrainPlan {
     pub(crate) data: Option<PathBuf>,
     out: PathBuf,
     model: Option<PathBuf>,
-    backend: String,
+    pub(crate) backend: String,
     device: Option<String>,
-    train: Table,
+    pub(crate) train: Table,
 }
 
 impl TrainPlan {
@@ -252,13 +252,23 @@ pub(crate) fn plan_with(file: &Table, args: &TrainArgs) -> Result<TrainPlan> {
             out.display()
         );
     }
+    // Recorded absolute, so that `harness train --resume` works from any folder.
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
     let p = TrainPlan {
         task: args.task.clone().or(text("task")?),
         task_options,
         examples,
-        data: args.data.clone().or(text("data")?.map(PathBuf::from)),
-        out,
-        model: args.model.clone().or(text("model")?.map(PathBuf::from)),
+        data: args
+            .data
+            .clone()
+            .or(text("data")?.map(PathBuf::from))
+            .map(absolute),
+        out: absolute(out),
+        model: args
+            .model
+            .clone()
+            .or(text("model")?.map(PathBuf::from))
+            .map(absolute),
         backend: args
             .backend
             .clone()

@@ -14,6 +14,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use tokenizers::Tokenizer;
 
+use crate::architecture::{self, FieldNames};
 use crate::error::{BackendError, Result};
 use crate::gguf_tokenizer;
 use crate::llama::Config;
@@ -96,9 +97,34 @@ fn load_gguf(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpo
             .map(f64::from)
             .unwrap_or(default)
     };
+    let vocab_size = {
+        let info = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| corrupt(path, "tensor `token_embd.weight` is missing"))?;
+        info.shape.dims()[0]
+    };
     let num_heads = num("attention.head_count")?;
-    let num_kv_heads = num("attention.head_count_kv").unwrap_or(num_heads);
-    let hidden_size = num("embedding_length")?;
+    let config = Config {
+        hidden_size: num("embedding_length")?,
+        intermediate_size: num("feed_forward_length")?,
+        num_layers: num("block_count")?,
+        num_heads,
+        num_kv_heads: num("attention.head_count_kv").unwrap_or(num_heads),
+        vocab_size,
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta: float("rope.freq_base", 10_000.0),
+        max_position_embeddings: num("context_length").unwrap_or(2048),
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+    };
+    // Checked against the tensors' shapes before any tensor is read or anything allocated.
+    let shapes = content
+        .tensor_infos
+        .iter()
+        .filter_map(|(name, info)| Some((hf_name(name)?, info.shape.dims().to_vec())))
+        .collect();
+    architecture::check(&config, &shapes, &FieldNames::gguf(&arch))
+        .map_err(|e| corrupt(path, e))?;
 
     let mut weights = Weights::empty(pack);
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
@@ -113,32 +139,13 @@ fn load_gguf(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpo
             .dequantize(device)
             .map_err(|e| corrupt(path, format!("tensor `{gguf_name}`: {e}")))?;
         if gguf_name.ends_with("attn_q.weight") {
-            t = unpermute(&t, num_heads)?;
+            t = unpermute(&t, config.num_heads)?;
         } else if gguf_name.ends_with("attn_k.weight") {
-            t = unpermute(&t, num_kv_heads)?;
+            t = unpermute(&t, config.num_kv_heads)?;
         }
         weights.insert(hf_name, t)?;
     }
     let parameters = weights.parameter_count();
-    let vocab_size = {
-        let info = content
-            .tensor_infos
-            .get("token_embd.weight")
-            .ok_or_else(|| corrupt(path, "tensor `token_embd.weight` is missing"))?;
-        info.shape.dims()[0]
-    };
-    let config = Config {
-        hidden_size,
-        intermediate_size: num("feed_forward_length")?,
-        num_layers: num("block_count")?,
-        num_heads,
-        num_kv_heads,
-        vocab_size,
-        rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta: float("rope.freq_base", 10_000.0),
-        max_position_embeddings: num("context_length").unwrap_or(2048),
-        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
-    };
     let (tokenizer, eos) = gguf_tokenizer::from_metadata(md)?;
     let name = get("general.name")
         .and_then(|v| v.to_string().ok())
@@ -263,16 +270,41 @@ fn load_hf(dir: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpoint
     if files.is_empty() {
         return Err(corrupt(dir, "the folder has no *.safetensors file"));
     }
+    // SAFETY: each file is mapped read-only and only read while `mapped` lives; a checkpoint
+    // changed on disk meanwhile is outside what any loader can guard against.
+    let mapped = files
+        .iter()
+        .map(|f| {
+            unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }
+                .map_err(|e| corrupt(f, e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let shapes = mapped
+        .iter()
+        .flat_map(|m| m.tensors())
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect();
+    let num_heads = hf.num_attention_heads;
+    let config = Config {
+        hidden_size: hf.hidden_size,
+        intermediate_size: hf.intermediate_size,
+        num_layers: hf.num_hidden_layers,
+        num_heads,
+        num_kv_heads: hf.num_key_value_heads.unwrap_or(num_heads),
+        vocab_size: hf.vocab_size,
+        rms_norm_eps: hf.rms_norm_eps,
+        rope_theta: hf.rope_theta,
+        max_position_embeddings: hf.max_position_embeddings,
+        tie_word_embeddings: hf.tie_word_embeddings,
+    };
+    // Checked against the tensors' shapes before any tensor is read.
+    architecture::check(&config, &shapes, &FieldNames::hf()).map_err(|e| corrupt(&cfg_path, e))?;
     let mut weights = Weights::empty(pack);
-    for f in &files {
-        // SAFETY: the file is mapped read-only and only read while `mapped` lives; a checkpoint
-        // changed on disk meanwhile is outside what any loader can guard against.
-        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }
-            .map_err(|e| corrupt(f, e))?;
-        let mut names: Vec<String> = mapped.tensors().into_iter().map(|(n, _)| n).collect();
+    for (m, f) in mapped.iter().zip(&files) {
+        let mut names: Vec<String> = m.tensors().into_iter().map(|(n, _)| n).collect();
         names.sort();
         for name in names {
-            let t = mapped.load(&name, device).map_err(|e| corrupt(f, e))?;
+            let t = m.load(&name, device).map_err(|e| corrupt(f, e))?;
             weights.insert(name, t.to_dtype(DType::F32)?)?;
         }
     }
@@ -286,19 +318,6 @@ fn load_hf(dir: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpoint
             .filter_map(|v| v.as_u64().map(|x| x as u32))
             .collect(),
         _ => Vec::new(),
-    };
-    let num_heads = hf.num_attention_heads;
-    let config = Config {
-        hidden_size: hf.hidden_size,
-        intermediate_size: hf.intermediate_size,
-        num_layers: hf.num_hidden_layers,
-        num_heads,
-        num_kv_heads: hf.num_key_value_heads.unwrap_or(num_heads),
-        vocab_size: hf.vocab_size,
-        rms_norm_eps: hf.rms_norm_eps,
-        rope_theta: hf.rope_theta,
-        max_position_embeddings: hf.max_position_embeddings,
-        tie_word_embeddings: hf.tie_word_embeddings,
     };
     Ok(Checkpoint {
         config,
@@ -317,6 +336,103 @@ fn load_hf(dir: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpoint
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes the tiny test model as a GGUF file whose metadata says `fields` (key, value).
+    fn tiny_gguf(path: &Path, fields: &[(&str, u32)]) {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (_, weights) = crate::llama::testing::tiny_weights();
+        let gguf_name = |hf: &str| -> String {
+            let names = [
+                ("model.embed_tokens.weight", "token_embd.weight"),
+                ("model.norm.weight", "output_norm.weight"),
+            ];
+            if let Some((_, g)) = names.iter().find(|(h, _)| *h == hf) {
+                return g.to_string();
+            }
+            let rest = hf.strip_prefix("model.layers.").unwrap();
+            let (layer, part) = rest.split_once('.').unwrap();
+            let part = match part {
+                "input_layernorm.weight" => "attn_norm.weight",
+                "post_attention_layernorm.weight" => "ffn_norm.weight",
+                "self_attn.q_proj.weight" => "attn_q.weight",
+                "self_attn.k_proj.weight" => "attn_k.weight",
+                "self_attn.v_proj.weight" => "attn_v.weight",
+                "self_attn.o_proj.weight" => "attn_output.weight",
+                "mlp.gate_proj.weight" => "ffn_gate.weight",
+                "mlp.up_proj.weight" => "ffn_up.weight",
+                "mlp.down_proj.weight" => "ffn_down.weight",
+                other => panic!("{other}"),
+            };
+            format!("blk.{layer}.{part}")
+        };
+        let mut weights = weights;
+        let tensors: Vec<(String, QTensor)> = weights
+            .shapes()
+            .keys()
+            .map(|n| {
+                let t = weights.take(n).unwrap();
+                (gguf_name(n), QTensor::quantize(&t, GgmlDType::F32).unwrap())
+            })
+            .collect();
+        let arch = gguf_file::Value::String("llama".into());
+        let values: Vec<(String, gguf_file::Value)> = fields
+            .iter()
+            .map(|(k, v)| (format!("llama.{k}"), gguf_file::Value::U32(*v)))
+            .collect();
+        let mut metadata: Vec<(&str, &gguf_file::Value)> = vec![("general.architecture", &arch)];
+        metadata.extend(values.iter().map(|(k, v)| (k.as_str(), v)));
+        let tensor_refs: Vec<(&str, &QTensor)> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut f = File::create(path).unwrap();
+        gguf_file::write(&mut f, &metadata, &tensor_refs).unwrap();
+    }
+
+    #[test]
+    fn gguf_metadata_out_of_range_is_an_error_naming_the_field_before_any_allocation() {
+        let dir = std::env::temp_dir().join(format!("gguf-meta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = [
+            ("embedding_length", 64),
+            ("feed_forward_length", 128),
+            ("block_count", 2),
+            ("attention.head_count", 4),
+            ("attention.head_count_kv", 2),
+            ("context_length", 64),
+        ];
+        for (key, value, want) in [
+            (
+                "attention.head_count",
+                0,
+                "metadata `llama.attention.head_count` is 0",
+            ),
+            (
+                "block_count",
+                1 << 30,
+                "metadata `llama.block_count` = 1073741824 but the file holds tensors of 2 layers",
+            ),
+            (
+                "embedding_length",
+                96,
+                "tensor `model.embed_tokens.weight` has shape [50, 64]",
+            ),
+        ] {
+            let fields: Vec<(&str, u32)> = good
+                .iter()
+                .map(|&(k, v)| (k, if k == key { value } else { v }))
+                .collect();
+            let path = dir.join(format!("{}.gguf", key.replace('.', "-")));
+            tiny_gguf(&path, &fields);
+            let e = match load(&path, &Device::Cpu, None) {
+                Ok(_) => panic!("{key} = {value} loaded"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.contains(want) && e.contains("not a usable checkpoint"),
+                "{e}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn gguf_names_map_to_hf_names() {

@@ -7,6 +7,7 @@
 //! which is what the reference logits in `shared/fixtures/` were computed with.
 
 pub mod adapter;
+pub mod architecture;
 pub mod bf16;
 pub mod checkpoint;
 pub mod engine;

@@ -65,6 +65,15 @@ impl Weights {
         Ok(())
     }
 
+    /// The dimensions of every f32 tensor, by name.
+    #[cfg(test)]
+    pub fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        self.tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect()
+    }
+
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
         self.tensors
             .remove(name)

@@ -293,6 +293,8 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
                 };
                 let plan = train::plan_with(&config, &probe)
                     .map_err(|e| anyhow!("{where_t}: variant `{vname}`.train: {e}"))?;
+                reg.check_train_options(&plan.backend, &plan.train.to_string())
+                    .map_err(|e| anyhow!("{where_t}: variant `{vname}`.train: {e}"))?;
                 if let Some(task) = &plan.task {
                     if plan.data.is_none() {
                         check_task(reg, task, &plan.task_options)
