@@ -183,7 +183,8 @@ mod tests {
     fn each_bad_field_is_named() {
         let (config, shapes) = tiny();
         let gguf = FieldNames::gguf("llama");
-        let cases: Vec<(fn(&mut Config), &str)> = vec![
+        type Spoil = fn(&mut Config);
+        let cases: Vec<(Spoil, &str)> = vec![
             (
                 |c| c.num_heads = 0,
                 "metadata `llama.attention.head_count` is 0",
