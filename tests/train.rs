@@ -158,23 +158,37 @@ fn stopped_or_killed_runs_resume_to_the_uninterrupted_result() {
     let e = fails(harness().args(["train", "--resume"]).arg(dir.join("split")));
     assert!(e.contains("nothing to resume"), "{e}");
 
-    // Killed outright: the run resumes from its last periodic checkpoint.
-    let mut child = train("killed")
-        .args(["--train-option", "save_every=3"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed outright (SIGKILL) at pseudo-random steps, three times, each time resumed from its
+    // last periodic checkpoint: the end is the uninterrupted run's, byte for byte.
     let curve = dir.join("killed/train.csv");
-    let start = std::time::Instant::now();
-    while !dir.join("killed/optimizer.safetensors").is_file()
-        || std::fs::read_to_string(&curve).map_or(0, |c| c.lines().count()) < 6
-    {
-        assert!(start.elapsed().as_secs() < 120, "no checkpoint appeared");
-        std::thread::sleep(std::time::Duration::from_millis(5));
+    let rows = || std::fs::read_to_string(&curve).map_or(0, |c| c.lines().count());
+    let mut state = 0x2545_f491_u64;
+    for round in 0..3 {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let at = rows() + 4 + (state >> 33) as usize % 9;
+        let mut cmd = if round == 0 {
+            let mut c = train("killed");
+            c.args(["--train-option", "save_every=3"]);
+            c
+        } else {
+            let mut c = harness();
+            c.args(["train", "--resume"]).arg(dir.join("killed"));
+            c
+        };
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while !dir.join("killed/optimizer.safetensors").is_file() || rows() < at {
+            assert!(start.elapsed().as_secs() < 120, "no checkpoint appeared");
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before step {at}");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
     let out = ok(harness()
         .args(["train", "--resume"])
         .arg(dir.join("killed")));
