@@ -164,7 +164,9 @@ fn stopped_or_killed_runs_resume_to_the_uninterrupted_result() {
     let rows = || std::fs::read_to_string(&curve).map_or(0, |c| c.lines().count());
     let mut state = 0x2545_f491_u64;
     for round in 0..3 {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let at = rows() + 4 + (state >> 33) as usize % 9;
         let mut cmd = if round == 0 {
             let mut c = train("killed");
@@ -183,7 +185,10 @@ fn stopped_or_killed_runs_resume_to_the_uninterrupted_result() {
         let start = std::time::Instant::now();
         while !dir.join("killed/optimizer.safetensors").is_file() || rows() < at {
             assert!(start.elapsed().as_secs() < 120, "no checkpoint appeared");
-            assert!(child.try_wait().unwrap().is_none(), "the run ended before step {at}");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before step {at}"
+            );
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         child.kill().unwrap();

@@ -48,10 +48,13 @@ pub fn load(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpoi
     }
 }
 
+/// A checkpoint that cannot be used; the cause's first line only (candle appends a backtrace to
+/// its errors when RUST_BACKTRACE is set, and errors are one line).
 fn corrupt(path: &Path, cause: impl ToString) -> BackendError {
+    let cause = cause.to_string();
     BackendError::Corrupt {
         path: path.to_path_buf(),
-        cause: cause.to_string(),
+        cause: cause.lines().next().unwrap_or("").to_string(),
     }
 }
 

@@ -62,6 +62,7 @@ pub fn from_metadata(md: &HashMap<String, Value>) -> Result<(Tokenizer, Vec<u32>
         .unwrap_or_else(|| "default".into());
     let tokens = strings(md, "tokenizer.ggml.tokens")?;
     let merges = strings(md, "tokenizer.ggml.merges")?;
+    check_merges(&tokens, &merges)?;
     let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
         Some(v) => v
             .to_vec()
@@ -79,6 +80,29 @@ pub fn from_metadata(md: &HashMap<String, Value>) -> Result<(Tokenizer, Vec<u32>
     })?;
     let eos = id(md, "tokenizer.ggml.eos_token_id").into_iter().collect();
     Ok((tokenizer, eos))
+}
+
+/// Every merge must be two tokens of the vocabulary separated by one space, whose concatenation
+/// is a token too: the tokenizers crate panics on some merges that are not (a concatenation
+/// longer than every token), so they are refused here, by entry.
+fn check_merges(tokens: &[String], merges: &[String]) -> Result<()> {
+    let vocab: std::collections::HashSet<&str> = tokens.iter().map(String::as_str).collect();
+    for (i, m) in merges.iter().enumerate() {
+        let mut parts = m.split(' ');
+        let ok = match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), None) => {
+                vocab.contains(a) && vocab.contains(b) && vocab.contains(format!("{a}{b}").as_str())
+            }
+            _ => false,
+        };
+        if !ok {
+            let shown: String = m.chars().take(40).collect();
+            return Err(err(format!(
+                "GGUF metadata `tokenizer.ggml.merges` entry {i} (`{shown}`) is not two tokens of the vocabulary, separated by one space, that make a token"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn pre_tokenizer(pre: &str) -> Result<Json> {
@@ -157,6 +181,33 @@ fn tokenizer_json(pre: &str, tokens: &[String], merges: &[String], types: &[i32]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_merge_that_is_not_two_tokens_is_an_error_not_a_panic() {
+        let mut md = HashMap::new();
+        md.insert(
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        );
+        let tokens = ["a", "b", "ab"].map(|t| Value::String(t.into())).to_vec();
+        md.insert("tokenizer.ggml.tokens".to_string(), Value::Array(tokens));
+        for bad in ["ab", "a b c", " a", "a ", "b a", "a c"] {
+            md.insert(
+                "tokenizer.ggml.merges".to_string(),
+                Value::Array(vec![Value::String(bad.into())]),
+            );
+            let e = from_metadata(&md).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                e.contains("entry 0") && e.contains("not two tokens"),
+                "{bad}: {e}"
+            );
+        }
+        md.insert(
+            "tokenizer.ggml.merges".to_string(),
+            Value::Array(vec![Value::String("a b".into())]),
+        );
+        from_metadata(&md).unwrap();
+    }
 
     #[test]
     fn unknown_pre_tokenizer_is_named() {
