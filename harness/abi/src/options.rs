@@ -50,7 +50,8 @@ use toml::{Table, Value};
 /// Errors are one line starting with the plugin's name.
 pub fn read<T: DeserializeOwned>(plugin: &str, text: &str) -> Result<T, String> {
     let table: Table = text.parse().map_err(|e: toml::de::Error| {
-        format!("{plugin}: options are not valid TOML: {}", e.message())
+        let why = e.message().trim().replace('\n', "; ");
+        format!("{plugin}: options are not valid TOML: {why}")
     })?;
     let known = field_names::<T>();
     for key in table.keys() {
@@ -467,5 +468,32 @@ mod tests {
         assert!(read::<Demo>("t", "a = ")
             .unwrap_err()
             .starts_with("t: options are not valid TOML"));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Any text at all: read or refused with one line that names the plugin.
+            #[test]
+            fn any_text_is_read_or_refused_in_one_line(text in "[a-z_=\"'\\[\\]{},.:0-9 \n#-]{0,80}") {
+                if let Err(e) = read::<Demo>("d", &text) {
+                    prop_assert!(e.starts_with("d: ") && !e.contains('\n'), "{e}");
+                }
+            }
+
+            /// Any value under a known key, as the command line would give it.
+            #[test]
+            fn any_value_under_a_known_key(key in prop::sample::select(field_names::<Demo>()), value in any::<String>()) {
+                let mut t = Table::new();
+                t.insert(key.to_string(), Value::String(value));
+                if let Err(e) = read::<Demo>("d", &t.to_string()) {
+                    prop_assert!(e.starts_with("d: ") && !e.contains('\n'), "{e}");
+                }
+            }
+        }
     }
 }

@@ -33,8 +33,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let causes: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", causes.join(": "));
+            eprintln!("error: {}", error_line(&e));
             if interrupt::requested() {
                 // The shell's convention for a command stopped by Ctrl-C.
                 ExitCode::from(130)
@@ -43,6 +42,28 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// An error and its causes as one line: causes joined by `: `, and a cause of several lines
+/// (a TOML parser's message with its source snippet) reduced to its text lines joined by `; `.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let flat = |cause: String| -> String {
+        cause
+            .lines()
+            .map(str::trim)
+            .filter(|l| {
+                let snippet = l.starts_with('|')
+                    || l.split_once(" |")
+                        .is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit()));
+                !l.is_empty() && !snippet
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    e.chain()
+        .map(|c| flat(c.to_string()))
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Gives candle (the candle backend's tensor library) no CPU pool of its own, unless the user

@@ -213,4 +213,25 @@ mod tests {
             .to_string()
             .contains("expects KEY=VALUE"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Any `--option` argument: a key and a value in the table, or one error line.
+            #[test]
+            fn any_option_argument(pair in any::<String>()) {
+                let mut t = Table::new();
+                match insert_pair(&mut t, &pair, "--option") {
+                    Ok(()) => prop_assert_eq!(t.len(), 1),
+                    Err(e) => prop_assert!(e.to_string().starts_with("--option expects KEY=VALUE")),
+                }
+                // What is inserted is passed on as TOML that reads back.
+                prop_assert!(t.to_string().parse::<Table>().is_ok());
+            }
+        }
+    }
 }

@@ -264,4 +264,66 @@ mod tests {
         assert_eq!(stamp.len(), 15);
         assert!(rfc.ends_with('Z') && rfc.len() == 20);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn case_dir() -> PathBuf {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let d = std::env::temp_dir().join(format!(
+                "run-dir-prop-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::SeqCst)
+            ));
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        }
+
+        const RUN_TOML_TEXT: &str = "harness_version = \"0.1.0\"\ncreated_utc = \"2026-01-01T00:00:00Z\"\ncommand = \"harness eval\"\nbatch = 8\n\n[task]\nname = \"addition\"\nversion = \"0.1.0\"\nlibrary = \"/l.so\"\nlibrary_sha256 = \"ab\"\noptions = \"n = 3\"\n\n[backend]\nname = \"candle\"\nversion = \"0.1.0\"\nlibrary = \"/b.so\"\nlibrary_sha256 = \"cd\"\n\n[model]\nname = \"m\"\npath = \"/m.gguf\"\nsha256 = \"ef\"\narchitecture = \"llama\"\nparameters = 1\ndevice = \"cpu\"\n\n[[metrics]]\nname = \"exact-match\"\nversion = \"0.1.0\"\nlibrary = \"/x.so\"\nlibrary_sha256 = \"01\"\n";
+
+        const SAMPLE: &str = r#"{"id":"k1-0","group":"k=1","prompt":"Q","prediction":"2","target":"2","scores":{"exact-match":1.0}}"#;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            /// run.toml with bytes overwritten: read, or one error line.
+            #[test]
+            fn mutated_run_toml(edits in prop::collection::vec((0..RUN_TOML_TEXT.len(), any::<u8>()), 1..5)) {
+                let mut bytes = RUN_TOML_TEXT.as_bytes().to_vec();
+                for (at, b) in edits {
+                    bytes[at] = b;
+                }
+                let dir = case_dir();
+                std::fs::write(dir.join(RUN_TOML), bytes).unwrap();
+                if let Err(e) = RunRecord::read(&dir) {
+                    let line = crate::error_line(&e);
+                    prop_assert!(!line.contains('\n') && line.contains("run.toml"), "{line}");
+                }
+                let _ = std::fs::remove_dir_all(dir);
+            }
+
+            /// samples.jsonl with bytes overwritten in a line: read, or one error line.
+            #[test]
+            fn mutated_samples(edits in prop::collection::vec((0..SAMPLE.len(), any::<u8>()), 1..5), cut in any::<bool>()) {
+                let mut line = SAMPLE.as_bytes().to_vec();
+                for (at, b) in edits {
+                    line[at] = b;
+                }
+                let mut text = format!("{SAMPLE}\n").into_bytes();
+                text.extend(line);
+                if !cut {
+                    text.push(b'\n');
+                }
+                let dir = case_dir();
+                std::fs::write(dir.join(SAMPLES), text).unwrap();
+                if let Err(e) = read_samples(&dir) {
+                    let line = crate::error_line(&e);
+                    prop_assert!(!line.contains('\n'), "{line}");
+                }
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
 }

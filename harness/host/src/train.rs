@@ -617,3 +617,65 @@ fn curve_row(t: &TrainStep) -> String {
         t.step, t.epoch, t.loss, t.lr, t.grad_norm, t.tokens
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn case_file(name: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!("train-prop-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d.join(format!("{}-{name}", NEXT.fetch_add(1, Ordering::SeqCst)))
+    }
+
+    const PAIR: &str = r#"{"prompt": "Q: 1+1\nA:", "completion": " 2\n", "group": "k=1"}"#;
+
+    const PLAN: &str = "[plan]\ntask = \"addition\"\nexamples = 100\nout = \"/a\"\nbackend = \"candle\"\n[plan.task_options]\ndigits = \"1-7\"\n[plan.train]\nr = 8\n";
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// A pairs file with a mutated line: examples, or one error line naming the file's line.
+        #[test]
+        fn mutated_training_pairs(edits in prop::collection::vec((0..PAIR.len(), any::<u8>()), 1..5)) {
+            let mut line = PAIR.as_bytes().to_vec();
+            for (at, b) in edits {
+                line[at] = b;
+            }
+            let mut text = format!("{PAIR}\n").into_bytes();
+            text.extend(line);
+            let path = case_file("pairs.jsonl");
+            std::fs::write(&path, text).unwrap();
+            match read_pairs(&path) {
+                Ok(ex) => prop_assert!(!ex.is_empty() && ex.len() <= 2),
+                Err(e) => {
+                    let line = crate::error_line(&e);
+                    prop_assert!(!line.contains('\n'), "{line}");
+                    prop_assert!(line.contains("pairs.jsonl"), "{line}");
+                }
+            }
+            let _ = std::fs::remove_file(path);
+        }
+
+        /// A train.toml `[plan]` with bytes overwritten: a plan, or an error, never a panic.
+        #[test]
+        fn mutated_train_plan(edits in prop::collection::vec((0..PLAN.len(), any::<u8>()), 1..5)) {
+            let mut bytes = PLAN.as_bytes().to_vec();
+            for (at, b) in edits {
+                bytes[at] = b;
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            if let Ok(record) = text.parse::<Table>() {
+                if let Some(Value::Table(t)) = record.get("plan") {
+                    if let Err(e) = TrainPlan::from_table(t, Path::new("train.toml")) {
+                        let line = crate::error_line(&e);
+                        prop_assert!(!line.contains('\n'), "{line}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -261,4 +261,60 @@ mod tests {
         assert_eq!(ds.test["virology"][0].question, "What, exactly?");
         assert_eq!(ds.dev["virology"][0].answer, 3);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const ROW: &str = r#"{"question":"What is 2+2?","answer_a":"3","answer_b":"4","answer_c":"5","answer_d":"6","correct_answer":"B","topic":"elementary mathematics"}"#;
+
+        fn case_file(ext: &str) -> PathBuf {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let d = std::env::temp_dir().join(format!("mmlu-prop-{}", std::process::id()));
+            std::fs::create_dir_all(&d).unwrap();
+            d.join(format!("c{}.{ext}", NEXT.fetch_add(1, Ordering::SeqCst)))
+        }
+
+        /// Errors name the file and a line; a file that loads has only well-formed questions.
+        fn check(path: &Path) -> Result<(), TestCaseError> {
+            match load(path) {
+                Ok(ds) => {
+                    for q in ds.test.values().flatten() {
+                        prop_assert!(q.answer < 4);
+                    }
+                }
+                Err(e) => prop_assert!(e.starts_with("mmlu: ") && !e.contains('\n'), "{e}"),
+            }
+            let _ = std::fs::remove_file(path);
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            /// A valid JSONL row with bytes overwritten, among valid ones.
+            #[test]
+            fn mutated_jsonl_rows(edits in prop::collection::vec((0..ROW.len(), any::<u8>()), 1..5)) {
+                let mut row = ROW.as_bytes().to_vec();
+                for (at, b) in edits {
+                    row[at] = b;
+                }
+                let path = case_file("jsonl");
+                let mut text = format!("{ROW}\n").into_bytes();
+                text.extend(row);
+                text.extend(format!("\n{ROW}\n").into_bytes());
+                std::fs::write(&path, text).unwrap();
+                check(&path)?;
+            }
+
+            /// Any short text as a Hendrycks CSV file.
+            #[test]
+            fn any_csv_text(text in "[a-dA-D0-9,\"\n x]{0,120}") {
+                let path = case_file("csv");
+                std::fs::write(&path, text).unwrap();
+                check(&path)?;
+            }
+        }
+    }
 }
