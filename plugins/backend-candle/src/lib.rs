@@ -4,25 +4,12 @@
 //! Key decision: one llama implementation of our own ([`llama`]) rather than
 //! candle-transformers', because we need logits at chosen positions, batched decoding with
 //! per-row positions and (next) LoRA on every projection. Weights are dequantized to f32 at load,
-//! which is what the reference logits in `shared/fixtures/` were computed with.
+//! which is what the reference logits in `tests/fixtures/smollm2/` were computed with.
 
-pub mod adapter;
-pub mod architecture;
-pub mod bf16;
-pub mod checkpoint;
-pub mod engine;
 pub mod error;
-pub mod fused;
-pub mod gguf_tokenizer;
-pub mod kernels;
-pub mod llama;
-pub mod lora;
-pub mod matmul;
-pub mod nf4;
-pub mod portable;
-pub mod trainer;
-pub mod training;
-pub mod weights;
+pub mod model;
+pub mod ops;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 
@@ -33,9 +20,9 @@ use harness_abi::sdk::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Engine;
 use crate::error::{BackendError, Result};
-use crate::training::{TrainArgs, TrainOptions};
+use crate::model::engine::Engine;
+use crate::train::qlora::{self, TrainArgs, TrainOptions};
 
 const NAME: &str = "candle";
 
@@ -205,7 +192,7 @@ pub struct CandleBackend {
     engine: Engine,
     info: ModelInfo,
     /// The adapter of the last training run, for `save_adapter`.
-    trained: Option<training::Trained>,
+    trained: Option<qlora::Trained>,
 }
 
 impl CandleBackend {
@@ -213,14 +200,14 @@ impl CandleBackend {
         let device = config.device.open()?;
         let pack = (config.base == BaseKind::Nf4Packed).then_some(config.double_quant);
         // Read, quantized and merged on the CPU; the model moves each weight to the device.
-        let mut ckpt = checkpoint::load(&config.model, &Device::Cpu, pack)?;
+        let mut ckpt = model::checkpoint::load(&config.model, &Device::Cpu, pack)?;
         if config.base == BaseKind::Nf4 {
             ckpt.weights.round_projections_to_nf4(config.double_quant)?;
         }
         if let Some(dir) = &config.adapter {
-            adapter::LoraAdapter::load(dir, &Device::Cpu)?.merge_into(&mut ckpt.weights)?;
+            train::adapter::LoraAdapter::load(dir, &Device::Cpu)?.merge_into(&mut ckpt.weights)?;
         }
-        let model = llama::Llama::new(ckpt.config.clone(), &mut ckpt.weights, &device)?;
+        let model = model::llama::Llama::new(ckpt.config.clone(), &mut ckpt.weights, &device)?;
         let info = ModelInfo {
             name: ckpt.name.clone().into(),
             path: config.model.display().to_string().into(),
@@ -334,7 +321,7 @@ impl BackendPlugin for CandleBackend {
         let opts = TrainOptions::new(args).map_err(text)?;
         let name = self.info.name.to_string();
         let mut trained = None;
-        let result = training::run(
+        let result = qlora::run(
             &mut self.engine,
             &name,
             &examples,

@@ -13,8 +13,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use backend_candle::adapter::LoraAdapter;
-use backend_candle::checkpoint;
+use backend_candle::model::checkpoint;
+use backend_candle::train::adapter::LoraAdapter;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use proptest::prelude::*;

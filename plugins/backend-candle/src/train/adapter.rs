@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{BackendError, Result};
-use crate::weights::Weights;
+use crate::model::weights::Weights;
 
 /// The fields of `adapter_config.json` we act on.
 #[derive(Debug, serde::Deserialize)]
@@ -293,8 +293,8 @@ mod tests {
 
     #[test]
     fn a_saved_adapter_merged_into_the_base_gives_the_adapted_model() {
-        use crate::llama::testing::{tiny_model, tiny_weights, uniform};
-        use crate::llama::{KvCache, TARGETS};
+        use crate::model::llama::testing::{tiny_model, tiny_weights, uniform};
+        use crate::model::llama::{KvCache, TARGETS};
 
         let mut adapted = tiny_model();
         let params = adapted.add_lora(&TARGETS[..3], 4, 8.0, 0.1, 5).unwrap();
@@ -309,7 +309,7 @@ mod tests {
             var.set(&v).unwrap();
         }
         let ids = vec![vec![4u32, 9, 33, 2, 17]];
-        let logits = |m: &crate::llama::Llama| {
+        let logits = |m: &crate::model::llama::Llama| {
             let h = m
                 .forward(&ids, &[0], None, &mut KvCache::default())
                 .unwrap();
@@ -335,7 +335,7 @@ mod tests {
         assert_eq!(adapter.pairs.len(), 2 * 3);
         let (config, mut weights) = tiny_weights();
         adapter.merge_into(&mut weights).unwrap();
-        let merged = crate::llama::Llama::new(config, &mut weights, &Device::Cpu).unwrap();
+        let merged = crate::model::llama::Llama::new(config, &mut weights, &Device::Cpu).unwrap();
         let got = logits(&merged);
         for (a, b) in want.iter().zip(&got) {
             assert!((a - b).abs() < 1e-3 * (1.0 + a.abs()), "{a} vs {b}");

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::llama::Config;
+use crate::model::llama::Config;
 
 /// The most positions a model may declare: the rotary tables are precomputed for all of them
 /// (8 bytes per position and rotary pair), so this bounds that allocation at a few hundred MB.
@@ -166,7 +166,7 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llama::testing::tiny_weights;
+    use crate::model::llama::testing::tiny_weights;
 
     fn tiny() -> (Config, BTreeMap<String, Vec<usize>>) {
         let (config, weights) = tiny_weights();

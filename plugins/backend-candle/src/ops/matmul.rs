@@ -1,6 +1,6 @@
 //! Matrix products on plain slices, through the gemm crate (the one candle's CPU matmul uses).
 //!
-//! The training ops in [`crate::fused`] work on slices inside candle custom ops; going through
+//! The training ops in [`crate::ops::fused`] work on slices inside candle custom ops; going through
 //! tensors there would allocate, copy for every transpose and concatenate tiles. Here operands are
 //! strided views, so a transpose or a column block of a matrix costs nothing, and a product can
 //! accumulate into its destination.

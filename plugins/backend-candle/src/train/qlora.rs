@@ -8,11 +8,11 @@ use candle_core::Var;
 use harness_abi::TrainExample;
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::{save_peft, write_tensors, AdapterSpec};
-use crate::engine::Engine;
 use crate::error::{BackendError, Result};
-use crate::llama::TARGETS;
-use crate::trainer::{self, Example, Resume, Schedule, StepReport, TrainConfig};
+use crate::model::engine::Engine;
+use crate::model::llama::TARGETS;
+use crate::train::adapter::{save_peft, write_tensors, AdapterSpec};
+use crate::train::trainer::{self, Example, Resume, Schedule, StepReport, TrainConfig};
 
 /// The training options as given (`--train-option KEY=VALUE`, a train config's `[train]`), with
 /// the QLoRA paper's defaults; recorded in train.toml by serializing this struct, except the
@@ -104,7 +104,7 @@ pub struct TrainOptions {
     pub checkpoint_dir: Option<std::path::PathBuf>,
     pub save_every: usize,
     /// Products in bf16 (`compute = "bf16"`, the default, used where the CPU has AMX or
-    /// AVX512-BF16; see `crate::bf16`): the frozen base's and the adapter's, operands rounded
+    /// AVX512-BF16; see `crate::ops::bf16`): the frozen base's and the adapter's, operands rounded
     /// to bf16 and sums kept in f32, as QLoRA's bf16 compute dtype. Or all in f32 (`"f32"`).
     /// The adapter's weights, their gradients and the optimiser are f32 always.
     pub bf16: bool,
@@ -207,7 +207,7 @@ impl TrainOptions {
     pub fn to_toml(&self, portable: bool) -> String {
         let record = harness_abi::options::record(&self.args).unwrap_or_default();
         record
-            + &match (self.bf16, portable, crate::bf16::kernel()) {
+            + &match (self.bf16, portable, crate::ops::bf16::kernel()) {
                 (false, ..) => String::new(),
                 (true, true, _) => {
                     "# compute ran in f32: the portable path (off the CPU) has no bf16 products\n"
@@ -491,8 +491,8 @@ mod tests {
     #[test]
     #[ignore]
     fn export_peft_compatibility_case() {
-        use crate::adapter::write_tensors;
-        use crate::llama::{testing, KvCache, Llama, TARGETS};
+        use crate::model::llama::{testing, KvCache, Llama, TARGETS};
+        use crate::train::adapter::write_tensors;
         let dir = std::path::PathBuf::from(
             std::env::var("HARNESS_PEFT_CHECK").expect("set HARNESS_PEFT_CHECK to a folder"),
         );

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::error::{BackendError, Result};
-use crate::nf4::Nf4Matrix;
+use crate::ops::nf4::Nf4Matrix;
 
 /// A projection weight as the model will hold it.
 pub enum Projection {

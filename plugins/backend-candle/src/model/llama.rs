@@ -11,11 +11,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{BackendError, Result};
-use crate::fused::{CausalAttention, Frozen, FrozenLinear, LoraLinear, RopeTable};
-use crate::lora::Lora;
-use crate::nf4::Nf4Matrix;
-use crate::portable::Nf4Tensors;
-use crate::weights::{Projection, Weights};
+use crate::model::weights::{Projection, Weights};
+use crate::ops::fused::{CausalAttention, Frozen, FrozenLinear, LoraLinear, RopeTable};
+use crate::ops::nf4::Nf4Matrix;
+use crate::ops::portable::Nf4Tensors;
+use crate::train::lora::Lora;
 
 /// Hyper-parameters of a LLaMA-family model.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,7 +112,7 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         // Frozen weight: the gradient goes to x only.
         return FrozenLinear(Frozen::Dense(w.clone())).forward(x);
     }
-    match crate::kernels::skinny_matmul_t(x, w)? {
+    match crate::ops::kernels::skinny_matmul_t(x, w)? {
         Some(y) => Ok(y),
         None => x.matmul(&w.t()?),
     }
@@ -128,9 +128,9 @@ impl RmsNorm {
     /// (training LoRA), ours is used instead, or on the portable path the composed one.
     fn forward(&self, x: &Tensor, portable: bool) -> candle_core::Result<Tensor> {
         if x.track_op() && portable {
-            crate::portable::rms_norm(x, &self.weight, self.eps)
+            crate::ops::portable::rms_norm(x, &self.weight, self.eps)
         } else if x.track_op() {
-            let op = crate::fused::RmsNorm {
+            let op = crate::ops::fused::RmsNorm {
                 weight: self.weight.clone(),
                 eps: self.eps as f32,
             };
@@ -557,9 +557,9 @@ impl Llama {
         let gate = m.gate.forward(&h, mode, seed + 4)?;
         let up = m.up.forward(&h, mode, seed + 5)?;
         let g = if (gate.track_op() || up.track_op()) && !portable {
-            crate::fused::SwiGlu::forward(&gate, &up)?
+            crate::ops::fused::SwiGlu::forward(&gate, &up)?
         } else {
-            crate::portable::swiglu(&gate, &up)?
+            crate::ops::portable::swiglu(&gate, &up)?
         };
         let h = m.down.forward(&g, mode, seed + 6)?;
         Ok(((x1 + h)?, kv))
@@ -743,7 +743,7 @@ pub(crate) mod testing {
     use super::*;
 
     pub fn uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
-        crate::lora::seeded_uniform(n, scale, seed)
+        crate::train::lora::seeded_uniform(n, scale, seed)
     }
 
     /// A random 2-layer model: hidden 64, 4 heads over 2 key heads, vocab 50.

@@ -18,8 +18,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::matmul::View;
-use crate::nf4::{Nf4Matrix, BLOCK, LEVELS};
+use crate::ops::matmul::View;
+use crate::ops::nf4::{Nf4Matrix, BLOCK, LEVELS};
 
 /// The bf16 kernel this process uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,7 +249,7 @@ pub fn product(dst: &mut [f32], ldd: usize, lhs: View, rhs: View, scale: f32, ac
         .then(|| PackedB::from_view(rhs))
         .flatten();
     let Some(b) = packed else {
-        return crate::matmul::matmul(dst, ldd, lhs, rhs, scale, accumulate);
+        return crate::ops::matmul::matmul(dst, ldd, lhs, rhs, scale, accumulate);
     };
     let kernel = kernel().expect("available() was checked");
     matmul_on(kernel, dst, ldd, &PackedA::new(lhs), &b, scale, accumulate);
@@ -340,7 +340,7 @@ mod tests {
     use super::*;
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        crate::llama::testing::uniform(n, 1.0, seed)
+        crate::model::llama::testing::uniform(n, 1.0, seed)
     }
 
     /// Relative error of `got` against `want`, scaled by the size of the dot products.
@@ -441,7 +441,7 @@ mod tests {
         let w = values(n * k, 7); // (n, k)
         let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect(); // (k, n)
         let mut want = vec![0f32; m * n];
-        crate::matmul::matmul(
+        crate::ops::matmul::matmul(
             &mut want,
             n,
             View::rows(&x, m, k),
@@ -484,7 +484,7 @@ mod tests {
         };
         let mut y = vec![0f32; m * n];
         let f32_s = time(&mut || {
-            crate::matmul::matmul(
+            crate::ops::matmul::matmul(
                 &mut y,
                 n,
                 View::rows(&x, m, k),

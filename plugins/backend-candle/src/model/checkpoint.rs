@@ -14,11 +14,11 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use tokenizers::Tokenizer;
 
-use crate::architecture::{self, FieldNames};
 use crate::error::{BackendError, Result};
-use crate::gguf_tokenizer;
-use crate::llama::Config;
-use crate::weights::Weights;
+use crate::model::architecture::{self, FieldNames};
+use crate::model::llama::Config;
+use crate::model::tokenizer;
+use crate::model::weights::Weights;
 
 /// Everything needed to build the model and talk to it.
 pub struct Checkpoint {
@@ -149,7 +149,7 @@ fn load_gguf(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpo
         weights.insert(hf_name, t)?;
     }
     let parameters = weights.parameter_count();
-    let (tokenizer, eos) = gguf_tokenizer::from_metadata(md)?;
+    let (tokenizer, eos) = tokenizer::from_metadata(md)?;
     let name = get("general.name")
         .and_then(|v| v.to_string().ok())
         .cloned()
@@ -343,7 +343,7 @@ mod tests {
     /// Writes the tiny test model as a GGUF file whose metadata says `fields` (key, value).
     fn tiny_gguf(path: &Path, fields: &[(&str, u32)]) {
         use candle_core::quantized::{GgmlDType, QTensor};
-        let (_, weights) = crate::llama::testing::tiny_weights();
+        let (_, weights) = crate::model::llama::testing::tiny_weights();
         let gguf_name = |hf: &str| -> String {
             let names = [
                 ("model.embed_tokens.weight", "token_embd.weight"),

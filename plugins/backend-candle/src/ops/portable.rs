@@ -2,7 +2,7 @@
 //! and the training-time functions (RMSNorm, SwiGLU, cross-entropy) composed of candle ops, so
 //! that they run wherever candle runs: CUDA with the `cuda` feature.
 //!
-//! The CPU takes the fused ops of [`crate::fused`] instead, which dequantize one tile at a time,
+//! The CPU takes the fused ops of [`crate::ops::fused`] instead, which dequantize one tile at a time,
 //! compute less and keep less for the backward pass. This path dequantizes one whole projection
 //! per product (as bitsandbytes does on a GPU). Its products are candle matmuls, whose backward
 //! pass also computes a gradient for the frozen weight (thrown away) and whose graph keeps the
@@ -14,7 +14,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::nf4::{Absmax, Nf4Matrix, BLOCK, DQ_BLOCK, LEVELS};
+use crate::ops::nf4::{Absmax, Nf4Matrix, BLOCK, DQ_BLOCK, LEVELS};
 
 type R<T> = candle_core::Result<T>;
 
@@ -146,7 +146,7 @@ mod tests {
     use super::*;
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
-        crate::lora::seeded_uniform(n, 1.0, seed)
+        crate::train::lora::seeded_uniform(n, 1.0, seed)
     }
 
     /// `q` dequantized on `device` by tensor ops, checked value for value against the CPU's.

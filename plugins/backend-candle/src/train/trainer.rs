@@ -8,8 +8,8 @@
 use candle_core::{Tensor, Var};
 
 use crate::error::{BackendError, Result};
-use crate::fused::CrossEntropy;
-use crate::llama::Llama;
+use crate::model::llama::Llama;
+use crate::ops::fused::CrossEntropy;
 
 /// Learning-rate schedule after the warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -355,7 +355,7 @@ fn head_loss(model: &Llama, hidden: &Tensor, at: &[u32], targets: &[u32]) -> Res
         .reshape((b * t, h))?
         .index_select(&Tensor::new(at, hidden.device())?, 0)?;
     if model.is_portable() {
-        return Ok(crate::portable::cross_entropy(
+        return Ok(crate::ops::portable::cross_entropy(
             &model.logits(&picked)?,
             targets,
         )?);
@@ -510,13 +510,13 @@ pub(crate) mod tests {
         // started within 40 steps, on the fused path and on the portable one (which trains
         // with activation checkpointing always) alike.
         for portable in [false, true] {
-            let mut model = crate::llama::testing::tiny_model();
+            let mut model = crate::model::llama::testing::tiny_model();
             if portable {
                 model.use_portable_ops().unwrap();
             }
             model.quantize_nf4(true).unwrap();
             let params: Vec<Var> = model
-                .add_lora(&crate::llama::TARGETS, 8, 16.0, 0.0, 1)
+                .add_lora(&crate::model::llama::TARGETS, 8, 16.0, 0.0, 1)
                 .unwrap()
                 .into_iter()
                 .map(|(_, v)| v)
@@ -569,19 +569,19 @@ pub(crate) mod tests {
         bf16: bool,
         portable: bool,
     ) -> (f64, Vec<Vec<f32>>) {
-        let (config, mut weights) = crate::llama::testing::tiny_weights();
+        let (config, mut weights) = crate::model::llama::testing::tiny_weights();
         let mut model = Llama::new(config, &mut weights, device).unwrap();
         if portable {
             model.use_portable_ops().unwrap();
         }
         model.quantize_nf4(false).unwrap();
         let named = model
-            .add_lora(&crate::llama::TARGETS, 4, 8.0, dropout, 2)
+            .add_lora(&crate::model::llama::TARGETS, 4, 8.0, dropout, 2)
             .unwrap();
         let params: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
         for (i, p) in params.iter().enumerate() {
             let n = p.as_tensor().elem_count();
-            let v = crate::llama::testing::uniform(n, 0.1, 70 + i as u64);
+            let v = crate::model::llama::testing::uniform(n, 0.1, 70 + i as u64);
             p.set(&Tensor::from_vec(v, p.as_tensor().shape(), device).unwrap())
                 .unwrap();
         }
@@ -637,7 +637,7 @@ pub(crate) mod tests {
         assert!(rel < 5e-2, "bf16 gradients are {rel} off in relative norm");
         eprintln!(
             "bf16 ({:?}): loss {bf_loss} vs {f32_loss}, gradients {rel:.2e} off",
-            crate::bf16::kernel()
+            crate::ops::bf16::kernel()
         );
     }
 
@@ -664,10 +664,10 @@ pub(crate) mod tests {
     #[test]
     fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
         let setup = || {
-            let mut model = crate::llama::testing::tiny_model();
+            let mut model = crate::model::llama::testing::tiny_model();
             model.quantize_nf4(true).unwrap();
             let params: Vec<Var> = model
-                .add_lora(&crate::llama::TARGETS, 4, 8.0, 0.1, 3)
+                .add_lora(&crate::model::llama::TARGETS, 4, 8.0, 0.1, 3)
                 .unwrap()
                 .into_iter()
                 .map(|(_, v)| v)

@@ -14,7 +14,7 @@ use harness_abi::{BackendStats, ChoiceScore, Generation};
 use tokenizers::Tokenizer;
 
 use crate::error::{BackendError, Result};
-use crate::llama::{KvCache, Llama};
+use crate::model::llama::{KvCache, Llama};
 
 pub struct Engine {
     model: Llama,

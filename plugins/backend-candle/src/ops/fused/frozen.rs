@@ -1,0 +1,182 @@
+//! Frozen weights and the product with one, differentiable in its input only.
+
+use super::*;
+
+/// A frozen weight (out, in) that products read without a gradient of its own.
+#[derive(Clone)]
+pub enum Frozen {
+    /// Row-major f32.
+    Dense(Tensor),
+    /// NF4, decoded one tile of rows at a time (no full-precision copy is ever made).
+    Nf4(Arc<Nf4Matrix>),
+    /// NF4 as tensors on any device, for the portable path (tensor ops, not the ops here).
+    Nf4Tensors(Arc<Nf4Tensors>),
+}
+
+impl Frozen {
+    /// (out, in).
+    pub fn dims(&self) -> R<(usize, usize)> {
+        match self {
+            Frozen::Dense(w) => w.dims2(),
+            Frozen::Nf4(q) => Ok((q.rows, q.cols)),
+            Frozen::Nf4Tensors(q) => Ok(q.dims()),
+        }
+    }
+
+    /// The whole weight (out, in) as one tensor, for the portable path: an NF4 weight is
+    /// dequantized for the length of one product.
+    pub fn weight(&self) -> R<Tensor> {
+        match self {
+            Frozen::Dense(w) => Ok(w.clone()),
+            Frozen::Nf4(q) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), &Device::Cpu),
+            Frozen::Nf4Tensors(q) => q.dequantize(),
+        }
+    }
+
+    /// Calls `f` with each block of rows of the weight, as (first row, rows, values).
+    pub fn tiles(&self, mut f: impl FnMut(usize, usize, &[f32])) -> R<()> {
+        match self {
+            Frozen::Dense(w) => {
+                let (out, inp) = w.dims2()?;
+                let (storage, layout) = w.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    candle_core::bail!("frozen weights must live on the CPU");
+                };
+                let data = input(cpu, layout, "frozen weight")?;
+                f(0, out, &data[..out * inp]);
+            }
+            Frozen::Nf4(q) => {
+                let mut buf = vec![0f32; TILE_ROWS.min(q.rows) * q.cols];
+                for (first, rows) in tile_rows(q.rows) {
+                    let tile = &mut buf[..rows * q.cols];
+                    q.dequantize_rows(first, tile);
+                    f(first, rows, tile);
+                }
+            }
+            Frozen::Nf4Tensors(_) => {
+                candle_core::bail!(
+                    "NF4 tensors are multiplied by the portable path, not the fused CPU ops"
+                )
+            }
+        }
+        Ok(())
+    }
+
+    /// The NF4 matrix, if this is one whose tiles bf16 products can read from its codes
+    /// directly ([`crate::ops::bf16::PackedB::nf4_transposed`] and `nf4_rows`): rows starting on
+    /// quantization blocks, and every tile of rows a multiple of 32 (the kernels' blocks).
+    fn nf4_in_bf16_tiles(&self) -> Option<&Nf4Matrix> {
+        match self {
+            Frozen::Nf4(q)
+                if crate::ops::bf16::PackedB::reads_nf4(q) && q.rows.is_multiple_of(32) =>
+            {
+                Some(q)
+            }
+            _ => None,
+        }
+    }
+
+    /// `y` (m, out) = `x` (m, in) · Wᵀ; with `bf16`, in bf16 where the CPU has a kernel for it
+    /// (see [`crate::ops::bf16`]).
+    pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32], bf16: bool) -> R<()> {
+        use crate::ops::bf16::{fits, matmul as bf16_matmul, PackedA, PackedB};
+        let (out, inp) = self.dims()?;
+        let xv = View::rows(x, m, inp);
+        let packed = (bf16 && crate::ops::bf16::available()).then(|| PackedA::new(xv));
+        if let (Some(a), Some(q)) = (&packed, self.nf4_in_bf16_tiles()) {
+            for (first, rows) in tile_rows(out) {
+                let b = PackedB::nf4_transposed(q, first, rows);
+                bf16_matmul(&mut y[first..], out, a, &b, false);
+            }
+            return Ok(());
+        }
+        self.tiles(|first, rows, w| match &packed {
+            Some(a) if fits(inp, rows) => {
+                let b = PackedB::transposed(w, rows, inp);
+                bf16_matmul(&mut y[first..], out, a, &b, false);
+            }
+            _ => {
+                let w = View::rows(w, rows, inp).t();
+                matmul(&mut y[first..], out, xv, w, 1.0, false);
+            }
+        })
+    }
+
+    /// `dx` (m, in) += `dy` (m, out) · W; with `bf16`, in bf16 where the CPU has a kernel.
+    pub fn backward(&self, dy: &[f32], m: usize, dx: &mut [f32], bf16: bool) -> R<()> {
+        use crate::ops::bf16::{fits, matmul as bf16_matmul, PackedA, PackedB};
+        let (out, inp) = self.dims()?;
+        let low = bf16 && crate::ops::bf16::available();
+        if let Some(q) = self.nf4_in_bf16_tiles().filter(|_| low) {
+            for (first, rows) in tile_rows(out) {
+                let a = PackedA::new(View::rows(dy, m, out).cols_range(first, rows));
+                bf16_matmul(dx, inp, &a, &PackedB::nf4_rows(q, first, rows), true);
+            }
+            return Ok(());
+        }
+        self.tiles(|first, rows, w| {
+            let dy = View::rows(dy, m, out).cols_range(first, rows);
+            if low && fits(rows, inp) {
+                let a = PackedA::new(dy);
+                bf16_matmul(dx, inp, &a, &PackedB::rows(w, rows, inp), true);
+            } else {
+                matmul(dx, inp, dy, View::rows(w, rows, inp), 1.0, true);
+            }
+        })
+    }
+}
+
+/// `y = x · Wᵀ` for a frozen weight, differentiable in `x` only: candle's matmul backward would
+/// also compute a weight-sized gradient nobody reads (for the tied output projection, 49152 x 576
+/// per step), and a dequantized NF4 weight would be a full-precision copy. Inference uses it too
+/// for NF4 weights, with the few-row kernel of decoding.
+#[derive(Clone)]
+pub struct FrozenLinear(pub Frozen);
+
+impl FrozenLinear {
+    pub fn forward(&self, x: &Tensor) -> R<Tensor> {
+        x.contiguous()?.apply_op1(self.clone())
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> R<(CpuStorage, Shape)> {
+        let (out, inp) = self.0.dims()?;
+        let x = input(storage, layout, self.name())?;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&inp) {
+            candle_core::bail!("frozen-linear: input {dims:?} does not fit a {out}x{inp} weight");
+        }
+        let m = x.len() / inp;
+        let mut y = vec![0f32; m * out];
+        if m <= crate::ops::kernels::SKINNY_MAX_ROWS {
+            // Decoding: each weight row read once, dotted with the few input rows.
+            self.0.tiles(|first, rows, w| {
+                let yt = crate::ops::kernels::skinny_matmul(x, m, inp, w, rows);
+                for (j, col) in yt.chunks(m).enumerate() {
+                    for (i, v) in col.iter().enumerate() {
+                        y[i * out + first + j] = *v;
+                    }
+                }
+            })?;
+        } else {
+            self.0.forward(x, m, &mut y, false)?;
+        }
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked") = out;
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> R<Option<Tensor>> {
+        let (_, inp) = self.0.dims()?;
+        let dy = Values::of(grad)?;
+        let m = x.elem_count() / inp;
+        let mut dx = vec![0f32; m * inp];
+        self.0.backward(&dy, m, &mut dx, false)?;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}

@@ -1,0 +1,154 @@
+//! A frozen projection with its LoRA adapter, as one op.
+
+use super::*;
+
+/// A frozen projection with a LoRA adapter: `y = x · Wᵀ + scale · dropout(x) · Aᵀ · Bᵀ`, as one
+/// op on (x, A, B). The backward pass gives gradients to x, A and B and rebuilds the dropout
+/// mask from `seed` and the rank-r activations from x.
+#[derive(Clone)]
+pub struct LoraLinear {
+    pub base: Frozen,
+    pub scale: f32,
+    /// Dropout probability; 0 outside training.
+    pub dropout: f32,
+    pub seed: u64,
+    /// The products in bf16 (where the CPU has a bf16 kernel and the shapes fit it).
+    pub bf16: bool,
+}
+
+impl LoraLinear {
+    /// Applies the op to `x` (.., in) with A (r, in) and B (out, r).
+    pub fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> R<Tensor> {
+        x.contiguous()?
+            .apply_op3(&a.contiguous()?, &b.contiguous()?, self.clone())
+    }
+
+    /// The product the adapter's matrices take: bf16 with the frozen ones (as QLoRA's bf16
+    /// compute dtype does), else f32.
+    fn adapter_product(&self) -> fn(&mut [f32], usize, View, View, f32, bool) {
+        if self.bf16 {
+            crate::ops::bf16::product
+        } else {
+            matmul
+        }
+    }
+
+    /// The adapter's input: x with dropout applied, or x itself.
+    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        if self.dropout <= 0.0 {
+            return std::borrow::Cow::Borrowed(x);
+        }
+        let mut xd = vec![0f32; x.len()];
+        apply_dropout(&mut xd, x, self.dropout, self.seed, false);
+        std::borrow::Cow::Owned(xd)
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let (out, inp) = self.base.dims()?;
+        let x = input(s1, l1, self.name())?;
+        let a = input(s2, l2, self.name())?;
+        let b = input(s3, l3, self.name())?;
+        let r = l2.shape().dims2()?.0;
+        if l1.shape().dims().last() != Some(&inp) || l3.shape().dims2()? != (out, r) {
+            candle_core::bail!(
+                "lora-linear: input {:?}, A {:?}, B {:?} do not fit a {out}x{inp} weight",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        let m = x.len() / inp;
+        let mm = self.adapter_product();
+        let mut y = vec![0f32; m * out];
+        self.base.forward(x, m, &mut y, self.bf16)?;
+        let xd = self.dropped(x);
+        let mut u = vec![0f32; m * r];
+        mm(
+            &mut u,
+            r,
+            View::rows(&xd, m, inp),
+            View::rows(a, r, inp).t(),
+            1.0,
+            false,
+        );
+        let bt = View::rows(b, out, r).t();
+        mm(&mut y, out, View::rows(&u, m, r), bt, self.scale, true);
+        let mut dims = l1.shape().dims().to_vec();
+        *dims.last_mut().expect("checked") = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> R<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, inp) = self.base.dims()?;
+        let r = a.dim(0)?;
+        let (xs, av, bv, dy) = (
+            Values::of(x)?,
+            Values::of(a)?,
+            Values::of(b)?,
+            Values::of(grad)?,
+        );
+        let m = xs.len() / inp;
+        let mm = self.adapter_product();
+        let mut dx = vec![0f32; m * inp];
+        self.base.backward(&dy, m, &mut dx, self.bf16)?;
+        let xd = self.dropped(&xs);
+        let mut u = vec![0f32; m * r];
+        mm(
+            &mut u,
+            r,
+            View::rows(&xd, m, inp),
+            View::rows(&av, r, inp).t(),
+            1.0,
+            false,
+        );
+        let dyv = View::rows(&dy, m, out);
+        // dB = scale · dyᵀ · u;  du = scale · dy · B;  dA = duᵀ · xd;  dx += mask ⊙ (du · A).
+        let mut db = vec![0f32; out * r];
+        mm(&mut db, r, dyv.t(), View::rows(&u, m, r), self.scale, false);
+        let mut du = vec![0f32; m * r];
+        mm(&mut du, r, dyv, View::rows(&bv, out, r), self.scale, false);
+        let mut da = vec![0f32; r * inp];
+        mm(
+            &mut da,
+            inp,
+            View::rows(&du, m, r).t(),
+            View::rows(&xd, m, inp),
+            1.0,
+            false,
+        );
+        let av = View::rows(&av, r, inp);
+        if self.dropout <= 0.0 {
+            mm(&mut dx, inp, View::rows(&du, m, r), av, 1.0, true);
+        } else {
+            let mut dxd = vec![0f32; m * inp];
+            mm(&mut dxd, inp, View::rows(&du, m, r), av, 1.0, false);
+            apply_dropout(&mut dx, &dxd, self.dropout, self.seed, true);
+        }
+        Ok((
+            Some(tensor(dx, x.shape())?),
+            Some(tensor(da, a.shape())?),
+            Some(tensor(db, b.shape())?),
+        ))
+    }
+}

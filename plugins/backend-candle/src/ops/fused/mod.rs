@@ -1,0 +1,110 @@
+//! Training ops with hand-written backward passes.
+//!
+//! Composed from candle's primitive ops, one transformer layer is a few hundred small tensors,
+//! each kept alive by autograd until the backward pass and each a pass over memory of its own.
+//! The ops here fuse what belongs together (a frozen projection with its LoRA adapter, rotary
+//! embedding with causal attention, RMSNorm, SwiGLU), compute in parallel on slices, and keep
+//! for the backward pass only their inputs: cheap intermediates (dropout masks, the adapter's
+//! rank-r activations, attention probabilities) are recomputed there. A layer's graph is then
+//! small enough that a short micro-batch can keep the whole graph instead of recomputing every
+//! layer (see `trainer::loss_and_grads`).
+//!
+//! Each op is checked against the same function composed of candle ops, values and gradients.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::ops::matmul::{matmul, matmul_serial, View};
+use crate::ops::nf4::Nf4Matrix;
+use crate::ops::portable::Nf4Tensors;
+use crate::train::lora::apply_dropout;
+
+type R<T> = candle_core::Result<T>;
+
+/// Output rows of an NF4 weight decoded at once (into f32 for gemm, or straight into bf16 panels
+/// for the bf16 kernels): enough for the product to run well, small enough to stay in cache
+/// (256 x 1536 f32 is 1.5 MiB).
+const TILE_ROWS: usize = 256;
+// Every tile but the last is a whole number of the bf16 kernels' 32-row blocks.
+const _: () = assert!(TILE_ROWS.is_multiple_of(32));
+
+/// The tiles of a weight with `rows` rows, as (first row, rows).
+fn tile_rows(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows)
+        .step_by(TILE_ROWS)
+        .map(move |first| (first, TILE_ROWS.min(rows - first)))
+}
+
+/// Elements per parallel task of the element-wise ops.
+const CHUNK: usize = 8 * 1024;
+
+/// The contiguous f32 data of a custom op's input.
+fn input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> R<&'a [f32]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op} needs contiguous inputs")))?;
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+/// A tensor's values, row-major.
+fn values(t: &Tensor) -> R<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// A tensor's values, row-major, read in place when it is a contiguous f32 tensor on the CPU
+/// (the inputs and gradients that backward passes read nearly always are), else copied: a copy
+/// of each would be a pass over memory on the calling thread, about a gigabyte a training step.
+/// The storage stays read-locked while this lives; nothing writes tensors during a backward pass.
+enum Values<'a> {
+    InPlace(candle_core::StorageRef<'a>, std::ops::Range<usize>),
+    Copied(Vec<f32>),
+}
+
+impl<'a> Values<'a> {
+    fn of(t: &'a Tensor) -> R<Self> {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(_)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(Values::InPlace(storage, start..end));
+        }
+        drop(storage);
+        Ok(Values::Copied(values(t)?))
+    }
+}
+
+impl std::ops::Deref for Values<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            Values::InPlace(storage, range) => match &**storage {
+                candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[range.clone()],
+                _ => unreachable!("Values::of borrows CPU f32 storage only"),
+            },
+            Values::Copied(v) => v,
+        }
+    }
+}
+
+fn tensor(data: Vec<f32>, shape: &Shape) -> R<Tensor> {
+    Tensor::from_vec(data, shape.clone(), &Device::Cpu)
+}
+
+mod attention;
+mod cross_entropy;
+mod frozen;
+mod lora_linear;
+mod rms_norm;
+mod swiglu;
+#[cfg(test)]
+mod tests;
+
+pub use attention::{CausalAttention, RopeTable};
+pub use cross_entropy::CrossEntropy;
+pub use frozen::{Frozen, FrozenLinear};
+pub use lora_linear::LoraLinear;
+pub use rms_norm::RmsNorm;
+pub use swiglu::SwiGlu;

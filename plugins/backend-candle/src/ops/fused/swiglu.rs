@@ -1,0 +1,75 @@
+//! SwiGLU's gate.
+
+use super::*;
+
+/// SwiGLU's gate: `silu(g) ⊙ u`.
+#[derive(Clone, Copy)]
+pub struct SwiGlu;
+
+impl SwiGlu {
+    pub fn forward(g: &Tensor, u: &Tensor) -> R<Tensor> {
+        g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let (g, u) = (input(s1, l1, self.name())?, input(s2, l2, self.name())?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "swiglu: shapes {:?} and {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(y, (g, u))| {
+                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g * sigmoid(*g) * u;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> R<(Option<Tensor>, Option<Tensor>)> {
+        let (gs, us, dy) = (Values::of(g)?, Values::of(u)?, Values::of(grad)?);
+        let mut dg = vec![0f32; gs.len()];
+        let mut du = vec![0f32; gs.len()];
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(
+                gs.par_chunks(CHUNK)
+                    .zip(us.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))),
+            )
+            .for_each(|((dg, du), (g, (u, dy)))| {
+                for i in 0..g.len() {
+                    let s = sigmoid(g[i]);
+                    du[i] = dy[i] * g[i] * s;
+                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                }
+            });
+        Ok((Some(tensor(dg, g.shape())?), Some(tensor(du, u.shape())?)))
+    }
+}
