@@ -351,7 +351,9 @@ impl BackendPlugin for CandleBackend {
             final_loss: outcome.reports.last().map(|r| r.loss).unwrap_or(f64::NAN),
             trainable_parameters: parameters,
             stopped_early: outcome.stopped_early,
-            resolved_options: opts.to_toml(self.engine.model_mut().is_portable()).into(),
+            resolved_options: opts
+                .to_toml(self.engine.model_mut().ops().is_portable())
+                .into(),
         })
     }
 

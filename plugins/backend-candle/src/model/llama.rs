@@ -15,6 +15,7 @@ use crate::model::weights::{Projection, Weights};
 use crate::ops::fused::{CausalAttention, Frozen, FrozenLinear, LoraLinear, RopeTable};
 use crate::ops::nf4::Nf4Matrix;
 use crate::ops::portable::Nf4Tensors;
+use crate::ops::OpSet;
 use crate::train::lora::Lora;
 
 /// Hyper-parameters of a LLaMA-family model.
@@ -45,9 +46,8 @@ struct Mode {
     train: bool,
     /// Training's products (frozen weights and adapters) in bf16 (AMX or AVX512-BF16).
     bf16: bool,
-    /// Candle tensor ops only (see `portable`): always off the CPU, where the fused ops
-    /// cannot run; on the CPU, the fused ops' cross-check.
-    portable: bool,
+    /// The op set the layers run (the portable one off the CPU, where the fused ops cannot).
+    ops: OpSet,
 }
 
 /// A linear layer: a frozen base weight (f32, or NF4 for the QLoRA base) and maybe an adapter.
@@ -70,7 +70,7 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode, seed: u64) -> candle_core::Result<Tensor> {
-        if mode.portable {
+        if mode.ops.is_portable() {
             // Tensor ops on any device; an NF4 weight is dequantized for this product only.
             let (b, t, i) = x.dims3()?;
             let x = x.reshape((b * t, i))?;
@@ -118,26 +118,15 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-struct RmsNorm {
+/// An RMSNorm layer: its weight and epsilon (the op set computes it).
+struct Norm {
     weight: Tensor,
     eps: f64,
 }
 
-impl RmsNorm {
-    /// candle's fused RMSNorm has no backward pass: when a gradient must flow through `x`
-    /// (training LoRA), ours is used instead, or on the portable path the composed one.
-    fn forward(&self, x: &Tensor, portable: bool) -> candle_core::Result<Tensor> {
-        if x.track_op() && portable {
-            crate::ops::portable::rms_norm(x, &self.weight, self.eps)
-        } else if x.track_op() {
-            let op = crate::ops::fused::RmsNorm {
-                weight: self.weight.clone(),
-                eps: self.eps as f32,
-            };
-            op.forward(x)
-        } else {
-            candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
-        }
+impl Norm {
+    fn forward(&self, x: &Tensor, ops: OpSet) -> candle_core::Result<Tensor> {
+        ops.rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -155,9 +144,9 @@ struct Mlp {
 }
 
 struct Block {
-    input_norm: RmsNorm,
+    input_norm: Norm,
     attn: Attention,
-    post_norm: RmsNorm,
+    post_norm: Norm,
     mlp: Mlp,
 }
 
@@ -238,7 +227,7 @@ pub struct Llama {
     config: Config,
     embed: Tensor,
     blocks: Vec<Block>,
-    norm: RmsNorm,
+    norm: Norm,
     /// (vocab, hidden); the embedding matrix when the weights are tied.
     lm_head: Tensor,
     /// (max_positions, head_dim / 2)
@@ -273,8 +262,8 @@ impl Llama {
                 },
             })
         };
-        let norm = |w: &mut Weights, name: String| -> Result<RmsNorm> {
-            Ok(RmsNorm {
+        let norm = |w: &mut Weights, name: String| -> Result<Norm> {
+            Ok(Norm {
                 weight: w.take(&name)?.to_device(device)?,
                 eps: config.rms_norm_eps,
             })
@@ -326,27 +315,27 @@ impl Llama {
             mode: Mode::default(),
         };
         if !device.is_cpu() {
-            model.use_portable_ops()?;
+            model.set_ops(OpSet::Portable)?;
         }
         Ok(model)
     }
 
-    /// Runs every product through the portable path of candle tensor ops, as every device but
-    /// the CPU must: NF4 weights move to the device still packed. On the CPU this is the
-    /// cross-check of the fused ops (the tests compare the two).
-    pub fn use_portable_ops(&mut self) -> Result<()> {
-        self.mode.portable = true;
+    /// Chooses the op set. Every device but the CPU must run the portable one (NF4 weights
+    /// then move to the device still packed); on the CPU it is the cross-check of the fused
+    /// ops (the tests compare the two).
+    pub fn set_ops(&mut self, ops: OpSet) -> Result<()> {
+        self.mode.ops = ops;
         self.upload_nf4()
     }
 
-    /// Whether products run through the portable path (see [`Llama::use_portable_ops`]).
-    pub fn is_portable(&self) -> bool {
-        self.mode.portable
+    /// The op set the layers run.
+    pub fn ops(&self) -> OpSet {
+        self.mode.ops
     }
 
-    /// On the portable path, puts packed NF4 weights on the device as tensors.
+    /// With the portable op set, puts packed NF4 weights on the device as tensors.
     fn upload_nf4(&mut self) -> Result<()> {
-        if !self.mode.portable {
+        if !self.mode.ops.is_portable() {
             return Ok(());
         }
         let device = self.device.clone();
@@ -508,7 +497,7 @@ impl Llama {
         let cos = self.cos.index_select(&pos, 0)?.reshape((b, 1, t, half))?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, 1, t, half))?;
         let mask = self.mask(b, t, past, key_valid)?;
-        let from_zero = if !self.mode.portable
+        let from_zero = if self.mode.ops == OpSet::Fused
             && past == 0
             && key_valid.is_none()
             && positions.iter().all(|&p| p == 0)
@@ -544,30 +533,26 @@ impl Llama {
         dropout_seed: u64,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let block = &self.blocks[l];
-        let portable = self.mode.portable;
-        let h = block.input_norm.forward(x, portable)?;
+        let ops = self.mode.ops;
+        let h = block.input_norm.forward(x, ops)?;
         let seed = dropout_seed
             .wrapping_mul(0x9e37_79b9)
             .wrapping_add(l as u64 * 16);
         let (h, kv) = self.attention(&block.attn, &h, pass, past_kv, seed)?;
         let x1 = (x + h)?;
-        let h = block.post_norm.forward(&x1, portable)?;
+        let h = block.post_norm.forward(&x1, ops)?;
         let m = &block.mlp;
         let mode = self.mode;
         let gate = m.gate.forward(&h, mode, seed + 4)?;
         let up = m.up.forward(&h, mode, seed + 5)?;
-        let g = if (gate.track_op() || up.track_op()) && !portable {
-            crate::ops::fused::SwiGlu::forward(&gate, &up)?
-        } else {
-            crate::ops::portable::swiglu(&gate, &up)?
-        };
+        let g = ops.swiglu(&gate, &up)?;
         let h = m.down.forward(&g, mode, seed + 6)?;
         Ok(((x1 + h)?, kv))
     }
 
     /// The final normalisation of the hidden states.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.norm.forward(x, self.mode.portable)?)
+        Ok(self.norm.forward(x, self.mode.ops)?)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -581,7 +566,7 @@ impl Llama {
 
     /// Logits (N, vocab) of hidden states (N, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        if self.mode.portable {
+        if self.mode.ops.is_portable() {
             return Ok(hidden.matmul(&self.lm_head.t()?)?);
         }
         Ok(matmul_t(hidden, &self.lm_head)?)
@@ -632,8 +617,8 @@ impl Llama {
             self.config.head_dim(),
         );
         let mode = self.mode;
-        if let (true, false, None, Some((cos, sin))) =
-            (mode.train, mode.portable, past, &pass.from_zero)
+        if let (true, OpSet::Fused, None, Some((cos, sin))) =
+            (mode.train, mode.ops, past, &pass.from_zero)
         {
             // Training: rotary embedding and causal attention as one op on the projections.
             let op = CausalAttention {
@@ -892,9 +877,9 @@ mod tests {
         let mut fused = tiny();
         fused.quantize_nf4(true).unwrap();
         let mut portable = tiny();
-        portable.use_portable_ops().unwrap();
+        portable.set_ops(OpSet::Portable).unwrap();
         portable.quantize_nf4(true).unwrap();
-        assert!(portable.is_portable() && !fused.is_portable());
+        assert!(portable.ops().is_portable() && !fused.ops().is_portable());
         let ids = [5u32, 9, 14, 2, 33, 7];
         let a = loss(&fused, &ids).to_scalar::<f32>().unwrap();
         let b = loss(&portable, &ids).to_scalar::<f32>().unwrap();

@@ -264,7 +264,7 @@ pub fn train(
                 // The portable path's products keep their (dequantized) weights in the graph:
                 // recomputing one layer at a time holds one layer's weights, not all of them.
                 let checkpoint =
-                    model.is_portable() || rows.len() * longest > config.checkpoint_tokens;
+                    model.ops().is_portable() || rows.len() * longest > config.checkpoint_tokens;
                 let (value, g) = loss_and_grads(model, &rows, params, seed, checkpoint)?;
                 if !value.is_finite() {
                     model.set_training(false);
@@ -354,7 +354,7 @@ fn head_loss(model: &Llama, hidden: &Tensor, at: &[u32], targets: &[u32]) -> Res
     let picked = hidden
         .reshape((b * t, h))?
         .index_select(&Tensor::new(at, hidden.device())?, 0)?;
-    if model.is_portable() {
+    if model.ops().is_portable() {
         return Ok(crate::ops::portable::cross_entropy(
             &model.logits(&picked)?,
             targets,
@@ -512,7 +512,7 @@ pub(crate) mod tests {
         for portable in [false, true] {
             let mut model = crate::model::llama::testing::tiny_model();
             if portable {
-                model.use_portable_ops().unwrap();
+                model.set_ops(crate::ops::OpSet::Portable).unwrap();
             }
             model.quantize_nf4(true).unwrap();
             let params: Vec<Var> = model
@@ -572,7 +572,7 @@ pub(crate) mod tests {
         let (config, mut weights) = crate::model::llama::testing::tiny_weights();
         let mut model = Llama::new(config, &mut weights, device).unwrap();
         if portable {
-            model.use_portable_ops().unwrap();
+            model.set_ops(crate::ops::OpSet::Portable).unwrap();
         }
         model.quantize_nf4(false).unwrap();
         let named = model
