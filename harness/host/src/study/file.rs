@@ -13,7 +13,6 @@ use toml::{Spanned, Table, Value};
 use crate::cli::TrainArgs;
 use crate::registry::Registry;
 use crate::run_dir;
-use crate::train;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -269,7 +268,7 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
             (None, Some(t)) => {
                 let mut config = t.get_ref().clone();
                 let where_t = at(file, &text, t);
-                train::check_config_keys(&config)
+                crate::plan::train::check_config_keys(&config)
                     .map_err(|e| anyhow!("{where_t}: variant `{vname}`.train: {e}"))?;
                 for k in ["model", "out", "backend", "device"] {
                     if config.contains_key(k) {
@@ -291,7 +290,7 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
                     out: Some(out.join(".check")),
                     ..TrainArgs::default()
                 };
-                let plan = train::plan_with(&config, &probe)
+                let plan = crate::plan::train::plan_with(&config, &probe)
                     .map_err(|e| anyhow!("{where_t}: variant `{vname}`.train: {e}"))?;
                 reg.check_train_options(&plan.backend, &plan.train.to_string())
                     .map_err(|e| anyhow!("{where_t}: variant `{vname}`.train: {e}"))?;

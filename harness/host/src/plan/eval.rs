@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use toml::{Table, Value};
 
+use super::{insert_pair, BackendFlags};
 use crate::cli::EvalArgs;
 use crate::run_dir::{self, RunRecord};
 
@@ -31,24 +32,6 @@ pub struct EvalPlan {
     pub resumed: Option<RunRecord>,
 }
 
-/// `KEY=VALUE` into the table; VALUE is read as TOML (`3`, `true`, `"x"`), else kept as text.
-pub(crate) fn insert_pair(table: &mut Table, pair: &str, flag: &str) -> Result<()> {
-    let Some((key, value)) = pair.split_once('=') else {
-        bail!("{flag} expects KEY=VALUE, got `{pair}`");
-    };
-    let key = key.trim();
-    if key.is_empty() {
-        bail!("{flag} expects KEY=VALUE, got `{pair}`");
-    }
-    let parsed = format!("v = {value}")
-        .parse::<Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| Value::String(value.to_string()));
-    table.insert(key.to_string(), parsed);
-    Ok(())
-}
-
 /// Builds the plan of a new eval.
 pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
     if let Some(dir) = &args.resume {
@@ -59,33 +42,17 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
         .clone()
         .expect("clap requires --task without --resume");
     let mut t = Table::new();
-    let mut put = |key: &str, v: Option<Value>| {
-        if let Some(v) = v {
-            t.insert(key.to_string(), v);
-        }
-    };
-    put("digits", args.digits.clone().map(Value::String));
-    put("n", args.n.map(|x| Value::Integer(x as i64)));
-    put("shots", args.shots.map(|x| Value::Integer(x as i64)));
-    put("seed", args.seed.map(|x| Value::Integer(x as i64)));
-    put("subject", args.subject.clone().map(Value::String));
-    put(
-        "data",
-        args.data
-            .as_ref()
-            .map(|p| Value::String(p.display().to_string())),
-    );
-    put("scoring", args.scoring.clone().map(Value::String));
-    put("limit", args.limit.map(|x| Value::Integer(x as i64)));
+    for (_, key, value) in args.task_flags.given() {
+        t.insert(key.to_string(), value);
+    }
+    if let Some(p) = &args.data {
+        t.insert("data".into(), Value::String(p.display().to_string()));
+    }
     for pair in &args.options {
         insert_pair(&mut t, pair, "--option")?;
     }
 
-    let mut b = Table::new();
-    let mut adapter_dir = None;
-    if let Some(model) = &args.model {
-        b.insert("model".into(), Value::String(model.display().to_string()));
-    } else {
+    if args.model.is_none() {
         let default = harness_abi::paths::default_model();
         if !default.exists() && args.backend == "candle" {
             bail!(
@@ -94,6 +61,7 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
             );
         }
     }
+    let mut adapter_dir = None;
     if let Some(adapter) = &args.adapter {
         if !adapter.join("adapter_config.json").is_file() {
             bail!(
@@ -103,23 +71,19 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
         }
         // Recorded absolute, so that reports find the adapter's record and loss curve from
         // any folder.
-        let adapter = std::path::absolute(adapter).unwrap_or_else(|_| adapter.clone());
-        adapter_dir = Some(adapter.clone());
-        b.insert(
-            "adapter".into(),
-            Value::String(adapter.display().to_string()),
-        );
-    }
-    if let Some(device) = &args.device {
-        b.insert("device".into(), Value::String(device.clone()));
-    }
-    if let Some(base) = &args.base {
-        b.insert("base".into(), Value::String(base.clone()));
+        adapter_dir = Some(std::path::absolute(adapter).unwrap_or_else(|_| adapter.clone()));
     }
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    b.insert("max_batch".into(), Value::Integer(args.batch as i64));
+    let mut b = BackendFlags {
+        model: args.model.as_deref(),
+        adapter: adapter_dir.as_deref(),
+        base: args.base.as_deref(),
+        device: args.device.as_deref(),
+        max_batch: Some(args.batch),
+    }
+    .table();
     for pair in &args.backend_options {
         insert_pair(&mut b, pair, "--backend-option")?;
     }
@@ -161,18 +125,12 @@ fn resume(args: &EvalArgs, dir: &std::path::Path) -> Result<EvalPlan> {
         ("--adapter", args.adapter.is_some()),
         ("--base", args.base.is_some()),
         ("--device", args.device.is_some()),
-        ("--digits", args.digits.is_some()),
-        ("--n", args.n.is_some()),
-        ("--shots", args.shots.is_some()),
-        ("--seed", args.seed.is_some()),
-        ("--subject", args.subject.is_some()),
         ("--data", args.data.is_some()),
-        ("--scoring", args.scoring.is_some()),
-        ("--limit", args.limit.is_some()),
         ("--option", !args.options.is_empty()),
         ("--backend-option", !args.backend_options.is_empty()),
     ];
-    let clash: Vec<&str> = given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect();
+    let mut clash: Vec<&str> = args.task_flags.given().iter().map(|(f, _, _)| *f).collect();
+    clash.extend(given.iter().filter(|(_, g)| *g).map(|(f, _)| *f));
     if !clash.is_empty() {
         bail!(
             "--resume repeats the run recorded in {}/run.toml; drop {}",
@@ -193,45 +151,4 @@ fn resume(args: &EvalArgs, dir: &std::path::Path) -> Result<EvalPlan> {
         adapter: record.model.adapter.as_ref().map(PathBuf::from),
         resumed: Some(record),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pairs_are_read_as_toml_or_text() {
-        let mut t = Table::new();
-        insert_pair(&mut t, "n=3", "--option").unwrap();
-        insert_pair(&mut t, "fewshot=shared", "--option").unwrap();
-        insert_pair(&mut t, "flag=true", "--option").unwrap();
-        assert_eq!(t["n"], Value::Integer(3));
-        assert_eq!(t["fewshot"], Value::String("shared".into()));
-        assert_eq!(t["flag"], Value::Boolean(true));
-        assert!(insert_pair(&mut t, "novalue", "--option")
-            .unwrap_err()
-            .to_string()
-            .contains("expects KEY=VALUE"));
-    }
-
-    mod properties {
-        use super::*;
-        use proptest::prelude::*;
-
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(2000))]
-
-            /// Any `--option` argument: a key and a value in the table, or one error line.
-            #[test]
-            fn any_option_argument(pair in any::<String>()) {
-                let mut t = Table::new();
-                match insert_pair(&mut t, &pair, "--option") {
-                    Ok(()) => prop_assert_eq!(t.len(), 1),
-                    Err(e) => prop_assert!(e.to_string().starts_with("--option expects KEY=VALUE")),
-                }
-                // What is inserted is passed on as TOML that reads back.
-                prop_assert!(t.to_string().parse::<Table>().is_ok());
-            }
-        }
-    }
 }
