@@ -69,6 +69,17 @@ fn eval_writes_a_complete_run_folder() {
     assert_eq!(lines[0], "task,group,metric,n,mean,stderr,ci_low,ci_high");
     // 2 groups + all + macro, 3 metrics each.
     assert_eq!(lines.len(), 1 + 4 * 3, "{results}");
+    // Every interval stays inside its metric's declared range.
+    for line in &lines[1..] {
+        let f: Vec<&str> = line.split(',').collect();
+        let (low, high): (f64, f64) = (f[6].parse().unwrap(), f[7].parse().unwrap());
+        let max = if f[2] == "levenshtein" {
+            f64::INFINITY
+        } else {
+            1.0
+        };
+        assert!(low >= 0.0 && high <= max && low <= high, "{line}");
+    }
     assert!(!run.join("results.csv.tmp").exists());
     // A finished run folder is not overwritten.
     let e = fails(&mut addition_eval(&model, &run));

@@ -102,4 +102,28 @@ mod tests {
         assert_eq!(rows[3].mean, (1.0 + 0.25) / 2.0);
         assert_eq!(rows[3].n, 2);
     }
+
+    /// The case that was reported: a share of 0.214 on 4 samples had the interval
+    /// [-0.206, 0.634]; the metric's range now bounds it, in every row.
+    #[test]
+    fn a_bounded_metric_never_gets_an_interval_outside_its_range() {
+        let m = MetricScores {
+            metric: "digit-accuracy",
+            scale: Scale {
+                binary: false,
+                min: 0.0,
+                max: 1.0,
+            },
+            scores: vec![("a", 0.0), ("a", 0.0), ("a", 0.0), ("a", 0.857), ("b", 1.0)],
+        };
+        let rows = aggregate("t", &[m]);
+        let a = &rows[0];
+        assert!(
+            (a.mean - 0.214).abs() < 1e-3 && a.ci_low == 0.0 && a.ci_high < 1.0,
+            "{a:?}"
+        );
+        for r in &rows {
+            assert!(r.ci_low >= 0.0 && r.ci_high <= 1.0, "{r:?}");
+        }
+    }
 }
