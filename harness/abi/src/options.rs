@@ -474,8 +474,23 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
+        /// proptest's settings: a fixed seed unless PROPTEST_RNG_SEED is set (every run checks the
+        /// same cases and a failure reproduces; set it to explore others), PROPTEST_CASES overrides
+        /// the count, and no regression files are written into the source tree.
+        fn config(cases: u32) -> ProptestConfig {
+            let mut c = ProptestConfig::default();
+            if std::env::var_os("PROPTEST_CASES").is_none() {
+                c.cases = cases;
+            }
+            if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
+                c.rng_seed = proptest::test_runner::RngSeed::Fixed(0x5eed_1234);
+            }
+            c.failure_persistence = None;
+            c
+        }
+
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #![proptest_config(config(2000))]
 
             /// Any text at all: read or refused with one line that names the plugin.
             #[test]

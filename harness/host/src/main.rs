@@ -173,3 +173,19 @@ fn list(reg: &registry::Registry) {
         );
     }
 }
+
+/// proptest's settings for the host's property tests: a fixed seed unless PROPTEST_RNG_SEED is
+/// set (every run checks the same cases and a failure reproduces; set it to explore others),
+/// PROPTEST_CASES overrides the count, and no regression files are written into the source tree.
+#[cfg(test)]
+pub(crate) fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    let mut c = proptest::test_runner::Config::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        c.cases = cases;
+    }
+    if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
+        c.rng_seed = proptest::test_runner::RngSeed::Fixed(0x5eed_1234);
+    }
+    c.failure_persistence = None;
+    c
+}

@@ -286,7 +286,7 @@ mod tests {
         const SAMPLE: &str = r#"{"id":"k1-0","group":"k=1","prompt":"Q","prediction":"2","target":"2","scores":{"exact-match":1.0}}"#;
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(1000))]
+            #![proptest_config(crate::proptest_config(1000))]
 
             /// run.toml with bytes overwritten: read, or one error line.
             #[test]

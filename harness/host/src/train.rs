@@ -372,7 +372,7 @@ mod tests {
     const PLAN: &str = "[plan]\ntask = \"addition\"\nexamples = 100\nout = \"/a\"\nbackend = \"candle\"\n[plan.task_options]\ndigits = \"1-7\"\n[plan.train]\nr = 8\n";
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(1000))]
+        #![proptest_config(crate::proptest_config(1000))]
 
         /// A pairs file with a mutated line: examples, or one error line naming the file's line.
         #[test]

@@ -92,7 +92,7 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #![proptest_config(crate::proptest_config(2000))]
 
             /// Any `--option` argument: a key and a value in the table, or one error line.
             #[test]

@@ -128,6 +128,33 @@ fn load_gguf(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpo
         .collect();
     architecture::check(&config, &shapes, &FieldNames::gguf(&arch))
         .map_err(|e| corrupt(path, e))?;
+    // Every tensor that will be read must fit in the file, its element count computed without
+    // overflow (candle's wraps, and then sizes the dequantized tensor by the true count).
+    let file_len = std::fs::metadata(path).map_err(io)?.len();
+    for (name, info) in &content.tensor_infos {
+        if hf_name(name).is_none() {
+            continue;
+        }
+        let (block, size) = (
+            info.ggml_dtype.block_size() as u64,
+            info.ggml_dtype.type_size() as u64,
+        );
+        let bytes = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .and_then(|n| (n / block.max(1)).checked_mul(size));
+        if bytes.is_none_or(|b| b > file_len) {
+            return Err(corrupt(
+                path,
+                format!(
+                    "tensor `{name}` has dimensions {:?}, more data than the file holds",
+                    info.shape.dims()
+                ),
+            ));
+        }
+    }
 
     let mut weights = Weights::empty(pack);
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
