@@ -139,6 +139,15 @@ fn stopped_or_killed_runs_resume_to_the_uninterrupted_result() {
     );
     assert!(e.contains("give no other training option"), "{e}");
 
+    // A model changed since the run started is refused; the same model again is accepted.
+    write_tiny_model(&dir.join("model"), 6);
+    let e = fails(harness().args(["train", "--resume"]).arg(dir.join("split")));
+    assert!(
+        e.contains("the run's model") && e.contains("changed since the run started"),
+        "{e}"
+    );
+    write_tiny_model(&dir.join("model"), 5);
+
     ok(harness().args(["train", "--resume"]).arg(dir.join("split")));
     // A resumed run ends with the adapter and the loss curve of the uninterrupted one.
     let read = |p: String| std::fs::read(dir.join(p)).unwrap();

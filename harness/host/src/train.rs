@@ -187,6 +187,19 @@ pub(crate) fn execute(
         command = command_line
     };
     record.insert("plan".into(), Value::Table(p.to_table()));
+    // What the run reads, with sha256s, so that `--resume` refuses changed inputs.
+    let model_sha = run_dir::sha256_path(&model)?;
+    let mut model_t = Table::new();
+    model_t.insert("path".into(), Value::String(model.display().to_string()));
+    model_t.insert("sha256".into(), Value::String(model_sha.clone()));
+    record.insert("model".into(), Value::Table(model_t.clone()));
+    if let Some(d) = &p.data {
+        record.insert("data".into(), Value::String(d.display().to_string()));
+        record.insert(
+            "data_sha256".into(),
+            Value::String(run_dir::sha256_path(d)?),
+        );
+    }
     // Written before training too, so that the folder says what it is while it fills.
     write_atomic(
         &p.out.join("train.toml"),
@@ -236,20 +249,8 @@ pub(crate) fn execute(
     if let Some(t) = task_record {
         record.insert("task".into(), Value::try_from(t)?);
     }
-    if let Some(d) = &p.data {
-        record.insert("data".into(), Value::String(d.display().to_string()));
-        record.insert(
-            "data_sha256".into(),
-            Value::String(run_dir::sha256_path(d)?),
-        );
-    }
-    let mut model_t = Table::new();
     model_t.insert("name".into(), Value::String(info.name.to_string()));
     model_t.insert("path".into(), Value::String(info.path.to_string()));
-    model_t.insert(
-        "sha256".into(),
-        Value::String(run_dir::sha256_path(Path::new(info.path.as_str()))?),
-    );
     record.insert("model".into(), Value::Table(model_t));
     record.insert(
         "backend".into(),

@@ -123,10 +123,51 @@ pub(crate) fn resume(dir: &Path, args: &TrainArgs) -> Result<TrainPlan> {
             dir.display()
         );
     }
-    Ok(TrainPlan {
+    let plan = TrainPlan {
         out: dir.to_path_buf(),
         ..plan
-    })
+    };
+    check_unchanged(&record, &plan)?;
+    Ok(plan)
+}
+
+/// A stopped run continues on the inputs it started with: the model and the pairs file must
+/// still have the sha256 train.toml recorded (runs of older versions recorded none).
+fn check_unchanged(record: &Table, plan: &TrainPlan) -> Result<()> {
+    let model = plan
+        .model
+        .clone()
+        .unwrap_or_else(harness_abi::paths::default_model);
+    let recorded_model = record
+        .get("model")
+        .and_then(|m| m.get("sha256"))
+        .and_then(Value::as_str);
+    let recorded_data = record.get("data_sha256").and_then(Value::as_str);
+    let inputs = [
+        ("model", Some(model), recorded_model),
+        ("training data", plan.data.clone(), recorded_data),
+    ];
+    for (what, path, recorded) in inputs {
+        let (Some(path), Some(recorded)) = (path, recorded) else {
+            continue;
+        };
+        if !path.exists() {
+            bail!(
+                "the run's {what} {} is gone; a run resumes with the {what} it started with",
+                path.display()
+            );
+        }
+        let now = crate::run_dir::sha256_path(&path)?;
+        if now != recorded {
+            bail!(
+                "the run's {what} {} changed since the run started (sha256 {} recorded, {} now); a run resumes with the {what} it started with, so start a new one",
+                path.display(),
+                &recorded[..recorded.len().min(12)],
+                &now[..12]
+            );
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn from_args(args: &TrainArgs) -> Result<TrainPlan> {
