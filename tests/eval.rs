@@ -205,6 +205,78 @@ fn a_run_started_with_relative_paths_resumes_from_any_folder_but_not_on_a_change
 }
 
 #[test]
+fn shards_merged_give_the_unsharded_run_byte_for_byte() {
+    let (model, dir) = tiny_model("shards");
+    ok(&mut addition_eval(&model, &dir.join("whole")));
+    // 12 instances in 5 shards: 3, 3, 2, 2, 2.
+    for i in 1..=5 {
+        let out =
+            ok(addition_eval(&model, &dir.join(format!("s{i}")))
+                .args(["--shard", &format!("{i}/5")]));
+        let want = if i <= 2 { 3 } else { 2 };
+        assert!(
+            out.contains(&format!("shard {i}/5: {want} of the task's 12 instances")),
+            "{out}"
+        );
+    }
+    let shard = |i: usize| dir.join(format!("s{i}"));
+    // Given in any order.
+    ok(harness()
+        .arg("merge")
+        .args([shard(3), shard(1), shard(5), shard(2), shard(4)])
+        .arg("--out")
+        .arg(dir.join("merged")));
+    for file in ["results.csv", "samples.jsonl"] {
+        assert_eq!(
+            std::fs::read(dir.join("whole").join(file)).unwrap(),
+            std::fs::read(dir.join("merged").join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    let record = std::fs::read_to_string(dir.join("merged/run.toml")).unwrap();
+    assert!(!record.lines().any(|l| l.starts_with("shard")), "{record}");
+
+    let merge = |runs: &[PathBuf], out: &str| {
+        let mut c = harness();
+        c.arg("merge").args(runs).arg("--out").arg(dir.join(out));
+        c
+    };
+    let e = fails(&mut merge(&[shard(1), shard(2), shard(4), shard(5)], "m1"));
+    assert!(e.contains("shard 3/5 is missing"), "{e}");
+    let e = fails(&mut merge(&[shard(1), shard(1), shard(2)], "m2"));
+    assert!(e.contains("shard 1/5 is given twice"), "{e}");
+    let e = fails(&mut merge(&[dir.join("whole"), shard(1)], "m3"));
+    assert!(e.contains("is not a shard"), "{e}");
+    // A shard of another eval (other task options) is refused.
+    ok(addition_eval(&model, &dir.join("other")).args([
+        "--shard",
+        "2/5",
+        "--option",
+        "fewshot=shared",
+    ]));
+    let e = fails(&mut merge(
+        &[shard(1), dir.join("other"), shard(3), shard(4), shard(5)],
+        "m4",
+    ));
+    assert!(
+        e.contains("not shards of the same eval: their task options differ"),
+        "{e}"
+    );
+    // An unfinished shard is named with the way to finish it.
+    std::fs::remove_file(shard(4).join("results.csv")).unwrap();
+    let e = fails(&mut merge(
+        &[shard(1), shard(2), shard(3), shard(4), shard(5)],
+        "m5",
+    ));
+    assert!(e.contains("unfinished") && e.contains("--resume"), "{e}");
+    for m in ["m1", "m2", "m3", "m4", "m5"] {
+        assert!(!dir.join(m).exists(), "{m}");
+    }
+    let e = fails(addition_eval(&model, &dir.join("bad")).args(["--shard", "6/5"]));
+    assert!(e.contains("--shard expects I/N with 1 <= I <= N"), "{e}");
+}
+
+#[test]
 fn mmlu_on_a_csv_folder_and_cloze_scoring() {
     let (model, dir) = tiny_model("mmlu-csv");
     let data = dir.join("data");

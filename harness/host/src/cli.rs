@@ -77,6 +77,16 @@ pub enum Command {
   harness study studies/addition-length-generalization.toml
   harness study studies/mmlu-knowledge-transfer.toml --out runs/mmlu-again")]
     Study(StudyArgs),
+    /// Merge the shard runs of one eval (`harness eval --shard I/N`) into one run folder.
+    ///
+    /// The shards must be the same eval (task and its options, backend and its options, model,
+    /// metrics) and together cover 1..N once each, every one finished. The merged samples.jsonl
+    /// is in the task's instance order, and its results.csv is the very bytes an unsharded run
+    /// writes.
+    #[command(after_help = "Example:
+  for i in 1 2 3 4; do harness eval --task addition --shard $i/4 --out runs/add-$i; done
+  harness merge runs/add-1 runs/add-2 runs/add-3 runs/add-4 --out runs/add")]
+    Merge(MergeArgs),
     /// Compare two eval runs instance by instance: is B better than A, or is it noise?
     ///
     /// Both runs must be over the same instances: the same task with the same task options and
@@ -138,6 +148,17 @@ pub struct ReportArgs {
     /// Figure format.
     #[arg(long, value_name = "png|svg", default_value = "png")]
     pub format: String,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The shard run folders, in any order.
+    #[arg(required = true, value_name = "RUN_DIR")]
+    pub runs: Vec<PathBuf>,
+
+    /// The merged run folder to create.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -235,6 +256,11 @@ pub struct EvalArgs {
     /// What reports call this run in legends and tables (default: model + adapter + base).
     #[arg(long, value_name = "TEXT", conflicts_with = "resume")]
     pub label: Option<String>,
+
+    /// Evaluate only shard I of N (1 <= I <= N): every N-th instance of the task's order,
+    /// starting at the I-th. Run the N shards anywhere (a job array), then `harness merge` them.
+    #[arg(long, value_name = "I/N", conflicts_with = "resume")]
+    pub shard: Option<String>,
 
     /// Finish an interrupted run: reads RUN_DIR/run.toml and evaluates only what is missing.
     #[arg(long, value_name = "RUN_DIR")]

@@ -75,6 +75,27 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
             plan.task
         );
     }
+    check_ids(&instances)?;
+    let instances: Vec<Instance> = match plan.shard {
+        None => instances,
+        Some(shard) => {
+            let all = instances.len();
+            let kept: Vec<Instance> = instances
+                .into_iter()
+                .enumerate()
+                .filter(|(k, _)| shard.holds(*k))
+                .map(|(_, inst)| inst)
+                .collect();
+            println!(
+                "shard {shard}: {} of the task's {all} instances",
+                kept.len()
+            );
+            if kept.is_empty() {
+                bail!("shard {shard} holds no instance: the task makes only {all}");
+            }
+            kept
+        }
+    };
     let index = check_ids(&instances)?;
 
     let done = run_dir::read_samples(&plan.run_dir)?;
@@ -122,6 +143,7 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
                 command: command_line,
                 label: plan.label.clone(),
                 batch: plan.batch as u64,
+                shard: plan.shard.map(|s| s.to_string()),
                 task: task_entry.component(task_entry.outcome(task.resolved_options())?.into())?,
                 backend: backend_entry.component(info.resolved_options.to_string())?,
                 model: ModelRecord {

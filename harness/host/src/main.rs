@@ -11,6 +11,7 @@ mod compare;
 mod eval;
 mod fetch;
 mod interrupt;
+mod merge;
 mod plan;
 mod registry;
 mod report;
@@ -121,6 +122,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Study(args) => {
             let reg = load_registry(&cli)?;
             study::run(&reg, args)
+        }
+        Command::Merge(args) => {
+            let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+            merge::run(args, command_line)
         }
     }
 }

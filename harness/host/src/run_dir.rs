@@ -59,6 +59,9 @@ pub struct RunRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
     pub batch: u64,
+    /// `I/N` when the run is one shard of an eval (`--shard`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
     pub task: Component,
     pub backend: Component,
     pub model: ModelRecord,

@@ -28,8 +28,47 @@ pub struct EvalPlan {
     pub label: Option<String>,
     /// The `--adapter` folder, absolute (recorded with its sha256).
     pub adapter: Option<PathBuf>,
+    /// The shard this run evaluates, if any.
+    pub shard: Option<Shard>,
     /// Present when resuming: what the interrupted run recorded.
     pub resumed: Option<RunRecord>,
+}
+
+/// One of N shards of an eval: the instances whose position in the task's order is I-1
+/// modulo N.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// 1-based.
+    pub index: u64,
+    pub count: u64,
+}
+
+impl Shard {
+    /// `I/N` with 1 <= I <= N.
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad =
+            || anyhow::anyhow!("--shard expects I/N with 1 <= I <= N (e.g. 3/16), got `{text}`");
+        let (i, n) = text.split_once('/').ok_or_else(bad)?;
+        let (index, count): (u64, u64) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if index == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// Whether the instance at `position` (0-based, in the task's order) is in this shard.
+    pub fn holds(&self, position: usize) -> bool {
+        position as u64 % self.count == self.index - 1
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
 }
 
 /// Builds the plan of a new eval.
@@ -113,6 +152,7 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
         run_dir,
         label: args.label.clone(),
         adapter: adapter_dir,
+        shard: args.shard.as_deref().map(Shard::parse).transpose()?,
         resumed: None,
     })
 }
@@ -149,6 +189,7 @@ fn resume(args: &EvalArgs, dir: &std::path::Path) -> Result<EvalPlan> {
         run_dir: dir.to_path_buf(),
         label: record.label.clone(),
         adapter: record.model.adapter.as_ref().map(PathBuf::from),
+        shard: record.shard.as_deref().map(Shard::parse).transpose()?,
         resumed: Some(record),
     })
 }
