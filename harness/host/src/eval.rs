@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::plan::EvalPlan;
 use crate::registry::{Entry, Registry};
 use crate::run_dir::{self, ModelRecord, RunRecord, SampleWriter};
-use crate::stats::{self, MetricScores};
+use crate::stats;
 
 /// A metric built for this run, with what it declared about its scores.
 struct LoadedMetric<'a> {
@@ -218,33 +218,11 @@ fn scale(info: &MetricInfo) -> reports::stats::Scale {
 /// models' answers in one results file).
 fn check_unchanged(record: &RunRecord) -> Result<()> {
     let m = &record.model;
-    let mut files = vec![("model", &m.path, &m.sha256)];
+    run_dir::check_unchanged("model", Path::new(&m.path), &m.sha256)?;
     if let (Some(path), Some(sha)) = (&m.adapter, &m.adapter_sha256) {
-        files.push(("adapter", path, sha));
-    }
-    for (what, path, recorded) in files {
-        let path = Path::new(path);
-        if !path.exists() {
-            bail!(
-                "the run's {what} {} is gone; a run resumes with the {what} it started with",
-                path.display()
-            );
-        }
-        let now = run_dir::sha256_path(path)?;
-        if &now != recorded {
-            bail!(
-                "the run's {what} {} changed since the run started (sha256 {} recorded, {} now); a run resumes with the {what} it started with, so start a new run",
-                path.display(),
-                short(recorded),
-                short(&now)
-            );
-        }
+        run_dir::check_unchanged("adapter", Path::new(path), sha)?;
     }
     Ok(())
-}
-
-fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(12)]
 }
 
 fn check_ids(instances: &[Instance]) -> Result<std::collections::HashMap<&str, usize>> {
@@ -528,29 +506,22 @@ fn results(
     loaded: &Loaded,
 ) -> Result<Vec<reports::ResultRow>> {
     let samples = run_dir::read_samples(&plan.run_dir)?;
-    let mut per_metric: Vec<MetricScores<'_>> = loaded
+    let ordered = instances
+        .iter()
+        .map(|inst| {
+            samples.get(inst.id.as_str()).ok_or_else(|| {
+                anyhow!(
+                    "instance `{}` has no sample; rerun with --resume {}",
+                    inst.id,
+                    plan.run_dir.display()
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metrics: Vec<(&str, reports::stats::Scale)> = loaded
         .metrics
         .iter()
-        .map(|m| MetricScores {
-            metric: &m.name,
-            scale: scale(&m.info),
-            scores: Vec::with_capacity(instances.len()),
-        })
+        .map(|m| (m.name.as_str(), scale(&m.info)))
         .collect();
-    for inst in instances {
-        let s = samples.get(inst.id.as_str()).ok_or_else(|| {
-            anyhow!(
-                "instance `{}` has no sample; rerun with --resume {}",
-                inst.id,
-                plan.run_dir.display()
-            )
-        })?;
-        for m in per_metric.iter_mut() {
-            let x = s["scores"][m.metric]
-                .as_f64()
-                .ok_or_else(|| anyhow!("sample `{}` has no `{}` score", inst.id, m.metric))?;
-            m.scores.push((inst.group.as_str(), x));
-        }
-    }
-    Ok(stats::aggregate(&plan.task, &per_metric))
+    stats::aggregate_samples(&plan.task, &metrics, &ordered)
 }

@@ -13,7 +13,7 @@ use reports::stats::Scale;
 use crate::cli::MergeArgs;
 use crate::plan::eval::Shard;
 use crate::run_dir::{self, write_atomic, RunRecord, RESULTS, RUN_TOML, SAMPLES};
-use crate::stats::{self, MetricScores};
+use crate::stats;
 
 /// One finished shard: its folder, record and sample lines in file order.
 struct ShardRun {
@@ -205,27 +205,19 @@ fn aggregate(record: &RunRecord, lines: &[&str]) -> Result<Vec<reports::ResultRo
                 .with_context(|| format!("merged sample {} is not valid JSON", i + 1))
         })
         .collect::<Result<_>>()?;
-    let mut per_metric = Vec::with_capacity(record.metrics.len());
-    for m in &record.metrics {
-        let scale: Scale = m.scale.ok_or_else(|| {
-            anyhow!(
-                "run.toml records no range for metric `{}` (written by an older harness); rerun the shards",
-                m.name
-            )
-        })?;
-        let mut scores = Vec::with_capacity(samples.len());
-        for s in &samples {
-            let group = s["group"].as_str().unwrap_or_default();
-            let x = s["scores"][&m.name]
-                .as_f64()
-                .ok_or_else(|| anyhow!("sample `{}` has no `{}` score", s["id"], m.name))?;
-            scores.push((group, x));
-        }
-        per_metric.push(MetricScores {
-            metric: &m.name,
-            scale,
-            scores,
-        });
-    }
-    Ok(stats::aggregate(&record.task.name, &per_metric))
+    let metrics = record
+        .metrics
+        .iter()
+        .map(|m| {
+            let scale: Scale = m.scale.ok_or_else(|| {
+                anyhow!(
+                    "run.toml records no range for metric `{}` (written by an older harness); rerun the shards",
+                    m.name
+                )
+            })?;
+            Ok((m.name.as_str(), scale))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&serde_json::Value> = samples.iter().collect();
+    stats::aggregate_samples(&record.task.name, &metrics, &refs)
 }

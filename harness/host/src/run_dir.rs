@@ -87,6 +87,28 @@ impl RunRecord {
     }
 }
 
+/// A resumed run's input (`what`: model, adapter, training data) must be the file it started
+/// with: still at `path`, with the `recorded` sha256.
+pub fn check_unchanged(what: &str, path: &Path, recorded: &str) -> Result<()> {
+    if !path.exists() {
+        bail!(
+            "the run's {what} {} is gone; a run resumes with the {what} it started with",
+            path.display()
+        );
+    }
+    let now = sha256_path(path)?;
+    if now != recorded {
+        let short = |s: &str| s.chars().take(12).collect::<String>();
+        bail!(
+            "the run's {what} {} changed since the run started (sha256 {} recorded, {} now); a run resumes with the {what} it started with, so start a new one",
+            path.display(),
+            short(recorded),
+            short(&now)
+        );
+    }
+    Ok(())
+}
+
 /// Writes a file so that it is either the old one or the whole new one (reports' one way).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(reports::write_atomic(path, bytes)?)

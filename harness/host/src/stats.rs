@@ -18,6 +18,33 @@ pub struct MetricScores<'a> {
     pub scores: Vec<(&'a str, f64)>,
 }
 
+/// results.csv's rows of finished samples (their lines as JSON, in the task's instance order):
+/// each sample's `group` and its score of every metric. What `harness eval` writes and what
+/// `harness merge` writes for the merged shards, by the same code so that they agree to the byte.
+pub fn aggregate_samples(
+    task: &str,
+    metrics: &[(&str, Scale)],
+    samples: &[&serde_json::Value],
+) -> anyhow::Result<Vec<ResultRow>> {
+    let mut per_metric = Vec::with_capacity(metrics.len());
+    for &(metric, scale) in metrics {
+        let mut scores = Vec::with_capacity(samples.len());
+        for s in samples {
+            let group = s["group"].as_str().unwrap_or_default();
+            let x = s["scores"][metric]
+                .as_f64()
+                .ok_or_else(|| anyhow::anyhow!("sample `{}` has no `{metric}` score", s["id"]))?;
+            scores.push((group, x));
+        }
+        per_metric.push(MetricScores {
+            metric,
+            scale,
+            scores,
+        });
+    }
+    Ok(aggregate(task, &per_metric))
+}
+
 /// Rows for each group (in first-appearance order), `all`, and `macro` when there are several
 /// groups.
 pub fn aggregate(task: &str, metrics: &[MetricScores<'_>]) -> Vec<ResultRow> {

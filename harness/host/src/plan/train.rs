@@ -148,23 +148,8 @@ fn check_unchanged(record: &Table, plan: &TrainPlan) -> Result<()> {
         ("training data", plan.data.clone(), recorded_data),
     ];
     for (what, path, recorded) in inputs {
-        let (Some(path), Some(recorded)) = (path, recorded) else {
-            continue;
-        };
-        if !path.exists() {
-            bail!(
-                "the run's {what} {} is gone; a run resumes with the {what} it started with",
-                path.display()
-            );
-        }
-        let now = crate::run_dir::sha256_path(&path)?;
-        if now != recorded {
-            bail!(
-                "the run's {what} {} changed since the run started (sha256 {} recorded, {} now); a run resumes with the {what} it started with, so start a new one",
-                path.display(),
-                &recorded[..recorded.len().min(12)],
-                &now[..12]
-            );
+        if let (Some(path), Some(recorded)) = (path, recorded) {
+            crate::run_dir::check_unchanged(what, &path, recorded)?;
         }
     }
     Ok(())
