@@ -67,23 +67,28 @@ pub enum FewShot {
 /// The task's options as given (and recorded in run.toml); see the crate documentation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct Options {
-    pub digits: String,
+pub struct Config {
+    /// The digit counts k (`5`, `1-7`, `1,3,12`).
+    pub digits: Digits,
+    /// Problems per k.
     pub n: u64,
     pub shots: u64,
     pub seed: u64,
     pub fewshot: FewShot,
     /// Tokens allowed beyond the k+1 digits of the answer (default k + 6 in all).
     pub max_new_tokens: Option<u32>,
+    /// The adapter folder whose training set marks instances `seen` (evaluation only).
     pub seen_in: Option<PathBuf>,
+    /// Training problems added per k as `seen = yes` probes (needs `seen_in`).
     pub seen_per_k: u64,
+    /// The overlap a run recorded; checked against the adapter folder when given back.
     pub seen_overlap: Option<u64>,
 }
 
-impl Default for Options {
+impl Default for Config {
     fn default() -> Self {
-        Options {
-            digits: "1-12".into(),
+        Config {
+            digits: Digits::try_from("1-12".to_string()).expect("a valid digit spec"),
             n: 100,
             shots: 3,
             seed: 1234,
@@ -96,59 +101,65 @@ impl Default for Options {
     }
 }
 
-/// The validated options of the task.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub digits: Vec<u32>,
-    pub n: u64,
-    pub shots: u64,
-    pub seed: u64,
-    pub fewshot: FewShot,
-    /// Extra tokens allowed beyond the k+1 digits of the answer.
-    pub max_new_tokens: Option<u32>,
-    /// The adapter folder whose training set marks instances `seen` (evaluation only).
-    pub seen_in: Option<PathBuf>,
-    /// Training problems added per k as `seen = yes` probes (needs `seen_in`).
-    pub seen_per_k: u64,
-    /// The overlap a run recorded; checked against the adapter folder when given back.
-    pub seen_overlap: Option<u64>,
+/// The digit counts k, recorded as the spec they were given as.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Digits {
+    spec: String,
+    ks: Vec<u32>,
+}
+
+impl TryFrom<String> for Digits {
+    type Error = String;
+    fn try_from(spec: String) -> Result<Self, String> {
+        let ks = parse_digits(&spec).map_err(|e| e.trim_start_matches("addition: ").to_string())?;
+        Ok(Digits { spec, ks })
+    }
+}
+
+impl From<Digits> for String {
+    fn from(d: Digits) -> String {
+        d.spec
+    }
+}
+
+impl std::ops::Deref for Digits {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.ks
+    }
 }
 
 impl Config {
     /// Reads and checks options given as TOML.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        Config::new(&harness_abi::options::read(NAME, text)?)
+        let config: Config = harness_abi::options::read(NAME, text)?;
+        config.check()?;
+        Ok(config)
     }
 
-    /// Checks the options.
-    pub fn new(o: &Options) -> Result<Self, String> {
-        let digits = parse_digits(&o.digits)?;
-        if o.n == 0 {
+    /// Checks what the types do not.
+    pub fn check(&self) -> Result<(), String> {
+        if self.n == 0 {
             return Err("addition: option `n` must be at least 1".into());
         }
-        if o.seen_in.as_ref().is_some_and(|s| s.as_os_str().is_empty()) {
+        if self
+            .seen_in
+            .as_ref()
+            .is_some_and(|s| s.as_os_str().is_empty())
+        {
             return Err(
                 "addition: option `seen_in` must name an adapter folder written by `harness train --task addition`"
                     .into(),
             );
         }
-        if o.seen_per_k > 0 && o.seen_in.is_none() {
+        if self.seen_per_k > 0 && self.seen_in.is_none() {
             return Err("addition: option `seen_per_k` needs `seen_in`, the adapter folder whose training problems to probe".into());
         }
-        if o.seen_overlap.is_some() && o.seen_in.is_none() {
+        if self.seen_overlap.is_some() && self.seen_in.is_none() {
             return Err("addition: option `seen_overlap` is recorded by a run with `seen_in` and means nothing without it".into());
         }
-        Ok(Config {
-            digits,
-            n: o.n,
-            shots: o.shots,
-            seed: o.seed,
-            fewshot: o.fewshot,
-            max_new_tokens: o.max_new_tokens,
-            seen_in: o.seen_in.clone(),
-            seen_per_k: o.seen_per_k,
-            seen_overlap: o.seen_overlap,
-        })
+        Ok(())
     }
 }
 
@@ -392,7 +403,7 @@ impl Addition {
             }
         }
         let mut out = Vec::new();
-        for &k in &self.config.digits {
+        for &k in self.config.digits.iter() {
             let problems = self.eval_problems(k);
             let avoid: HashSet<Problem> = problems.iter().copied().collect();
             let mut shot_rng = stream(self.config.seed, SHOTS, k);
@@ -501,16 +512,17 @@ fn draw_avoiding(rng: &mut ChaCha8Rng, k: u32, avoid: &HashSet<Problem>) -> Prob
 }
 
 impl TaskPlugin for Addition {
-    type Options = Options;
+    type Options = Config;
     const DESCRIPTION: &'static str = "k-digit addition, k-shot prompts of the paper's Listing 4 (options: digits, n, shots, seed, fewshot, max_new_tokens, seen_in, seen_per_k)";
 
     /// Checks the options; with `seen_in`, records it absolute and, when the adapter's
     /// training set can be read, the overlap `seen_overlap` a resumed run is checked against.
-    fn new(options: &mut Options) -> Result<Self, String> {
+    fn new(options: &mut Config) -> Result<Self, String> {
+        options.check()?;
         if let Some(dir) = &options.seen_in {
             options.seen_in = Some(std::path::absolute(dir).unwrap_or_else(|_| dir.clone()));
         }
-        let task = Addition::new(Config::new(options)?);
+        let task = Addition::new(options.clone());
         // A folder that cannot be read is reported when instances are made (training, which
         // refuses `seen_in`, says so first).
         if let Ok(Some(t)) = task.training_set() {
@@ -543,7 +555,7 @@ mod tests {
 
     /// The options `harness eval --resume` gives back: what the SDK records after `new`.
     fn resolved(toml: &str) -> (Addition, String) {
-        let mut o: Options = harness_abi::options::read(NAME, toml).unwrap();
+        let mut o: Config = harness_abi::options::read(NAME, toml).unwrap();
         let t = <Addition as TaskPlugin>::new(&mut o).unwrap();
         (t, harness_abi::options::record(&o).unwrap())
     }
