@@ -88,28 +88,12 @@ impl Default for TrainArgs {
     }
 }
 
-/// LoRA and optimiser options, checked.
+/// The training options, checked: as given (`args`, what is recorded) and the optimiser's
+/// settings made of them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainOptions {
-    pub r: usize,
-    pub alpha: f64,
-    pub dropout: f64,
-    pub targets: Vec<String>,
-    pub double_quant: bool,
-    pub optimizer: TrainConfig,
-    /// An unfinished run's folder to continue from (its adapter and optimizer.safetensors).
-    pub resume: Option<std::path::PathBuf>,
-    /// Where to save a resumable checkpoint (adapter and optimiser state) every `save_every`
-    /// steps, so that a killed run loses at most that many steps.
-    pub checkpoint_dir: Option<std::path::PathBuf>,
-    pub save_every: usize,
-    /// Products in bf16 (`compute = "bf16"`, the default, used where the CPU has AMX or
-    /// AVX512-BF16; see `crate::ops::bf16`): the frozen base's and the adapter's, operands rounded
-    /// to bf16 and sums kept in f32, as QLoRA's bf16 compute dtype. Or all in f32 (`"f32"`).
-    /// The adapter's weights, their gradients and the optimiser are f32 always.
-    pub bf16: bool,
-    /// The options as given, for the record.
     pub args: TrainArgs,
+    pub optimizer: TrainConfig,
 }
 
 impl TrainOptions {
@@ -173,15 +157,6 @@ impl TrainOptions {
         }
         let d = TrainConfig::default();
         Ok(TrainOptions {
-            r: args.r as usize,
-            alpha: args.alpha,
-            dropout: args.dropout,
-            targets: args.targets.clone(),
-            double_quant: args.double_quant,
-            resume: args.resume.clone(),
-            checkpoint_dir: args.checkpoint_dir.clone(),
-            save_every: args.save_every as usize,
-            bf16: args.compute == Compute::Bf16,
             optimizer: TrainConfig {
                 lr: args.lr,
                 beta1: args.beta1,
@@ -202,12 +177,20 @@ impl TrainOptions {
         })
     }
 
+    /// Products in bf16 (`compute = "bf16"`, the default, used where the CPU has AMX or
+    /// AVX512-BF16; see `crate::ops::bf16`): the frozen base's and the adapter's, operands
+    /// rounded to bf16 and sums kept in f32, as QLoRA's bf16 compute dtype. Or all in f32.
+    /// The adapter's weights, their gradients and the optimiser are f32 always.
+    pub fn bf16(&self) -> bool {
+        self.args.compute == Compute::Bf16
+    }
+
     /// The options as TOML, with a comment on how the products really ran: `portable` when
     /// the model is on the portable path (off the CPU), which computes in f32.
     pub fn to_toml(&self, portable: bool) -> String {
         let record = harness_abi::options::record(&self.args).unwrap_or_default();
         record
-            + &match (self.bf16, portable, crate::ops::bf16::kernel()) {
+            + &match (self.bf16(), portable, crate::ops::bf16::kernel()) {
                 (false, ..) => String::new(),
                 (true, true, _) => {
                     "# compute ran in f32: the portable path (off the CPU) has no bf16 products\n"
@@ -274,27 +257,28 @@ pub fn run(
         );
     }
     let model = engine.model_mut();
-    model.quantize_nf4(opts.double_quant)?;
-    model.set_bf16(opts.bf16);
-    let targets: Vec<&str> = opts.targets.iter().map(String::as_str).collect();
+    let args = &opts.args;
+    model.quantize_nf4(args.double_quant)?;
+    model.set_bf16(opts.bf16());
+    let targets: Vec<&str> = args.targets.iter().map(String::as_str).collect();
     let params = model.add_lora(
         &targets,
-        opts.r,
-        opts.alpha,
-        opts.dropout as f32,
+        args.r as usize,
+        args.alpha,
+        args.dropout as f32,
         opts.optimizer.seed,
     )?;
-    let resume = match &opts.resume {
+    let resume = match &args.resume {
         Some(dir) => Some(load_state(dir, &params)?),
         None => None,
     };
     let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
     *trained = Some(Trained {
         spec: AdapterSpec {
-            r: opts.r,
-            alpha: opts.alpha,
-            dropout: opts.dropout,
-            target_modules: opts.targets.clone(),
+            r: args.r as usize,
+            alpha: args.alpha,
+            dropout: args.dropout,
+            target_modules: args.targets.clone(),
             base_model: model_name.to_string(),
         },
         params,
@@ -309,8 +293,9 @@ pub fn run(
         &opts.optimizer,
         resume,
         |r, opt| {
-            if let Some(dir) = &opts.checkpoint_dir {
-                if opts.save_every > 0 && r.step % opts.save_every == 0 && r.step < r.total_steps {
+            if let Some(dir) = &args.checkpoint_dir {
+                let every = args.save_every as usize;
+                if every > 0 && r.step % every == 0 && r.step < r.total_steps {
                     // A checkpoint a killed run can resume from.
                     adapter.write(dir, Some(&opt.state(r.step)))?;
                 }
@@ -453,7 +438,7 @@ mod tests {
     fn defaults_follow_the_paper_and_unknown_keys_are_named() {
         let o = TrainOptions::from_toml("").unwrap();
         assert_eq!(
-            (o.r, o.alpha, o.dropout, o.targets.len()),
+            (o.args.r, o.args.alpha, o.args.dropout, o.args.targets.len()),
             (32, 16.0, 0.1, 7)
         );
         assert_eq!(
@@ -461,7 +446,7 @@ mod tests {
             (2e-4, 0.3, 1)
         );
         assert_eq!(o.optimizer.schedule, Schedule::Constant);
-        assert!(o.double_quant);
+        assert!(o.args.double_quant);
         let e = TrainOptions::from_toml("rank = 8").unwrap_err().to_string();
         assert!(e.contains("unknown option `rank`"), "{e}");
         let e = TrainOptions::from_toml("targets = \"q_proj,lm_head\"")
