@@ -77,6 +77,34 @@ pub enum Command {
   harness study studies/addition-length-generalization.toml
   harness study studies/mmlu-knowledge-transfer.toml --out runs/mmlu-again")]
     Study(StudyArgs),
+    /// Write fine-tuning pairs with a teacher: the paper's Algorithm 1 (`general`) or 2
+    /// (`targeted`) over MMLU subjects.
+    ///
+    /// `general` asks the teacher for --pairs pairs per subject with Listing 2, one per turn,
+    /// each turn shown the pairs before it. `targeted` has the student (`--model`, the candle
+    /// backend) and the teacher answer the subject's test questions, keeps those the teacher
+    /// gets right and the student wrong, and asks for --per-gap new pairs for each with
+    /// Listing 3. Every pair then passes the filters, each counted: well-formed (a question,
+    /// four options A-D, one answer letter), not a duplicate (normalised text equal, or at
+    /// least --similarity alike by Levenshtein), relevant (a model teacher is asked whether the
+    /// question is about the subject), solvable (the teacher, asked the question alone with the
+    /// Listing-1 prompt, gives the stated answer).
+    ///
+    /// The teacher is a backend plugin (`openai` for any OpenAI-compatible server, including
+    /// `harness serve`; `candle` for a local model), set up with --backend-option, or
+    /// `answer-key`: offline, it answers with the dataset's key and rewords the question with
+    /// its options reordered, so its pairs are test-data leakage by construction.
+    ///
+    /// OUT is a JSONL file `harness train --data` reads ({"prompt", "completion"} with the
+    /// Listing-1 prompt the student is evaluated with), each line with its provenance (teacher,
+    /// prompt version, source question). OUT's name with `.provenance.toml` records the run:
+    /// the teacher, the counts per filter and subject, and which test questions leaked.
+    #[command(after_help = "Examples:
+  harness generate --method targeted --subject machine_learning --teacher answer-key --out data/ml-leak.jsonl
+  harness generate --method general --subject machine_learning --pairs 200 --teacher openai \\
+      --backend-option base_url=http://127.0.0.1:8000/v1 --backend-option model=NAME --out data/ml-general.jsonl
+  harness train --data data/ml-leak.jsonl --out adapters/ml-leak")]
+    Generate(Box<GenerateArgs>),
     /// Merge the shard runs of one eval (`harness eval --shard I/N`) into one run folder.
     ///
     /// The shards must be the same eval (task and its options, backend and its options, model,
@@ -148,6 +176,73 @@ pub struct ReportArgs {
     /// Figure format.
     #[arg(long, value_name = "png|svg", default_value = "png")]
     pub format: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// `general` (Algorithm 1: broad pairs per subject) or `targeted` (Algorithm 2: pairs for
+    /// the test questions the student gets wrong and the teacher right).
+    #[arg(long, value_name = "general|targeted")]
+    pub method: String,
+
+    /// MMLU subject(s) with underscores, comma-separated, or `all`.
+    #[arg(long, value_name = "NAME[,NAME...]")]
+    pub subject: String,
+
+    /// `answer-key` (offline) or a backend plugin (`openai`, `candle`) set up with
+    /// --backend-option.
+    #[arg(long, value_name = "NAME")]
+    pub teacher: String,
+
+    /// A teacher backend option, as KEY=VALUE (repeatable), e.g. base_url=..., model=NAME.
+    #[arg(long = "backend-option", value_name = "KEY=VALUE")]
+    pub backend_options: Vec<String>,
+
+    /// general: pairs asked of the teacher per subject (before filtering).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub pairs: u64,
+
+    /// targeted: new pairs asked for each question the student gets wrong.
+    #[arg(long = "per-gap", value_name = "N", default_value_t = 3)]
+    pub per_gap: u64,
+
+    /// targeted: the student model (default: the model cached by `harness fetch`), run by the
+    /// candle backend.
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+
+    /// targeted: the student's LoRA adapter folder, if any.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+
+    /// The MMLU data file or folder (default: the fetched file).
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+
+    /// At most this many test questions per subject.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+
+    /// Near-duplicate threshold: pairs at least this alike (1 − Levenshtein distance / length,
+    /// on normalised text) count as one.
+    #[arg(long, value_name = "X", default_value_t = 0.9)]
+    pub similarity: f64,
+
+    /// Tokens the teacher may write per pair.
+    #[arg(long = "max-new-tokens", value_name = "N", default_value_t = 384)]
+    pub max_new_tokens: u32,
+
+    /// Requests sent to a backend at once.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub batch: u64,
+
+    /// Seed of the answer-key teacher's rewordings.
+    #[arg(long, value_name = "N", default_value_t = 1234)]
+    pub seed: u64,
+
+    /// The JSONL file to write (refused if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

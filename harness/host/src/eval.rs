@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use harness_abi::abi_stable::std_types::RStr;
 use harness_abi::{
-    BackendBox, ChoiceRequest, GenerateRequest, Instance, MetricBox, MetricInfo, PluginKind,
+    BackendBox, ChoiceRequest, ChoiceScore, GenerateRequest, Instance, MetricBox, MetricInfo, PluginKind,
     Request,
 };
 use indicatif::{ProgressBar, ProgressStyle};
@@ -398,18 +398,7 @@ fn choice_lines(
     let mut lines = Vec::with_capacity(batch.len());
     for ((inst, req), scored) in batch.iter().zip(out.iter()) {
         check_answered(plan, "scored", scored.len(), req.options.len(), "options")?;
-        let ranked: Vec<f64> = scored
-            .iter()
-            .zip(req.options.iter())
-            .map(|(s, o)| {
-                if req.length_normalize {
-                    s.logprob / (o.len().max(1) as f64)
-                } else {
-                    s.logprob
-                }
-            })
-            .collect();
-        let best = (0..ranked.len()).fold(0, |b, k| if ranked[k] > ranked[b] { k } else { b });
+        let best = best_option(req, scored);
         let prediction = req
             .labels
             .get(best)
@@ -429,6 +418,23 @@ fn choice_lines(
         lines.push(line);
     }
     Ok(lines)
+}
+
+/// The option ranked first: the highest log-likelihood (per byte of the option's text with
+/// `length_normalize`), the first of equals.
+pub fn best_option(req: &ChoiceRequest, scored: &[ChoiceScore]) -> usize {
+    let ranked: Vec<f64> = scored
+        .iter()
+        .zip(req.options.iter())
+        .map(|(s, o)| {
+            if req.length_normalize {
+                s.logprob / (o.len().max(1) as f64)
+            } else {
+                s.logprob
+            }
+        })
+        .collect();
+    (0..ranked.len()).fold(0, |b, k| if ranked[k] > ranked[b] { k } else { b })
 }
 
 /// Adds the instance's attributes to its sample line as an `attributes` object; a line of an

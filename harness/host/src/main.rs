@@ -10,6 +10,7 @@ mod cli;
 mod compare;
 mod eval;
 mod fetch;
+mod generate;
 mod interrupt;
 mod merge;
 mod plan;
@@ -122,6 +123,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Study(args) => {
             let reg = load_registry(&cli)?;
             study::run(&reg, args)
+        }
+        Command::Generate(args) => {
+            let reg = load_registry(&cli)?;
+            let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+            generate::run(&reg, args, command_line)
         }
         Command::Merge(args) => {
             let command_line = std::env::args().collect::<Vec<_>>().join(" ");
