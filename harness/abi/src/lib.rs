@@ -37,7 +37,7 @@ use abi_stable::{
     library::RootModule,
     package_version_strings, sabi_trait,
     sabi_types::VersionStrings,
-    std_types::{RBox, RResult, RStr, RString, RVec},
+    std_types::{RBox, ROption, RResult, RStr, RString, RVec},
     StableAbi,
 };
 
@@ -454,8 +454,69 @@ pub trait Backend {
     ) -> RResult<TrainSummary, RString>;
 
     /// Writes the trained adapter (PEFT layout) into the folder `dir`.
-    #[sabi(last_prefix_field)]
     fn save_adapter(&self, dir: RStr<'_>) -> RResult<(), RString>;
+
+    /// Every token of each text with its log-probability given the tokens before it, and the
+    /// `top` most likely tokens at each position: what an OpenAI completions request with
+    /// `echo` and `logprobs` returns for the prompt (`harness serve`).
+    fn prompt_logprobs(
+        &mut self,
+        prompts: RVec<Prompt>,
+        top: u32,
+    ) -> RResult<RVec<RVec<PromptToken>>, RString>;
+
+    /// The model's own chat template applied to `messages`, ending where the assistant's reply
+    /// starts; an error naming why when the model has none.
+    fn chat_prompt(&self, messages: RVec<ChatMessage>) -> RResult<RString, RString>;
+
+    /// The text of token ids (special tokens kept).
+    fn detokenize(&self, ids: RVec<u32>) -> RResult<RString, RString>;
+
+    /// The tokenizer's special tokens and the chat template, for clients that tokenize and
+    /// template themselves (`harness serve`'s `/tokenizer_info`).
+    #[sabi(last_prefix_field)]
+    fn tokenizer_info(&self) -> RResult<TokenizerInfo, RString>;
+}
+
+/// A prompt as text, or as token ids a client tokenized itself.
+#[repr(C, u8)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(RString),
+    Tokens(RVec<u32>),
+}
+
+/// What [`Backend::tokenizer_info`] says.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Default, PartialEq)]
+pub struct TokenizerInfo {
+    pub bos_token: ROption<RString>,
+    pub eos_token: ROption<RString>,
+    pub chat_template: ROption<RString>,
+}
+
+/// One token of a prompt scored by [`Backend::prompt_logprobs`].
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub struct PromptToken {
+    pub id: u32,
+    /// The prompt's text this token covers: the tokens' texts concatenate to the prompt (for a
+    /// prompt given as token ids, each token's own text).
+    pub text: RString,
+    /// Where `text` starts in the prompt, in bytes.
+    pub offset: u32,
+    /// log p(this token | the tokens before); `None` for the first token.
+    pub logprob: ROption<f64>,
+    /// The most likely tokens at this position, best first (empty for the first token).
+    pub top: RVec<TokenLogprob>,
+}
+
+/// One message of a chat (`role` is `system`, `user` or `assistant`).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub struct ChatMessage {
+    pub role: RString,
+    pub content: RString,
 }
 
 /// One optimiser step of a training run.

@@ -43,8 +43,9 @@ use crate::{
     PluginKind, ProgressSinkBox, TD_Opaque, Task, TaskBox, Task_TO,
 };
 pub use crate::{
-    Attribute, BackendStats, ChoiceRequest, ChoiceScore, GenerateRequest, Generation, Instance,
-    MetricInfo, ModelInfo, Request, TokenLogprob, TrainExample, TrainStep, TrainSummary,
+    Attribute, BackendStats, ChatMessage, ChoiceRequest, ChoiceScore, GenerateRequest,
+    Generation, Instance, MetricInfo, ModelInfo, Prompt, PromptToken, Request, TokenLogprob,
+    TokenizerInfo, TrainExample, TrainStep, TrainSummary,
 };
 
 /// The options of a component that takes none.
@@ -158,6 +159,34 @@ pub trait BackendPlugin: Sized + 'static {
     fn save_adapter(&self, dir: &Path) -> Result<(), String> {
         let _ = dir;
         Err("this backend does not train".into())
+    }
+
+    /// Each text's tokens with their log-probabilities given the tokens before, and the `top`
+    /// most likely at each position (an OpenAI `echo` + `logprobs` request).
+    fn prompt_logprobs(
+        &mut self,
+        prompts: Vec<Prompt>,
+        top: u32,
+    ) -> Result<Vec<Vec<PromptToken>>, String> {
+        let _ = (prompts, top);
+        Err("this backend does not give the log-probabilities of a prompt".into())
+    }
+
+    /// The model's chat template applied to `messages`, ending where the reply starts.
+    fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, String> {
+        let _ = messages;
+        Err("this backend has no chat template".into())
+    }
+
+    /// The text of token ids.
+    fn detokenize(&self, ids: &[u32]) -> Result<String, String> {
+        let _ = ids;
+        Err("this backend cannot turn token ids into text".into())
+    }
+
+    /// Special tokens and the chat template, where the backend knows them.
+    fn tokenizer_info(&self) -> TokenizerInfo {
+        TokenizerInfo::default()
     }
 }
 
@@ -307,6 +336,31 @@ impl<T: BackendPlugin> Backend for BackendAdapter<T> {
         guard(self.name, || {
             self.inner.save_adapter(Path::new(dir.as_str()))
         })
+    }
+
+    fn prompt_logprobs(
+        &mut self,
+        prompts: RVec<Prompt>,
+        top: u32,
+    ) -> RResult<RVec<RVec<PromptToken>>, RString> {
+        guard(self.name, || {
+            let out = self.inner.prompt_logprobs(prompts.into_vec(), top)?;
+            Ok(out.into_iter().map(RVec::from).collect())
+        })
+    }
+
+    fn chat_prompt(&self, messages: RVec<ChatMessage>) -> RResult<RString, RString> {
+        guard(self.name, || {
+            self.inner.chat_prompt(&messages).map(RString::from)
+        })
+    }
+
+    fn detokenize(&self, ids: RVec<u32>) -> RResult<RString, RString> {
+        guard(self.name, || self.inner.detokenize(&ids).map(RString::from))
+    }
+
+    fn tokenizer_info(&self) -> RResult<TokenizerInfo, RString> {
+        guard(self.name, || Ok(self.inner.tokenizer_info()))
     }
 }
 

@@ -105,6 +105,25 @@ pub enum Command {
       --backend-option base_url=http://127.0.0.1:8000/v1 --backend-option model=NAME --out data/ml-general.jsonl
   harness train --data data/ml-leak.jsonl --out adapters/ml-leak")]
     Generate(Box<GenerateArgs>),
+    /// Serve a model behind an OpenAI-compatible API (`/v1/models`, `/v1/completions`,
+    /// `/v1/chat/completions`).
+    ///
+    /// Any backend plugin answers (default: candle with the fetched model, or --model and
+    /// --adapter). Decoding is greedy whatever `temperature` says. `/v1/completions` takes a text
+    /// prompt (or a list), `max_tokens`, `stop`, and with `logprobs` gives each token's
+    /// log-probability and the most likely alternatives; with `echo` and `max_tokens: 0` it
+    /// scores the prompt itself, which is how lm-evaluation-harness's `local-completions`
+    /// model computes log-likelihoods. `/v1/chat/completions` applies the model's own chat
+    /// template. Requests that arrive together are decoded as one batch (up to --batch).
+    ///
+    /// Listens on 127.0.0.1 unless --host says otherwise; refuses bodies over --max-body bytes
+    /// (413) and more than --max-pending requests waiting (429). Ctrl-C stops it.
+    #[command(after_help = "Examples:
+  harness serve --port 8080
+  harness serve --port 8080 --adapter adapters/ml-targeted
+  curl -s localhost:8080/v1/completions -d '{\"prompt\": \"2+2=\", \"max_tokens\": 4}'
+  harness eval --task mmlu --subject machine_learning --backend openai --backend-option base_url=http://127.0.0.1:8080/v1")]
+    Serve(Box<ServeArgs>),
     /// Merge the shard runs of one eval (`harness eval --shard I/N`) into one run folder.
     ///
     /// The shards must be the same eval (task and its options, backend and its options, model,
@@ -176,6 +195,53 @@ pub struct ReportArgs {
     /// Figure format.
     #[arg(long, value_name = "png|svg", default_value = "png")]
     pub format: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The backend that answers.
+    #[arg(long, value_name = "NAME", default_value = "candle")]
+    pub backend: String,
+
+    /// Model file or HF folder (default: the model cached by `harness fetch`).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+
+    /// A LoRA adapter folder (PEFT layout) merged into the model.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+
+    /// Base weights: `f32` or `nf4` (default: nf4 with --adapter, else f32).
+    #[arg(long, value_name = "nf4|f32")]
+    pub base: Option<String>,
+
+    /// Any other backend option, as KEY=VALUE (repeatable).
+    #[arg(long = "backend-option", value_name = "KEY=VALUE")]
+    pub backend_options: Vec<String>,
+
+    /// The model's name in the API (default: the model's own name).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Address to listen on; anything but loopback exposes the model to the network.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0: any free port; the one chosen is printed).
+    #[arg(long, value_name = "N", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Requests decoded together at most.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub batch: u64,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long = "max-body", value_name = "BYTES", default_value_t = 1 << 20)]
+    pub max_body: u64,
+
+    /// Requests that may wait for the model at once; more get 429.
+    #[arg(long = "max-pending", value_name = "N", default_value_t = 64)]
+    pub max_pending: u64,
 }
 
 #[derive(Debug, Args)]

@@ -149,7 +149,13 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
                 model: ModelRecord {
                     name: info.name.to_string(),
                     path: info.path.to_string(),
-                    sha256: run_dir::sha256_path(Path::new(info.path.as_str()))?,
+                    // A served model (the openai backend) is no file: its URL and name are
+                    // what identify it.
+                    sha256: if Path::new(info.path.as_str()).is_file() {
+                        run_dir::sha256_path(Path::new(info.path.as_str()))?
+                    } else {
+                        String::new()
+                    },
                     architecture: info.architecture.to_string(),
                     parameters: info.parameters,
                     device: info.device.to_string(),
@@ -218,7 +224,9 @@ fn scale(info: &MetricInfo) -> reports::stats::Scale {
 /// models' answers in one results file).
 fn check_unchanged(record: &RunRecord) -> Result<()> {
     let m = &record.model;
-    run_dir::check_unchanged("model", Path::new(&m.path), &m.sha256)?;
+    if !m.sha256.is_empty() {
+        run_dir::check_unchanged("model", Path::new(&m.path), &m.sha256)?;
+    }
     if let (Some(path), Some(sha)) = (&m.adapter, &m.adapter_sha256) {
         run_dir::check_unchanged("adapter", Path::new(path), sha)?;
     }

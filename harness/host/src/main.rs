@@ -17,6 +17,7 @@ mod plan;
 mod registry;
 mod report;
 mod run_dir;
+mod serve;
 mod stats;
 mod study;
 mod train;
@@ -128,6 +129,10 @@ fn run(cli: Cli) -> Result<()> {
             let reg = load_registry(&cli)?;
             let command_line = std::env::args().collect::<Vec<_>>().join(" ");
             generate::run(&reg, args, command_line)
+        }
+        Command::Serve(args) => {
+            let reg = load_registry(&cli)?;
+            serve::run(&reg, args)
         }
         Command::Merge(args) => {
             let command_line = std::env::args().collect::<Vec<_>>().join(" ");

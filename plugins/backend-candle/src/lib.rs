@@ -14,9 +14,10 @@ pub mod train;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use harness_abi::abi_stable::std_types::ROption;
 use harness_abi::sdk::{
     BackendPlugin, BackendStats, ChoiceRequest, ChoiceScore, GenerateRequest, Generation,
-    ModelInfo, TokenLogprob, TrainExample, TrainStep, TrainSummary,
+    ChatMessage, ModelInfo, Prompt, PromptToken, TokenLogprob, TokenizerInfo, TrainExample, TrainStep, TrainSummary,
 };
 use serde::{Deserialize, Serialize};
 
@@ -193,6 +194,7 @@ pub struct CandleBackend {
     info: ModelInfo,
     /// The adapter of the last training run, for `save_adapter`.
     trained: Option<qlora::Trained>,
+    chat: Option<model::chat::ChatTemplate>,
 }
 
 impl CandleBackend {
@@ -221,6 +223,7 @@ impl CandleBackend {
             engine: Engine::new(model, ckpt.tokenizer, ckpt.eos, config.max_batch),
             info,
             trained: None,
+            chat: ckpt.chat,
         })
     }
 
@@ -296,6 +299,46 @@ impl BackendPlugin for CandleBackend {
                 })
             })
             .collect()
+    }
+
+    fn prompt_logprobs(
+        &mut self,
+        prompts: Vec<Prompt>,
+        top: u32,
+    ) -> std::result::Result<Vec<Vec<PromptToken>>, String> {
+        prompts
+            .iter()
+            .map(|p| self.engine.prompt_logprobs(p, top as usize).map_err(text))
+            .collect()
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> std::result::Result<String, String> {
+        self.engine.decode_all(ids).map_err(text)
+    }
+
+    fn tokenizer_info(&self) -> TokenizerInfo {
+        let some = |s: &str| (!s.is_empty()).then(|| s.into()).into();
+        match &self.chat {
+            Some(t) => TokenizerInfo {
+                bos_token: some(&t.bos),
+                eos_token: some(&t.eos),
+                chat_template: some(&t.source),
+            },
+            None => TokenizerInfo {
+                eos_token: self.engine.eos_text().as_deref().map_or(ROption::RNone, |e| some(e)),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn chat_prompt(&self, messages: &[ChatMessage]) -> std::result::Result<String, String> {
+        match &self.chat {
+            Some(t) => t.render(messages).map_err(text),
+            None => Err(format!(
+                "model `{}` ships no chat template (GGUF `tokenizer.chat_template` or tokenizer_config.json `chat_template`)",
+                self.info.path
+            )),
+        }
     }
 
     fn stats(&self) -> BackendStats {

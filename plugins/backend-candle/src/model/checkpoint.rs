@@ -17,6 +17,7 @@ use tokenizers::Tokenizer;
 use crate::error::{BackendError, Result};
 use crate::model::architecture::{self, FieldNames};
 use crate::model::llama::Config;
+use crate::model::chat::{self, ChatTemplate};
 use crate::model::tokenizer;
 use crate::model::weights::Weights;
 
@@ -30,6 +31,8 @@ pub struct Checkpoint {
     pub name: String,
     pub architecture: String,
     pub parameters: u64,
+    /// The chat template the checkpoint ships, if any.
+    pub chat: Option<ChatTemplate>,
 }
 
 /// Loads `path`: a folder is read as a HF checkpoint, a file as GGUF. With
@@ -181,6 +184,7 @@ fn load_gguf(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpo
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_else(|| file_stem(path));
+    let chat = gguf_chat_template(md);
     Ok(Checkpoint {
         config,
         weights,
@@ -189,6 +193,7 @@ fn load_gguf(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpo
         name,
         architecture: arch,
         parameters,
+        chat,
     })
 }
 
@@ -360,6 +365,40 @@ fn load_hf(dir: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpoint
             .unwrap_or_else(|| "model".into()),
         architecture: arch,
         parameters,
+        chat: hf_chat_template(dir),
+    })
+}
+
+/// `tokenizer.chat_template` of GGUF metadata, with the text of its BOS and EOS tokens.
+fn gguf_chat_template(md: &std::collections::HashMap<String, gguf_file::Value>) -> Option<ChatTemplate> {
+    let source = md.get("tokenizer.chat_template")?.to_string().ok()?.clone();
+    let tokens = md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok());
+    let token = |key: &str| -> String {
+        let id = md.get(key).and_then(|v| v.to_u32().ok());
+        match (id, tokens) {
+            (Some(id), Some(t)) => t
+                .get(id as usize)
+                .and_then(|v| v.to_string().ok())
+                .cloned()
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
+    };
+    Some(ChatTemplate {
+        bos: token("tokenizer.ggml.bos_token_id"),
+        eos: token("tokenizer.ggml.eos_token_id"),
+        source,
+    })
+}
+
+/// `chat_template` of an HF folder's tokenizer_config.json (absent or unreadable: none).
+fn hf_chat_template(dir: &Path) -> Option<ChatTemplate> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(ChatTemplate {
+        source: chat::from_config_value(config.get("chat_template")?)?,
+        bos: chat::token_text(config.get("bos_token")),
+        eos: chat::token_text(config.get("eos_token")),
     })
 }
 

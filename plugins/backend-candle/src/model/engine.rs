@@ -10,7 +10,8 @@
 use std::time::Instant;
 
 use candle_core::{IndexOp, Tensor, D};
-use harness_abi::{BackendStats, ChoiceScore, Generation};
+use harness_abi::abi_stable::std_types::{ROption, RVec};
+use harness_abi::{BackendStats, ChoiceScore, Generation, Prompt, PromptToken, TokenLogprob};
 use tokenizers::Tokenizer;
 
 use crate::error::{BackendError, Result};
@@ -72,6 +73,24 @@ impl Engine {
             .map_err(|e| BackendError::Tokenizer(e.to_string()))?
             .get_ids()
             .to_vec())
+    }
+
+    /// The text of `ids` with special tokens kept.
+    pub fn decode_all(&self, ids: &[u32]) -> Result<String> {
+        let vocab = self.tokenizer.get_vocab_size(true) as u32;
+        if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+            return Err(BackendError::Options(format!(
+                "token id {bad} is outside the vocabulary of {vocab} tokens"
+            )));
+        }
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| BackendError::Tokenizer(e.to_string()))
+    }
+
+    /// The text of the first end-of-sequence token.
+    pub fn eos_text(&self) -> Option<String> {
+        self.eos.first().and_then(|&e| self.tokenizer.id_to_token(e))
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -323,6 +342,102 @@ impl Engine {
             .take(top)
             .map(|i| (i as u32, f64::from(logp[i])))
             .collect())
+    }
+
+    /// Every token of the prompt with log p(token | the tokens before) (none for the first)
+    /// and the `top` most likely tokens at its position. A text prompt's tokens are the spans
+    /// between their offsets, so they concatenate to the text; token ids are scored as given,
+    /// each with its own text.
+    pub fn prompt_logprobs(&mut self, prompt: &Prompt, top: usize) -> Result<Vec<PromptToken>> {
+        let (ids, texts, starts): (Vec<u32>, Vec<String>, Vec<usize>) = match prompt {
+            Prompt::Text(text) => {
+                let text = text.as_str();
+                let encoding = self
+                    .tokenizer
+                    .encode(text, false)
+                    .map_err(|e| BackendError::Tokenizer(e.to_string()))?;
+                let mut starts: Vec<usize> = encoding.get_offsets().iter().map(|o| o.0).collect();
+                if let Some(first) = starts.first_mut() {
+                    *first = 0;
+                }
+                let texts = (0..starts.len())
+                    .map(|i| {
+                        let to = starts.get(i + 1).copied().unwrap_or(text.len());
+                        text.get(starts[i]..to.max(starts[i])).unwrap_or_default().to_string()
+                    })
+                    .collect();
+                (encoding.get_ids().to_vec(), texts, starts)
+            }
+            Prompt::Tokens(ids) => {
+                let vocab = self.tokenizer.get_vocab_size(true) as u32;
+                if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+                    return Err(BackendError::Options(format!(
+                        "token id {bad} is outside the vocabulary of {vocab} tokens"
+                    )));
+                }
+                let texts: Vec<String> = ids
+                    .iter()
+                    .map(|&i| {
+                        self.tokenizer
+                            .decode(&[i], false)
+                            .map_err(|e| BackendError::Tokenizer(e.to_string()))
+                    })
+                    .collect::<Result<_>>()?;
+                let mut starts = Vec::with_capacity(texts.len());
+                let mut at = 0;
+                for t in &texts {
+                    starts.push(at);
+                    at += t.len();
+                }
+                (ids.to_vec(), texts, starts)
+            }
+        };
+        if ids.is_empty() {
+            return Err(BackendError::Options("the prompt has no tokens".into()));
+        }
+        let mut out = vec![PromptToken {
+            id: ids[0],
+            text: texts[0].as_str().into(),
+            offset: 0,
+            logprob: ROption::RNone,
+            top: RVec::new(),
+        }];
+        if ids.len() > 1 {
+            let (_, logits) = self.prefill(&ids, 0, ids.len() - 1)?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+            for (i, row) in logp.iter().enumerate() {
+                let id = ids[i + 1];
+                let mut order: Vec<usize> = (0..row.len()).collect();
+                let top = top.min(row.len());
+                if top > 0 {
+                    order.select_nth_unstable_by(top - 1, |&a, &b| {
+                        row[b].total_cmp(&row[a]).then(a.cmp(&b))
+                    });
+                    order.truncate(top);
+                    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                } else {
+                    order.clear();
+                }
+                let alternatives = order
+                    .into_iter()
+                    .map(|t| {
+                        Ok(TokenLogprob {
+                            id: t as u32,
+                            text: self.tokenizer.decode(&[t as u32], false).map_err(|e| BackendError::Tokenizer(e.to_string()))?.into(),
+                            logprob: f64::from(row[t]),
+                        })
+                    })
+                    .collect::<Result<RVec<_>>>()?;
+                out.push(PromptToken {
+                    id,
+                    text: texts[i + 1].as_str().into(),
+                    offset: starts[i + 1] as u32,
+                    logprob: ROption::RSome(f64::from(row[id as usize])),
+                    top: alternatives,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Raw logits of the next token after `ids` (for tests against reference logits).

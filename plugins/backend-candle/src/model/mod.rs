@@ -3,6 +3,7 @@
 //! ([`llama`]) and the engine that batches requests through it ([`engine`]).
 
 pub mod architecture;
+pub mod chat;
 pub mod checkpoint;
 pub mod engine;
 pub mod llama;
