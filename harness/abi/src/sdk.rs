@@ -43,9 +43,9 @@ use crate::{
     PluginKind, ProgressSinkBox, TD_Opaque, Task, TaskBox, Task_TO,
 };
 pub use crate::{
-    Attribute, BackendStats, ChatMessage, ChoiceRequest, ChoiceScore, GenerateRequest,
-    Generation, Instance, MetricInfo, ModelInfo, Prompt, PromptToken, Request, TokenLogprob,
-    TokenizerInfo, TrainExample, TrainStep, TrainSummary,
+    Attribute, BackendStats, ChatMessage, ChoiceRequest, ChoiceScore, GenerateRequest, Generation,
+    Instance, MetricInfo, ModelInfo, Prompt, PromptToken, Request, TokenLogprob, TokenizerInfo,
+    TrainExample, TrainStep, TrainSummary,
 };
 
 /// The options of a component that takes none.

@@ -12,8 +12,8 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use harness_abi::abi_stable::std_types::RStr;
 use harness_abi::{
-    BackendBox, ChoiceRequest, ChoiceScore, GenerateRequest, Instance, MetricBox, MetricInfo, PluginKind,
-    Request,
+    BackendBox, ChoiceRequest, ChoiceScore, GenerateRequest, Instance, MetricBox, MetricInfo,
+    PluginKind, Request,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;

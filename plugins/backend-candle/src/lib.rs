@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use harness_abi::abi_stable::std_types::ROption;
 use harness_abi::sdk::{
-    BackendPlugin, BackendStats, ChoiceRequest, ChoiceScore, GenerateRequest, Generation,
-    ChatMessage, ModelInfo, Prompt, PromptToken, TokenLogprob, TokenizerInfo, TrainExample, TrainStep, TrainSummary,
+    BackendPlugin, BackendStats, ChatMessage, ChoiceRequest, ChoiceScore, GenerateRequest,
+    Generation, ModelInfo, Prompt, PromptToken, TokenLogprob, TokenizerInfo, TrainExample,
+    TrainStep, TrainSummary,
 };
 use serde::{Deserialize, Serialize};
 
@@ -325,7 +326,11 @@ impl BackendPlugin for CandleBackend {
                 chat_template: some(&t.source),
             },
             None => TokenizerInfo {
-                eos_token: self.engine.eos_text().as_deref().map_or(ROption::RNone, |e| some(e)),
+                eos_token: self
+                    .engine
+                    .eos_text()
+                    .as_deref()
+                    .map_or(ROption::RNone, |e| some(e)),
                 ..Default::default()
             },
         }

@@ -140,7 +140,11 @@ impl Client {
                 Err(ureq::Error::Transport(t)) => (
                     HttpError::Transport {
                         url: url.to_string(),
-                        cause: t.to_string(),
+                        // ureq's own text repeats the URL.
+                        cause: match t.message() {
+                            Some(m) => format!("{}: {m}", t.kind()),
+                            None => t.kind().to_string(),
+                        },
                     },
                     None,
                 ),
@@ -213,8 +217,17 @@ mod tests {
     fn the_cache_key_is_the_request() {
         let d = Path::new("/c");
         let a = cache_file(d, "http://h/v1/completions", r#"{"prompt":"a"}"#);
-        assert_eq!(a, cache_file(d, "http://h/v1/completions", r#"{"prompt":"a"}"#));
-        assert_ne!(a, cache_file(d, "http://h/v1/completions", r#"{"prompt":"b"}"#));
-        assert_ne!(a, cache_file(d, "http://g/v1/completions", r#"{"prompt":"a"}"#));
+        assert_eq!(
+            a,
+            cache_file(d, "http://h/v1/completions", r#"{"prompt":"a"}"#)
+        );
+        assert_ne!(
+            a,
+            cache_file(d, "http://h/v1/completions", r#"{"prompt":"b"}"#)
+        );
+        assert_ne!(
+            a,
+            cache_file(d, "http://g/v1/completions", r#"{"prompt":"a"}"#)
+        );
     }
 }

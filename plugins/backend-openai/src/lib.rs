@@ -99,13 +99,18 @@ impl BackendPlugin for OpenAi {
             .filter(|u| !u.trim().is_empty())
             .ok_or("set the server's URL: --backend-option base_url=http://HOST:PORT/v1 (or OPENAI_BASE_URL)")?;
         if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-            return Err(format!("`base_url` must start with http:// or https://, got `{base_url}`"));
+            return Err(format!(
+                "`base_url` must start with http:// or https://, got `{base_url}`"
+            ));
         }
         if o.concurrency == 0 || o.max_batch == 0 {
             return Err("`concurrency` and `max_batch` must be at least 1".into());
         }
         if !(o.timeout_s > 0.0 && o.timeout_s.is_finite()) {
-            return Err(format!("`timeout_s` must be a positive number of seconds, got {}", o.timeout_s));
+            return Err(format!(
+                "`timeout_s` must be a positive number of seconds, got {}",
+                o.timeout_s
+            ));
         }
         let api_key = std::env::var(&o.api_key_env).ok().filter(|k| !k.is_empty());
         let cache = o.cache.then(|| {
@@ -161,7 +166,10 @@ impl BackendPlugin for OpenAi {
         let root = self.client.base_url().trim_end_matches("/v1");
         let answer = self
             .client
-            .post_url(&format!("{root}/tokenize"), &json!({"prompt": text, "add_special_tokens": false}))
+            .post_url(
+                &format!("{root}/tokenize"),
+                &json!({"prompt": text, "add_special_tokens": false}),
+            )
             .map_err(|e| format!("the server does not tokenize (no /tokenize endpoint): {e}"))?;
         answer
             .get("tokens")
@@ -174,14 +182,21 @@ impl BackendPlugin for OpenAi {
         self.parallel(&requests, |me, r| me.generate_one(r))
     }
 
-    fn score_choices(&mut self, requests: Vec<ChoiceRequest>) -> Result<Vec<Vec<ChoiceScore>>, String> {
+    fn score_choices(
+        &mut self,
+        requests: Vec<ChoiceRequest>,
+    ) -> Result<Vec<Vec<ChoiceScore>>, String> {
         if self.endpoint == Endpoint::Chat {
             return Err("multiple-choice scoring reads the prompt's log-probabilities, which the chat endpoint does not give; use endpoint=completions with a server that gives them (vLLM, harness serve)".into());
         }
         // One request per option, all options of all requests side by side.
         let flat: Vec<(String, String)> = requests
             .iter()
-            .flat_map(|r| r.options.iter().map(move |o| (r.context.to_string(), o.to_string())))
+            .flat_map(|r| {
+                r.options
+                    .iter()
+                    .map(move |o| (r.context.to_string(), o.to_string()))
+            })
             .collect();
         let scored = self.parallel(&flat, |me, (context, option)| me.score_one(context, option))?;
         let mut it = scored.into_iter();
@@ -258,7 +273,10 @@ impl OpenAi {
         if let Some(Err(e)) = results.iter().flatten().find(|r| r.is_err()) {
             return Err(e.clone());
         }
-        Ok(results.into_iter().map(|r| r.and_then(Result::ok).expect("every item answered")).collect())
+        Ok(results
+            .into_iter()
+            .map(|r| r.and_then(Result::ok).expect("every item answered"))
+            .collect())
     }
 
     fn completion(&self, body: Value) -> Result<Value, String> {
@@ -269,8 +287,10 @@ impl OpenAi {
         let answer = self.client.post(path, &body).map_err(|e| e.to_string())?;
         if let Some(u) = answer.get("usage") {
             let n = |k: &str| u.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-            self.prompt_tokens.fetch_add(n("prompt_tokens"), Ordering::Relaxed);
-            self.generated_tokens.fetch_add(n("completion_tokens"), Ordering::Relaxed);
+            self.prompt_tokens
+                .fetch_add(n("prompt_tokens"), Ordering::Relaxed);
+            self.generated_tokens
+                .fetch_add(n("completion_tokens"), Ordering::Relaxed);
         }
         Ok(answer)
     }
@@ -279,7 +299,9 @@ impl OpenAi {
         let stop: Vec<&str> = r.stop.iter().map(|s| s.as_str()).take(4).collect();
         let mut body = match self.endpoint {
             Endpoint::Completions => json!({"model": self.model, "prompt": r.prompt.as_str()}),
-            Endpoint::Chat => json!({"model": self.model, "messages": [{"role": "user", "content": r.prompt.as_str()}]}),
+            Endpoint::Chat => {
+                json!({"model": self.model, "messages": [{"role": "user", "content": r.prompt.as_str()}]})
+            }
         };
         body["max_tokens"] = json!(r.max_new_tokens);
         body["temperature"] = json!(0);
@@ -300,7 +322,12 @@ impl OpenAi {
             .filter_map(|s| text.find(s.as_str()))
             .min()
             .unwrap_or(text.len());
-        let usage = |k: &str| answer.pointer(&format!("/usage/{k}")).and_then(|x| x.as_u64()).unwrap_or(0) as u32;
+        let usage = |k: &str| {
+            answer
+                .pointer(&format!("/usage/{k}"))
+                .and_then(|x| x.as_u64())
+                .unwrap_or(0) as u32
+        };
         Ok(Generation {
             text: text[..cut].into(),
             prompt_tokens: usage("prompt_tokens"),
@@ -317,11 +344,22 @@ impl OpenAi {
             "model": self.model, "prompt": full, "max_tokens": 1, "temperature": 0,
             "logprobs": 1, "echo": true,
         }))?;
-        let lp = answer.pointer("/choices/0/logprobs").filter(|v| !v.is_null()).ok_or(NO_LOGPROBS)?;
+        let lp = answer
+            .pointer("/choices/0/logprobs")
+            .filter(|v| !v.is_null())
+            .ok_or(NO_LOGPROBS)?;
         let list = |k: &str| lp.get(k).and_then(|v| v.as_array()).ok_or(NO_LOGPROBS);
-        let (offsets, logprobs, tops) = (list("text_offset")?, list("token_logprobs")?, list("top_logprobs")?);
+        let (offsets, logprobs, tops) = (
+            list("text_offset")?,
+            list("token_logprobs")?,
+            list("top_logprobs")?,
+        );
         let (start, end) = (context.chars().count() as u64, full.chars().count() as u64);
-        let mut score = ChoiceScore { logprob: 0.0, n_tokens: 0, is_greedy: true };
+        let mut score = ChoiceScore {
+            logprob: 0.0,
+            n_tokens: 0,
+            is_greedy: true,
+        };
         for i in 0..offsets.len().min(logprobs.len()) {
             let at = offsets[i].as_u64().unwrap_or(0);
             if at < start || at >= end {

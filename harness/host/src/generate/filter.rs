@@ -81,7 +81,12 @@ pub fn nearest_test<'a>(
     let text = normalise(&pair.question);
     tests
         .iter()
-        .map(|(id, t)| (id.as_str(), similarity(&normalise(&t.question), &text, threshold)))
+        .map(|(id, t)| {
+            (
+                id.as_str(),
+                similarity(&normalise(&t.question), &text, threshold),
+            )
+        })
         .filter(|(_, s)| *s >= threshold)
         .max_by(|a, b| a.1.total_cmp(&b.1))
 }
@@ -103,10 +108,22 @@ mod tests {
 
     #[test]
     fn exact_and_near_duplicates_are_dropped_reorderings_are_not() {
-        let a = pair("What is the VC dimension of a line in 2D?", ["3", "2", "4", "infinite"]);
-        let same = pair("what is the VC-dimension of a line in 2D", ["3", "2", "4", "Infinite"]);
-        let near = pair("What is the VC dimension of a line in 2-D?", ["3", "2", "4", "infinite"]);
-        let other = pair("Which optimiser uses momentum?", ["SGD", "Adam", "LBFGS", "None"]);
+        let a = pair(
+            "What is the VC dimension of a line in 2D?",
+            ["3", "2", "4", "infinite"],
+        );
+        let same = pair(
+            "what is the VC-dimension of a line in 2D",
+            ["3", "2", "4", "Infinite"],
+        );
+        let near = pair(
+            "What is the VC dimension of a line in 2-D?",
+            ["3", "2", "4", "infinite"],
+        );
+        let other = pair(
+            "Which optimiser uses momentum?",
+            ["SGD", "Adam", "LBFGS", "None"],
+        );
         let reordered = pair(
             "Which optimiser uses momentum?",
             ["None of the listed optimisers", "LBFGS", "Adam", "SGD"],
@@ -116,7 +133,10 @@ mod tests {
         assert_eq!(dropped, 2);
         assert_eq!(out.len(), 3);
         // Across calls too.
-        let again = pair("Which optimiser uses momentum?", ["SGD", "Adam", "LBFGS", "None"]);
+        let again = pair(
+            "Which optimiser uses momentum?",
+            ["SGD", "Adam", "LBFGS", "None"],
+        );
         assert_eq!(dedupe(vec![again], &mut kept, 0.9).1, 1);
     }
 

@@ -108,7 +108,10 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
         other => bail!("--method must be `general` or `targeted`, not `{other}`"),
     };
     if !(0.0..=1.0).contains(&args.similarity) {
-        bail!("--similarity must be between 0 and 1, got {}", args.similarity);
+        bail!(
+            "--similarity must be between 0 and 1, got {}",
+            args.similarity
+        );
     }
     if args.batch == 0 {
         bail!("--batch must be at least 1");
@@ -152,7 +155,10 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
         s
     };
     let prefix = |subject: &str| -> String {
-        let q = questions.iter().find(|q| q.subject == subject).expect("subject has questions");
+        let q = questions
+            .iter()
+            .find(|q| q.subject == subject)
+            .expect("subject has questions");
         let at = q.request.context.rfind("Question: ").unwrap_or(0);
         q.request.context[..at].to_string()
     };
@@ -161,7 +167,13 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
         .iter()
         .map(|s| {
             let n = questions.iter().filter(|q| &q.subject == s).count();
-            (s.clone(), SubjectRecord { questions: n, ..Default::default() })
+            (
+                s.clone(),
+                SubjectRecord {
+                    questions: n,
+                    ..Default::default()
+                },
+            )
         })
         .collect();
 
@@ -176,7 +188,11 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
             ..Default::default()
         };
         let (entry, backend) = reg.backend("candle", &flags.table().to_string())?;
-        let mut student = Model { entry, backend, batch: args.batch as usize };
+        let mut student = Model {
+            entry,
+            backend,
+            batch: args.batch as usize,
+        };
         let info = entry.outcome(student.backend.info())?;
         student_model = Some(info.path.to_string());
         let bar = bar(questions.len(), "student answers");
@@ -192,7 +208,11 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
         None
     } else {
         let (entry, backend) = reg.backend(&args.teacher, &teacher_table.to_string())?;
-        Some(Model { entry, backend, batch: args.batch as usize })
+        Some(Model {
+            entry,
+            backend,
+            batch: args.batch as usize,
+        })
     };
     let teacher_info = match &mut teacher {
         Some(t) => Some(t.entry.outcome(t.backend.info())?),
@@ -204,7 +224,10 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
             None => questions.iter().map(|q| Some(q.pair.answer)).collect(),
             Some(t) => {
                 let bar = bar(questions.len(), "teacher answers");
-                let prompts: Vec<String> = questions.iter().map(|q| q.request.context.to_string()).collect();
+                let prompts: Vec<String> = questions
+                    .iter()
+                    .map(|q| q.request.context.to_string())
+                    .collect();
                 let replies = t.complete(&prompts, 4, &["\n"], &bar)?;
                 bar.finish_and_clear();
                 replies.iter().map(|r| teacher::answer_in(r)).collect()
@@ -242,12 +265,22 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
                 }
             }
             (Method::Targeted, Some(t)) => {
-                let sources: Vec<&&TestQuestion> = gaps.iter().filter(|q| &q.subject == subject).collect();
-                let firsts: Vec<String> = sources.iter().map(|q| teacher::listing_3(subject, &q.pair)).collect();
-                raw = turns(t, &firsts, args.per_gap as usize, ("<question>", "</answer>"), args.max_new_tokens)?
-                    .into_iter()
-                    .map(|(chain, text)| (Some(sources[chain].id.clone()), text))
+                let sources: Vec<&&TestQuestion> =
+                    gaps.iter().filter(|q| &q.subject == subject).collect();
+                let firsts: Vec<String> = sources
+                    .iter()
+                    .map(|q| teacher::listing_3(subject, &q.pair))
                     .collect();
+                raw = turns(
+                    t,
+                    &firsts,
+                    args.per_gap as usize,
+                    ("<question>", "</answer>"),
+                    args.max_new_tokens,
+                )?
+                .into_iter()
+                .map(|(chain, text)| (Some(sources[chain].id.clone()), text))
+                .collect();
                 parse_all(&raw, pair::from_question_answer, record, &mut candidates);
             }
             (Method::General, Some(t)) => {
@@ -259,7 +292,13 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
                     })
                     .collect();
                 let per_chain = (args.pairs as usize).div_ceil(chains);
-                let mut got = turns(t, &firsts, per_chain, ("<prompt>", "</response>"), args.max_new_tokens)?;
+                let mut got = turns(
+                    t,
+                    &firsts,
+                    per_chain,
+                    ("<prompt>", "</response>"),
+                    args.max_new_tokens,
+                )?;
                 got.truncate(args.pairs as usize);
                 raw = got.into_iter().map(|(_, text)| (None, text)).collect();
                 parse_all(&raw, pair::from_prompt_response, record, &mut candidates);
@@ -286,7 +325,10 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
         let header = prefix(subject);
         for c in kept {
             let near = filter::nearest_test(&c.pair, &tests, NEAR_COPY);
-            let leak = c.source.clone().or_else(|| near.map(|(id, _)| id.to_string()));
+            let leak = c
+                .source
+                .clone()
+                .or_else(|| near.map(|(id, _)| id.to_string()));
             if let Some(id) = &leak {
                 if !leaked.contains(id) {
                     leaked.push(id.clone());
@@ -319,17 +361,25 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
     let label = if answer_key {
         "test-data leakage: the answer-key teacher's pairs are test questions reworded".to_string()
     } else if method == Method::Targeted {
-        "test-data leakage: targeted pairs are made from test questions (as the paper's are)".to_string()
+        "test-data leakage: targeted pairs are made from test questions (as the paper's are)"
+            .to_string()
     } else if leaked.is_empty() {
         "teacher-generated; no pair is a near copy of a test question".to_string()
     } else {
-        format!("teacher-generated; {} pairs nearly copy a test question (see `leaked`)", leaked.len())
+        format!(
+            "teacher-generated; {} pairs nearly copy a test question (see `leaked`)",
+            leaked.len()
+        )
     };
     let provenance = Provenance {
         method: args.method.clone(),
         teacher: args.teacher.clone(),
-        teacher_model: teacher_info.as_ref().map(|i| format!("{} ({})", i.name, i.path)),
-        teacher_options: teacher_info.as_ref().map(|i| i.resolved_options.to_string()),
+        teacher_model: teacher_info
+            .as_ref()
+            .map(|i| format!("{} ({})", i.name, i.path)),
+        teacher_options: teacher_info
+            .as_ref()
+            .map(|i| i.resolved_options.to_string()),
         prompt_version: PROMPT_VERSION.into(),
         student_model,
         subjects: subjects.clone(),
@@ -450,7 +500,10 @@ fn parse_all(
     for (source, text) in raw {
         record.counts.asked += 1;
         match parse(text) {
-            Ok(pair) => out.push(Candidate { pair, source: source.clone() }),
+            Ok(pair) => out.push(Candidate {
+                pair,
+                source: source.clone(),
+            }),
             Err(_) => record.counts.malformed += 1,
         }
     }
@@ -467,7 +520,10 @@ fn judge(
     header: &str,
 ) -> Result<Vec<Candidate>> {
     let bar = bar(kept.len() * 2, "teacher checks pairs");
-    let prompts: Vec<String> = kept.iter().map(|c| teacher::relevance_prompt(subject, &c.pair)).collect();
+    let prompts: Vec<String> = kept
+        .iter()
+        .map(|c| teacher::relevance_prompt(subject, &c.pair))
+        .collect();
     let verdicts = t.complete(&prompts, 3, &["\n"], &bar)?;
     let (relevant, irrelevant): (Vec<_>, Vec<_>) = kept
         .into_iter()
@@ -475,7 +531,10 @@ fn judge(
         .partition(|(_, v)| teacher::says_yes(v));
     counts.irrelevant = irrelevant.len();
     let relevant: Vec<Candidate> = relevant.into_iter().map(|(c, _)| c).collect();
-    let prompts: Vec<String> = relevant.iter().map(|c| format!("{header}{}", c.pair.block())).collect();
+    let prompts: Vec<String> = relevant
+        .iter()
+        .map(|c| format!("{header}{}", c.pair.block()))
+        .collect();
     bar.inc((counts.irrelevant) as u64);
     let answers = t.complete(&prompts, 4, &["\n"], &bar)?;
     bar.finish_and_clear();
@@ -490,7 +549,17 @@ fn judge(
 fn print_counts(p: &Provenance) {
     println!(
         "{:<28} {:>9} {:>8} {:>8} {:>5} | {:>5} {:>9} {:>9} {:>10} {:>10} {:>5}",
-        "subject", "questions", "student", "teacher", "gaps", "asked", "malformed", "duplicate", "irrelevant", "unsolvable", "kept"
+        "subject",
+        "questions",
+        "student",
+        "teacher",
+        "gaps",
+        "asked",
+        "malformed",
+        "duplicate",
+        "irrelevant",
+        "unsolvable",
+        "kept"
     );
     let opt = |x: Option<usize>| x.map_or("-".to_string(), |v| v.to_string());
     for (s, r) in &p.counts {
@@ -516,7 +585,9 @@ fn print_counts(p: &Provenance) {
 
 fn bar(len: usize, what: &'static str) -> ProgressBar {
     let bar = ProgressBar::new(len as u64);
-    if let Ok(style) = ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} [{elapsed}<{eta}]") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} [{elapsed}<{eta}]")
+    {
         bar.set_style(style);
     }
     bar.set_message(what);

@@ -243,7 +243,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.question, "Which loss suits classification?");
-        assert_eq!(p.options, ["MSE", "Cross-entropy", "Hinge only", "None"].map(String::from));
+        assert_eq!(
+            p.options,
+            ["MSE", "Cross-entropy", "Hinge only", "None"].map(String::from)
+        );
         assert_eq!(p.answer, 1);
         let inline = from_question_answer(
             "<question>What is 2+2? A) 3 B) 4 C) 5 D) 22</question><answer>(B)</answer>",
@@ -285,8 +288,10 @@ mod tests {
             Malformed::Options
         );
         assert_eq!(
-            from_question_answer("<question>Pick. A. x B. y C. z D. w</question><answer>E</answer>")
-                .unwrap_err(),
+            from_question_answer(
+                "<question>Pick. A. x B. y C. z D. w</question><answer>E</answer>"
+            )
+            .unwrap_err(),
             Malformed::Answer
         );
         assert_eq!(

@@ -4,8 +4,8 @@
 //! pairs by rewording a question and reordering its options, which makes its pairs test-data
 //! leakage by construction (as the paper's targeted pairs are).
 
-use harness_abi::abi_stable::std_types::RVec;
 use anyhow::Result;
+use harness_abi::abi_stable::std_types::RVec;
 use harness_abi::{BackendBox, ChoiceRequest, GenerateRequest};
 use indicatif::ProgressBar;
 
@@ -167,7 +167,8 @@ const REWORDINGS: [&str; 6] = [
 /// answer following its option. Deterministic in (`seed`, the source's id, `turn`).
 pub fn reword(source: &Pair, source_id: &str, turn: usize, seed: u64) -> Pair {
     let h = fnv1a(&format!("{seed}/{source_id}"));
-    let stem = REWORDINGS[(h as usize + turn) % REWORDINGS.len()].replace("{q}", source.question.trim());
+    let stem =
+        REWORDINGS[(h as usize + turn) % REWORDINGS.len()].replace("{q}", source.question.trim());
     // The 23 orders other than the original, taken in a seeded rotation.
     let perms = permutations();
     let order = &perms[1 + (h as usize / 7 + turn * 5) % (perms.len() - 1)];
@@ -230,8 +231,13 @@ mod tests {
     fn source() -> Pair {
         Pair {
             question: "What does SGD stand for?".into(),
-            options: ["Stochastic gradient descent", "Slow gradient descent", "Sparse gradient", "None"]
-                .map(String::from),
+            options: [
+                "Stochastic gradient descent",
+                "Slow gradient descent",
+                "Sparse gradient",
+                "None",
+            ]
+            .map(String::from),
             answer: 0,
         }
     }
@@ -264,8 +270,16 @@ mod tests {
         assert!(first.contains("field of machine learning"));
         assert!(first.contains("A. Stochastic gradient descent"));
         assert!(first.contains("and its answer: A"));
-        assert_eq!(next_turn(&first, &[], 1, ("<question>", "</answer>")), first);
-        let second = next_turn(&first, &["<question>x</question>".into()], 2, ("<question>", "</answer>"));
+        assert_eq!(
+            next_turn(&first, &[], 1, ("<question>", "</answer>")),
+            first
+        );
+        let second = next_turn(
+            &first,
+            &["<question>x</question>".into()],
+            2,
+            ("<question>", "</answer>"),
+        );
         assert!(second.starts_with(&first));
         assert!(second.contains("This is turn 2"));
         assert!(says_yes(" Yes, it is"));

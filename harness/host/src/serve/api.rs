@@ -124,7 +124,12 @@ fn stops(stop: Option<OneOrMany>) -> Result<Vec<String>, ApiError> {
     Ok(list)
 }
 
-fn check_common(model: Option<&str>, served: &str, n: Option<u32>, max: u32) -> Result<(), ApiError> {
+fn check_common(
+    model: Option<&str>,
+    served: &str,
+    n: Option<u32>,
+    max: u32,
+) -> Result<(), ApiError> {
     if let Some(m) = model {
         if m != served {
             return Err(ApiError {
@@ -134,10 +139,14 @@ fn check_common(model: Option<&str>, served: &str, n: Option<u32>, max: u32) -> 
         }
     }
     if n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad("only `n: 1` is supported (decoding is greedy)"));
+        return Err(ApiError::bad(
+            "only `n: 1` is supported (decoding is greedy)",
+        ));
     }
     if max > MAX_TOKENS {
-        return Err(ApiError::bad(format!("`max_tokens` is at most {MAX_TOKENS}")));
+        return Err(ApiError::bad(format!(
+            "`max_tokens` is at most {MAX_TOKENS}"
+        )));
     }
     Ok(())
 }
@@ -153,7 +162,9 @@ pub fn completion(body: &[u8], served: &str) -> Result<Work, ApiError> {
             .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
             .collect()
     };
-    let bad_prompt = || ApiError::bad("`prompt` must be a string, a list of strings, a list of token ids, or a list of such lists");
+    let bad_prompt = || {
+        ApiError::bad("`prompt` must be a string, a list of strings, a list of token ids, or a list of such lists")
+    };
     let prompts: Vec<Prompt> = match b.prompt {
         Value::String(s) => vec![Prompt::Text(s.into())],
         Value::Array(items) if items.iter().all(|x| x.is_number()) && !items.is_empty() => {
@@ -164,7 +175,9 @@ pub fn completion(body: &[u8], served: &str) -> Result<Work, ApiError> {
             for item in items {
                 match item {
                     Value::String(s) => out.push(Prompt::Text(s.into())),
-                    Value::Array(v) => out.push(Prompt::Tokens(ids(&v).ok_or_else(bad_prompt)?.into())),
+                    Value::Array(v) => {
+                        out.push(Prompt::Tokens(ids(&v).ok_or_else(bad_prompt)?.into()))
+                    }
                     _ => return Err(bad_prompt()),
                 }
             }
@@ -173,7 +186,9 @@ pub fn completion(body: &[u8], served: &str) -> Result<Work, ApiError> {
         _ => return Err(bad_prompt()),
     };
     if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
-        return Err(ApiError::bad(format!("`prompt` must hold 1 to {MAX_PROMPTS} prompts")));
+        return Err(ApiError::bad(format!(
+            "`prompt` must hold 1 to {MAX_PROMPTS} prompts"
+        )));
     }
     if prompts.iter().any(|p| match p {
         Prompt::Text(t) => t.is_empty(),
@@ -183,11 +198,15 @@ pub fn completion(body: &[u8], served: &str) -> Result<Work, ApiError> {
     }
     if let Some(l) = b.logprobs {
         if l > MAX_LOGPROBS {
-            return Err(ApiError::bad(format!("`logprobs` is at most {MAX_LOGPROBS}")));
+            return Err(ApiError::bad(format!(
+                "`logprobs` is at most {MAX_LOGPROBS}"
+            )));
         }
     }
     if max_tokens == 0 && !b.echo {
-        return Err(ApiError::bad("`max_tokens: 0` needs `echo: true` (scoring the prompt)"));
+        return Err(ApiError::bad(
+            "`max_tokens: 0` needs `echo: true` (scoring the prompt)",
+        ));
     }
     Ok(Work::Completion {
         prompts,
@@ -202,10 +221,15 @@ pub fn completion(body: &[u8], served: &str) -> Result<Work, ApiError> {
 pub fn chat(body: &[u8], served: &str) -> Result<Work, ApiError> {
     let b: ChatBody = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad(format!("not a chat completions request: {e}")))?;
-    let max_tokens = b.max_completion_tokens.or(b.max_tokens).unwrap_or(MAX_TOKENS.min(512));
+    let max_tokens = b
+        .max_completion_tokens
+        .or(b.max_tokens)
+        .unwrap_or(MAX_TOKENS.min(512));
     check_common(b.model.as_deref(), served, b.n, max_tokens)?;
     if b.logprobs == Some(true) {
-        return Err(ApiError::bad("chat `logprobs` are not supported; use /v1/completions"));
+        return Err(ApiError::bad(
+            "chat `logprobs` are not supported; use /v1/completions",
+        ));
     }
     if b.messages.is_empty() {
         return Err(ApiError::bad("`messages` is empty"));
@@ -260,7 +284,10 @@ pub fn detokenize(body: &[u8]) -> Result<Work, ApiError> {
 /// The `logprobs` object of a completion choice from the scored tokens of its text; `from`
 /// (bytes) drops the tokens before it (the prompt, without `echo`). Offsets are characters.
 pub fn logprobs_object(tokens: &[PromptToken], text: &str, from: usize) -> Value {
-    let kept: Vec<&PromptToken> = tokens.iter().filter(|t| t.offset as usize >= from).collect();
+    let kept: Vec<&PromptToken> = tokens
+        .iter()
+        .filter(|t| t.offset as usize >= from)
+        .collect();
     let chars_before = |byte: usize| text.get(..byte).map_or(0, |s| s.chars().count());
     json!({
         "tokens": kept.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(),
@@ -301,15 +328,31 @@ mod tests {
         assert_eq!(scoring.size(), 2);
         let refused = |body: &str| completion(body.as_bytes(), "m").unwrap_err();
         assert_eq!(refused(r#"{"model": "x", "prompt": "a"}"#).status, 404);
-        let ids = completion(br#"{"prompt": [[1, 2], [3]], "max_tokens": 1, "echo": true, "logprobs": 1}"#, "m").unwrap();
+        let ids = completion(
+            br#"{"prompt": [[1, 2], [3]], "max_tokens": 1, "echo": true, "logprobs": 1}"#,
+            "m",
+        )
+        .unwrap();
         assert_eq!(ids.size(), 2);
-        assert!(refused(r#"{"prompt": [[1, -2]]}"#).message.contains("token ids"));
-        assert!(refused(r#"{"prompt": {"a": 1}}"#).message.contains("token ids"));
-        assert!(refused(r#"{"prompt": "a", "max_tokens": 0}"#).message.contains("echo"));
-        assert!(refused(r#"{"prompt": "a", "n": 2}"#).message.contains("n: 1"));
-        assert!(refused(r#"{"prompt": "a", "logprobs": 99}"#).message.contains("at most 20"));
+        assert!(refused(r#"{"prompt": [[1, -2]]}"#)
+            .message
+            .contains("token ids"));
+        assert!(refused(r#"{"prompt": {"a": 1}}"#)
+            .message
+            .contains("token ids"));
+        assert!(refused(r#"{"prompt": "a", "max_tokens": 0}"#)
+            .message
+            .contains("echo"));
+        assert!(refused(r#"{"prompt": "a", "n": 2}"#)
+            .message
+            .contains("n: 1"));
+        assert!(refused(r#"{"prompt": "a", "logprobs": 99}"#)
+            .message
+            .contains("at most 20"));
         assert!(refused(r#"{"prompt": ""}"#).message.contains("empty"));
-        assert!(refused("not json").message.starts_with("not a completions request"));
+        assert!(refused("not json")
+            .message
+            .starts_with("not a completions request"));
     }
 
     #[test]
@@ -319,9 +362,19 @@ mod tests {
             "m",
         )
         .unwrap();
-        let Work::Chat { messages, max_tokens, .. } = w else { panic!() };
+        let Work::Chat {
+            messages,
+            max_tokens,
+            ..
+        } = w
+        else {
+            panic!()
+        };
         assert_eq!(messages[1].content.as_str(), "Hi");
         assert_eq!(max_tokens, 5);
-        assert!(chat(br#"{"messages": []}"#, "m").unwrap_err().message.contains("empty"));
+        assert!(chat(br#"{"messages": []}"#, "m")
+            .unwrap_err()
+            .message
+            .contains("empty"));
     }
 }

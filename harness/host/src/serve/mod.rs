@@ -91,7 +91,10 @@ pub fn run(reg: &Registry, args: &ServeArgs) -> Result<()> {
     if !addr.ip().is_loopback() {
         eprintln!("warning: listening on {addr}: anyone who can reach it can use the model");
     }
-    println!("serving `{name}` ({}) at http://{addr}/v1 (Ctrl-C stops)", info.path);
+    println!(
+        "serving `{name}` ({}) at http://{addr}/v1 (Ctrl-C stops)",
+        info.path
+    );
     model_loop(entry, &mut backend, &jobs_rx, args.batch as usize);
     server.unblock();
     Ok(())
@@ -268,7 +271,12 @@ fn answer(entry: &Entry, backend: &mut BackendBox, group: &[Job]) -> Vec<Result<
     let mut sequences = Vec::new();
     for (j, job) in group.iter().enumerate() {
         match &job.work {
-            Work::Completion { prompts, max_tokens, stop, .. } => {
+            Work::Completion {
+                prompts,
+                max_tokens,
+                stop,
+                ..
+            } => {
                 for p in prompts {
                     let text = match p {
                         Prompt::Text(t) => Ok(t.to_string()),
@@ -289,18 +297,20 @@ fn answer(entry: &Entry, backend: &mut BackendBox, group: &[Job]) -> Vec<Result<
                     }
                 }
             }
-            Work::Chat { messages, max_tokens, stop } => {
-                match entry.outcome(backend.chat_prompt(messages.iter().cloned().collect())) {
-                    Ok(prompt) => sequences.push(Sequence {
-                        job: j,
-                        text: prompt.to_string(),
-                        prompt: Prompt::Text(prompt),
-                        max_tokens: *max_tokens,
-                        stop: stop.clone(),
-                    }),
-                    Err(e) => answers[j] = Some(Err(ApiError::bad(crate::error_line(&e)))),
-                }
-            }
+            Work::Chat {
+                messages,
+                max_tokens,
+                stop,
+            } => match entry.outcome(backend.chat_prompt(messages.iter().cloned().collect())) {
+                Ok(prompt) => sequences.push(Sequence {
+                    job: j,
+                    text: prompt.to_string(),
+                    prompt: Prompt::Text(prompt),
+                    max_tokens: *max_tokens,
+                    stop: stop.clone(),
+                }),
+                Err(e) => answers[j] = Some(Err(ApiError::bad(crate::error_line(&e)))),
+            },
             Work::Tokenize(text) => {
                 answers[j] = Some(
                     entry
@@ -338,14 +348,20 @@ fn answer(entry: &Entry, backend: &mut BackendBox, group: &[Job]) -> Vec<Result<
         }
     }
     // Generation, all jobs' sequences in one call (scoring-only sequences skip it).
-    let to_generate: Vec<usize> = (0..sequences.len()).filter(|&i| sequences[i].max_tokens > 0).collect();
+    let to_generate: Vec<usize> = (0..sequences.len())
+        .filter(|&i| sequences[i].max_tokens > 0)
+        .collect();
     let mut generated: Vec<Option<(String, u32, u32)>> = vec![None; sequences.len()];
     if !to_generate.is_empty() {
         let reqs: RVec<GenerateRequest> = to_generate
             .iter()
             .map(|&i| GenerateRequest {
                 prompt: sequences[i].text.as_str().into(),
-                stop: sequences[i].stop.iter().map(|s| s.as_str().into()).collect(),
+                stop: sequences[i]
+                    .stop
+                    .iter()
+                    .map(|s| s.as_str().into())
+                    .collect(),
                 max_new_tokens: sequences[i].max_tokens,
             })
             .collect();
@@ -363,15 +379,24 @@ fn answer(entry: &Entry, backend: &mut BackendBox, group: &[Job]) -> Vec<Result<
             }
         }
     }
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     for (j, job) in group.iter().enumerate() {
         if answers[j].is_some() {
             continue;
         }
-        let mine: Vec<usize> = (0..sequences.len()).filter(|&i| sequences[i].job == j).collect();
-        answers[j] = Some(respond(entry, backend, job, &mine, &sequences, &generated, created));
+        let mine: Vec<usize> = (0..sequences.len())
+            .filter(|&i| sequences[i].job == j)
+            .collect();
+        answers[j] = Some(respond(
+            entry, backend, job, &mine, &sequences, &generated, created,
+        ));
     }
-    answers.into_iter().map(|a| a.unwrap_or_else(|| Err(stopping()))).collect()
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(stopping())))
+        .collect()
 }
 
 /// One job's response body.
@@ -391,7 +416,11 @@ fn respond(
         let (text, p_tokens, g_tokens) = generated[i].clone().unwrap_or_default();
         completion_tokens += g_tokens as u64;
         prompt_tokens += p_tokens as u64;
-        let finish = if s.max_tokens > 0 && g_tokens >= s.max_tokens { "length" } else { "stop" };
+        let finish = if s.max_tokens > 0 && g_tokens >= s.max_tokens {
+            "length"
+        } else {
+            "stop"
+        };
         match &job.work {
             Work::Chat { .. } => choices.push(json!({
                 "index": index,
@@ -434,12 +463,18 @@ fn respond(
                         let from = if *echo {
                             0
                         } else if prompt_len > 0 {
-                            tokens.get(prompt_len).map_or(usize::MAX, |t| t.offset as usize)
+                            tokens
+                                .get(prompt_len)
+                                .map_or(usize::MAX, |t| t.offset as usize)
                         } else {
                             s.text.len()
                         };
                         let joined: String = tokens.iter().map(|t| t.text.as_str()).collect();
-                        let basis = if matches!(s.prompt, Prompt::Tokens(_)) { &joined } else { &full };
+                        let basis = if matches!(s.prompt, Prompt::Tokens(_)) {
+                            &joined
+                        } else {
+                            &full
+                        };
                         api::logprobs_object(&tokens, basis, from)
                     }
                 };

@@ -111,7 +111,14 @@ mod tests {
         assert_eq!(t.render(&[msg("user", "  hi  ")]).unwrap(), "<s>hi");
         let e = t.render(&[msg("assistant", "x")]).unwrap_err().to_string();
         assert!(e.contains("must start with user"), "{e}");
-        let broken = ChatTemplate { source: "{% for %}".into(), ..t };
-        assert!(broken.render(&[]).unwrap_err().to_string().contains("chat template"));
+        let broken = ChatTemplate {
+            source: "{% for %}".into(),
+            ..t
+        };
+        assert!(broken
+            .render(&[])
+            .unwrap_err()
+            .to_string()
+            .contains("chat template"));
     }
 }

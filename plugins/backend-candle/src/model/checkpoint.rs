@@ -16,8 +16,8 @@ use tokenizers::Tokenizer;
 
 use crate::error::{BackendError, Result};
 use crate::model::architecture::{self, FieldNames};
-use crate::model::llama::Config;
 use crate::model::chat::{self, ChatTemplate};
+use crate::model::llama::Config;
 use crate::model::tokenizer;
 use crate::model::weights::Weights;
 
@@ -370,9 +370,13 @@ fn load_hf(dir: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpoint
 }
 
 /// `tokenizer.chat_template` of GGUF metadata, with the text of its BOS and EOS tokens.
-fn gguf_chat_template(md: &std::collections::HashMap<String, gguf_file::Value>) -> Option<ChatTemplate> {
+fn gguf_chat_template(
+    md: &std::collections::HashMap<String, gguf_file::Value>,
+) -> Option<ChatTemplate> {
     let source = md.get("tokenizer.chat_template")?.to_string().ok()?.clone();
-    let tokens = md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok());
+    let tokens = md
+        .get("tokenizer.ggml.tokens")
+        .and_then(|v| v.to_vec().ok());
     let token = |key: &str| -> String {
         let id = md.get(key).and_then(|v| v.to_u32().ok());
         match (id, tokens) {

@@ -90,7 +90,9 @@ impl Engine {
 
     /// The text of the first end-of-sequence token.
     pub fn eos_text(&self) -> Option<String> {
-        self.eos.first().and_then(|&e| self.tokenizer.id_to_token(e))
+        self.eos
+            .first()
+            .and_then(|&e| self.tokenizer.id_to_token(e))
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -363,7 +365,9 @@ impl Engine {
                 let texts = (0..starts.len())
                     .map(|i| {
                         let to = starts.get(i + 1).copied().unwrap_or(text.len());
-                        text.get(starts[i]..to.max(starts[i])).unwrap_or_default().to_string()
+                        text.get(starts[i]..to.max(starts[i]))
+                            .unwrap_or_default()
+                            .to_string()
                     })
                     .collect();
                 (encoding.get_ids().to_vec(), texts, starts)
@@ -423,7 +427,11 @@ impl Engine {
                     .map(|t| {
                         Ok(TokenLogprob {
                             id: t as u32,
-                            text: self.tokenizer.decode(&[t as u32], false).map_err(|e| BackendError::Tokenizer(e.to_string()))?.into(),
+                            text: self
+                                .tokenizer
+                                .decode(&[t as u32], false)
+                                .map_err(|e| BackendError::Tokenizer(e.to_string()))?
+                                .into(),
                             logprob: f64::from(row[t]),
                         })
                     })
