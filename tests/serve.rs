@@ -364,3 +364,52 @@ fn the_api_scores_prompts_tokenizes_templates_chats_and_refuses_with_reasons() {
         "{e}"
     );
 }
+
+#[test]
+fn chat_template_wraps_eval_prompts_and_is_recorded() {
+    let dir = temp_dir("chat-template");
+    let model = dir.join("model");
+    write_tiny_model(&model, 13);
+    let task = [
+        "--task",
+        "addition",
+        "--digits",
+        "1",
+        "--n",
+        "2",
+        "--shots",
+        "0",
+        "--chat-template",
+    ];
+    let e = fails(eval(&task, &dir.join("none")).arg("--model").arg(&model));
+    assert!(
+        e.contains("--chat-template") && e.contains("ships no chat template"),
+        "{e}"
+    );
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        r#"{"eos_token": "<|endoftext|>", "chat_template": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"}"#,
+    )
+    .unwrap();
+    let run = dir.join("run");
+    ok(eval(&task, &run).arg("--model").arg(&model));
+    for s in samples(&run) {
+        let prompt = s["prompt"].as_str().unwrap();
+        assert!(
+            prompt.starts_with("<user>") && prompt.ends_with("\n<assistant>"),
+            "{prompt}"
+        );
+    }
+    let record = std::fs::read_to_string(run.join("run.toml")).unwrap();
+    assert!(record.contains("chat_template = true"), "{record}");
+    // Without the flag the prompt is the task's own, and run.toml says nothing.
+    let plain = dir.join("plain");
+    ok(eval(&task[..8], &plain).arg("--model").arg(&model));
+    assert!(!samples(&plain)[0]["prompt"]
+        .as_str()
+        .unwrap()
+        .starts_with("<user>"));
+    assert!(!std::fs::read_to_string(plain.join("run.toml"))
+        .unwrap()
+        .contains("chat_template"));
+}

@@ -418,6 +418,12 @@ pub struct EvalArgs {
     #[arg(long, value_name = "TEXT", conflicts_with = "resume")]
     pub label: Option<String>,
 
+    /// Wrap each prompt in the model's own chat template (GGUF `tokenizer.chat_template` or
+    /// tokenizer_config.json) as one user message, ending where the reply starts. Off by
+    /// default: the paper's prompts are plain text. Recorded in run.toml.
+    #[arg(long = "chat-template", conflicts_with = "resume")]
+    pub chat_template: bool,
+
     /// Evaluate only shard I of N (1 <= I <= N): every N-th instance of the task's order,
     /// starting at the I-th. Run the N shards anywhere (a job array), then `harness merge` them.
     #[arg(long, value_name = "I/N", conflicts_with = "resume")]

@@ -12,8 +12,8 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use harness_abi::abi_stable::std_types::RStr;
 use harness_abi::{
-    BackendBox, ChoiceRequest, ChoiceScore, GenerateRequest, Instance, MetricBox, MetricInfo,
-    PluginKind, Request,
+    BackendBox, ChatMessage, ChoiceRequest, ChoiceScore, GenerateRequest, Instance, MetricBox,
+    MetricInfo, PluginKind, Request,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -144,6 +144,7 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
                 label: plan.label.clone(),
                 batch: plan.batch as u64,
                 shard: plan.shard.map(|s| s.to_string()),
+                chat_template: plan.chat_template,
                 task: task_entry.component(task_entry.outcome(task.resolved_options())?.into())?,
                 backend: backend_entry.component(info.resolved_options.to_string())?,
                 model: ModelRecord {
@@ -366,13 +367,23 @@ fn generated_lines(
     batch: &[(&Instance, &GenerateRequest)],
     loaded: &Loaded,
 ) -> Result<Vec<serde_json::Value>> {
-    let reqs = batch.iter().map(|(_, g)| (*g).clone()).collect();
-    let out = backend_entry.outcome(backend.generate(reqs))?;
+    let reqs: Vec<GenerateRequest> = batch
+        .iter()
+        .map(|(_, g)| {
+            let mut g = (*g).clone();
+            if plan.chat_template {
+                g.prompt = chat(backend_entry, backend, &g.prompt)?.into();
+            }
+            Ok(g)
+        })
+        .collect::<Result<_>>()?;
+    let out = backend_entry.outcome(backend.generate(reqs.iter().cloned().collect()))?;
     check_answered(plan, "answered", out.len(), batch.len(), "requests")?;
     batch
         .iter()
+        .zip(&reqs)
         .zip(out.iter())
-        .map(|((inst, req), g)| {
+        .map(|(((inst, _), req), g)| {
             let prediction = g.text.as_str();
             let mut line = json!({
                 "id": inst.id.as_str(),
@@ -400,11 +411,20 @@ fn choice_lines(
     batch: &[(&Instance, &ChoiceRequest)],
     loaded: &Loaded,
 ) -> Result<Vec<serde_json::Value>> {
-    let reqs = batch.iter().map(|(_, c)| (*c).clone()).collect();
-    let out = backend_entry.outcome(backend.score_choices(reqs))?;
+    let reqs: Vec<ChoiceRequest> = batch
+        .iter()
+        .map(|(_, c)| {
+            let mut c = (*c).clone();
+            if plan.chat_template {
+                c.context = chat(backend_entry, backend, &c.context)?.into();
+            }
+            Ok(c)
+        })
+        .collect::<Result<_>>()?;
+    let out = backend_entry.outcome(backend.score_choices(reqs.iter().cloned().collect()))?;
     check_answered(plan, "answered", out.len(), batch.len(), "requests")?;
     let mut lines = Vec::with_capacity(batch.len());
-    for ((inst, req), scored) in batch.iter().zip(out.iter()) {
+    for (((inst, _), req), scored) in batch.iter().zip(&reqs).zip(out.iter()) {
         check_answered(plan, "scored", scored.len(), req.options.len(), "options")?;
         let best = best_option(req, scored);
         let prediction = req
@@ -426,6 +446,18 @@ fn choice_lines(
         lines.push(line);
     }
     Ok(lines)
+}
+
+/// `prompt` as the one user message of a chat, in the model's own template (`--chat-template`).
+fn chat(backend_entry: &Entry, backend: &BackendBox, prompt: &str) -> Result<String> {
+    let message = ChatMessage {
+        role: "user".into(),
+        content: prompt.into(),
+    };
+    let wrapped = backend_entry
+        .outcome(backend.chat_prompt(vec![message].into()))
+        .context("--chat-template")?;
+    Ok(wrapped.into())
 }
 
 /// The option ranked first: the highest log-likelihood (per byte of the option's text with

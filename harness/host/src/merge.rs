@@ -173,6 +173,7 @@ fn check_same_eval(a: &ShardRun, b: &ShardRun) -> Result<()> {
         ("backend", ra.backend.name != rb.backend.name),
         ("backend options", ra.backend.options != rb.backend.options),
         ("model", ra.model.sha256 != rb.model.sha256),
+        ("chat template", ra.chat_template != rb.chat_template),
         (
             "adapter",
             ra.model.adapter_sha256 != rb.model.adapter_sha256,

@@ -62,6 +62,9 @@ pub struct RunRecord {
     /// `I/N` when the run is one shard of an eval (`--shard`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<String>,
+    /// Whether prompts were wrapped in the model's chat template (`--chat-template`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chat_template: bool,
     pub task: Component,
     pub backend: Component,
     pub model: ModelRecord,

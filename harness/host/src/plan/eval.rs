@@ -30,6 +30,8 @@ pub struct EvalPlan {
     pub adapter: Option<PathBuf>,
     /// The shard this run evaluates, if any.
     pub shard: Option<Shard>,
+    /// Wrap every prompt in the model's chat template.
+    pub chat_template: bool,
     /// Present when resuming: what the interrupted run recorded.
     pub resumed: Option<RunRecord>,
 }
@@ -153,6 +155,7 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
         label: args.label.clone(),
         adapter: adapter_dir,
         shard: args.shard.as_deref().map(Shard::parse).transpose()?,
+        chat_template: args.chat_template,
         resumed: None,
     })
 }
@@ -190,6 +193,7 @@ fn resume(args: &EvalArgs, dir: &std::path::Path) -> Result<EvalPlan> {
         label: record.label.clone(),
         adapter: record.model.adapter.as_ref().map(PathBuf::from),
         shard: record.shard.as_deref().map(Shard::parse).transpose()?,
+        chat_template: record.chat_template,
         resumed: Some(record),
     })
 }
