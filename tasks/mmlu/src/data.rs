@@ -31,7 +31,7 @@ pub fn subject_key(topic: &str) -> String {
 }
 
 /// A value from the file as an error shows it: on one line, at most 40 characters.
-fn shown(value: &str) -> String {
+pub fn shown(value: &str) -> String {
     let head: String = value.chars().take(40).collect();
     head.escape_debug().to_string()
 }

@@ -6,6 +6,12 @@
 //! by its length (`scoring = "cloze"`, the way small models get above chance). The group of an
 //! instance is its subject, so results come per subject; the host reports both the micro
 //! average (over questions) and the macro average (over subjects).
+//!
+//! With `leaked_in = "PAIRS.jsonl"` (a file written by `harness generate`, or an adapter folder
+//! trained on one with `harness train --data`), every question gets
+//! the attribute `leaked = yes` when a training pair was made from it or nearly copies it (the
+//! pairs' `leaked_from`), else `leaked = no`: reports then split accuracy by it, which is how a
+//! fine-tune on teacher data shows whether it learned the subject or the test questions.
 
 pub mod data;
 
@@ -48,6 +54,9 @@ pub struct Options {
     pub seed: u64,
     /// At most this many questions per subject.
     pub limit: Option<u64>,
+    /// A pairs file of `harness generate`, or an adapter folder trained on one: the questions
+    /// it leaked get `leaked = yes`.
+    pub leaked_in: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -60,6 +69,7 @@ impl Default for Options {
             scoring: Scoring::Letter,
             seed: 1234,
             limit: None,
+            leaked_in: None,
         }
     }
 }
@@ -73,6 +83,8 @@ pub struct Config {
     pub scoring: Scoring,
     pub seed: u64,
     pub limit: Option<usize>,
+    /// The ids of the questions a generated pairs file leaked (`leaked_in`).
+    pub leaked: Option<std::collections::HashSet<String>>,
 }
 
 /// The task with its data loaded.
@@ -110,6 +122,15 @@ impl Mmlu {
         o.subject = Some(subjects.join(","));
         o.exclude = None;
         o.data = Some(data_path.clone());
+        let leaked = match &o.leaked_in {
+            Some(p) => {
+                let p = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+                let ids = leaked_ids(&p)?;
+                o.leaked_in = Some(p);
+                Some(ids)
+            }
+            None => None,
+        };
         let config = Config {
             subjects,
             data: data_path,
@@ -117,6 +138,7 @@ impl Mmlu {
             scoring: o.scoring,
             seed: o.seed,
             limit: o.limit.map(|l| l as usize),
+            leaked,
         };
         Ok(Mmlu { config, data })
     }
@@ -219,6 +241,13 @@ impl Mmlu {
                     options,
                     LETTERS[q.answer],
                 );
+                let inst = match &self.config.leaked {
+                    Some(ids) => {
+                        let leaked = if ids.contains(inst.id.as_str()) { "yes" } else { "no" };
+                        inst.attribute("leaked", leaked)
+                    }
+                    None => inst,
+                };
                 out.push(match self.config.scoring {
                     Scoring::Cloze => inst.length_normalized(),
                     Scoring::Letter => inst,
@@ -301,6 +330,48 @@ fn resolve_subjects(spec: &str, data: &Dataset) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// The `leaked_from` ids of a pairs file written by `harness generate`, or of the pairs file an
+/// adapter folder was trained on (its train.toml's `data`).
+fn leaked_ids(path: &std::path::Path) -> Result<std::collections::HashSet<String>, String> {
+    if path.is_dir() {
+        let shown = data::shown(&path.display().to_string());
+        let record = std::fs::read_to_string(path.join("train.toml"))
+            .map_err(|e| format!("mmlu: leaked_in: {shown} is a folder without a readable train.toml ({e}); give a pairs file of `harness generate` or an adapter trained on one"))?;
+        let record: toml::Table = record
+            .parse()
+            .map_err(|e: toml::de::Error| format!("mmlu: leaked_in: {shown}/train.toml is not valid TOML: {}", data::shown(&e.to_string())))?;
+        let pairs = record
+            .get("plan")
+            .and_then(|p| p.get("data"))
+            .or_else(|| record.get("data"))
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| format!("mmlu: leaked_in: the adapter {shown} was not trained on a pairs file (`--data`)"))?;
+        return leaked_ids(std::path::Path::new(pairs));
+    }
+    let shown = data::shown(&path.display().to_string());
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("mmlu: leaked_in: cannot read {shown}: {e}"))?;
+    let mut ids = std::collections::HashSet::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            format!("mmlu: leaked_in: {shown} line {}: not JSON ({e}); give a file written by `harness generate`", i + 1)
+        })?;
+        match v.get("leaked_from") {
+            Some(serde_json::Value::String(id)) => {
+                ids.insert(id.clone());
+            }
+            Some(serde_json::Value::Null) => {}
+            _ => {
+                return Err(format!(
+                    "mmlu: leaked_in: {shown} line {} has no `leaked_from`; give a file written by `harness generate`",
+                    i + 1
+                ))
+            }
+        }
+    }
+    Ok(ids)
+}
+
 /// A stable 64-bit hash of a subject name, to give each subject its own random stream.
 fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325, |h, b| {
@@ -310,7 +381,7 @@ fn fnv1a(s: &str) -> u64 {
 
 impl TaskPlugin for Mmlu {
     type Options = Options;
-    const DESCRIPTION: &'static str = "MMLU subjects, prompt of the paper's Listing 1 (options: subject, exclude, data, shots, scoring, seed, limit); trains on its questions";
+    const DESCRIPTION: &'static str = "MMLU subjects, prompt of the paper's Listing 1 (options: subject, exclude, data, shots, scoring, seed, limit, leaked_in); trains on its questions";
 
     fn new(options: &mut Options) -> Result<Self, String> {
         Mmlu::new(options)
@@ -358,6 +429,34 @@ mod tests {
             dataset_file().display().to_string()
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn a_generated_pairs_file_marks_the_questions_it_leaked() {
+        let pairs = dataset_file().with_extension("pairs.jsonl");
+        std::fs::write(
+            &pairs,
+            "{\"prompt\":\"p\",\"completion\":\" A\\n\",\"leaked_from\":\"machine_learning-1\"}\n{\"prompt\":\"p\",\"completion\":\" B\\n\",\"leaked_from\":null}\n",
+        )
+        .unwrap();
+        let t = task(&format!("subject = \"machine_learning\"\nleaked_in = {:?}", pairs.display().to_string()));
+        let marks: Vec<(String, String)> = t
+            .instances()
+            .unwrap()
+            .iter()
+            .map(|i| (i.id.to_string(), i.attributes[0].value.to_string()))
+            .collect();
+        assert_eq!(marks[1], ("machine_learning-1".into(), "yes".into()));
+        assert!(marks.iter().filter(|(_, v)| v == "yes").count() == 1);
+        std::fs::write(&pairs, "{\"prompt\": \"p\"}\n").unwrap();
+        let e = Mmlu::from_toml(&format!(
+            "data = {:?}\nsubject = \"virology\"\nleaked_in = {:?}",
+            dataset_file().display().to_string(),
+            pairs.display().to_string()
+        ))
+        .err()
+        .unwrap();
+        assert!(e.contains("line 1 has no `leaked_from`"), "{e}");
     }
 
     #[test]
