@@ -231,3 +231,102 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A server answering its requests with `statuses` in turn (then 200 forever), counting them.
+    fn server(statuses: Vec<u16>) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&count);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" || line.is_empty() {
+                        break;
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                let status = statuses.get(n).copied().unwrap_or(200);
+                let text = if status == 200 {
+                    r#"{"ok": true}"#.to_string()
+                } else {
+                    format!(r#"{{"error": {{"message": "busy {n}"}}}}"#)
+                };
+                write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\nRetry-After: 0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                )
+                .unwrap();
+            }
+        });
+        (url, count)
+    }
+
+    fn client(url: &str, retries: u32) -> Client {
+        Client::new(url, None, Duration::from_secs(5), retries, None)
+    }
+
+    #[test]
+    fn busy_and_failing_servers_are_retried_until_the_limit() {
+        let (url, count) = server(vec![429, 503]);
+        let v = client(&url, 2)
+            .post("/completions", &serde_json::json!({}))
+            .unwrap();
+        assert_eq!(v["ok"], true);
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+
+        let (url, count) = server(vec![503, 503, 503]);
+        let e = client(&url, 1)
+            .post("/completions", &serde_json::json!({}))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{url}/completions answered 503: busy 1")
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_refused_request_is_not_retried() {
+        let (url, count) = server(vec![400]);
+        let e = client(&url, 3)
+            .post("/completions", &serde_json::json!({}))
+            .unwrap_err();
+        assert!(e.to_string().ends_with("answered 400: busy 0"), "{e}");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn answers_are_cached_by_request() {
+        let (url, count) = server(vec![]);
+        let dir = std::env::temp_dir().join(format!("openai-cache-{}", std::process::id()));
+        let c = Client::new(&url, None, Duration::from_secs(5), 0, Some(dir.clone()));
+        let body = serde_json::json!({"prompt": "x"});
+        c.post("/completions", &body).unwrap();
+        c.post("/completions", &body).unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        c.post("/completions", &serde_json::json!({"prompt": "y"}))
+            .unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

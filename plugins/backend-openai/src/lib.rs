@@ -384,3 +384,49 @@ impl OpenAi {
 }
 
 harness_abi::plugin! { backend "openai" => OpenAi }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(extra: &str) -> Options {
+        harness_abi::options::read("openai", &format!("model = \"m\"\ncache = false\n{extra}"))
+            .unwrap()
+    }
+
+    #[test]
+    fn options_are_checked_and_the_key_is_only_named() {
+        let mut o = options("base_url = \"ftp://x\"");
+        assert!(OpenAi::new(&mut o).err().unwrap().contains("http://"));
+        let mut o = options("base_url = \"http://127.0.0.1:9/v1/\"\nconcurrency = 0");
+        assert!(OpenAi::new(&mut o).err().unwrap().contains("at least 1"));
+        let mut o =
+            options("base_url = \"http://127.0.0.1:9/v1/\"\napi_key_env = \"HARNESS_TEST_KEY\"");
+        std::env::set_var("HARNESS_TEST_KEY", "sk-never-recorded");
+        let b = OpenAi::new(&mut o).unwrap();
+        let recorded = harness_abi::options::record(&o).unwrap();
+        assert!(!recorded.contains("sk-never"), "{recorded}");
+        assert!(
+            recorded.contains("base_url = \"http://127.0.0.1:9/v1\""),
+            "{recorded}"
+        );
+        assert_eq!(b.info().device.as_str(), "remote");
+        let e = harness_abi::options::read::<Options>("openai", "base_ur = \"x\"").unwrap_err();
+        assert!(e.contains("base_url"), "{e}");
+    }
+
+    #[test]
+    fn the_chat_endpoint_refuses_choice_scoring_with_the_reason() {
+        let mut o = options("base_url = \"http://127.0.0.1:9/v1\"\nendpoint = \"chat\"");
+        let mut b = OpenAi::new(&mut o).unwrap();
+        let e = b
+            .score_choices(vec![ChoiceRequest {
+                context: "Q".into(),
+                options: vec![" A".into()].into(),
+                labels: vec!["A".into()].into(),
+                length_normalize: false,
+            }])
+            .unwrap_err();
+        assert!(e.contains("endpoint=completions"), "{e}");
+    }
+}

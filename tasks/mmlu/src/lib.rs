@@ -243,7 +243,11 @@ impl Mmlu {
                 );
                 let inst = match &self.config.leaked {
                     Some(ids) => {
-                        let leaked = if ids.contains(inst.id.as_str()) { "yes" } else { "no" };
+                        let leaked = if ids.contains(inst.id.as_str()) {
+                            "yes"
+                        } else {
+                            "no"
+                        };
                         inst.attribute("leaked", leaked)
                     }
                     None => inst,
@@ -337,9 +341,12 @@ fn leaked_ids(path: &std::path::Path) -> Result<std::collections::HashSet<String
         let shown = data::shown(&path.display().to_string());
         let record = std::fs::read_to_string(path.join("train.toml"))
             .map_err(|e| format!("mmlu: leaked_in: {shown} is a folder without a readable train.toml ({e}); give a pairs file of `harness generate` or an adapter trained on one"))?;
-        let record: toml::Table = record
-            .parse()
-            .map_err(|e: toml::de::Error| format!("mmlu: leaked_in: {shown}/train.toml is not valid TOML: {}", data::shown(&e.to_string())))?;
+        let record: toml::Table = record.parse().map_err(|e: toml::de::Error| {
+            format!(
+                "mmlu: leaked_in: {shown}/train.toml is not valid TOML: {}",
+                data::shown(&e.to_string())
+            )
+        })?;
         let pairs = record
             .get("plan")
             .and_then(|p| p.get("data"))
@@ -352,7 +359,11 @@ fn leaked_ids(path: &std::path::Path) -> Result<std::collections::HashSet<String
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("mmlu: leaked_in: cannot read {shown}: {e}"))?;
     let mut ids = std::collections::HashSet::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
             format!("mmlu: leaked_in: {shown} line {}: not JSON ({e}); give a file written by `harness generate`", i + 1)
         })?;
@@ -439,7 +450,10 @@ mod tests {
             "{\"prompt\":\"p\",\"completion\":\" A\\n\",\"leaked_from\":\"machine_learning-1\"}\n{\"prompt\":\"p\",\"completion\":\" B\\n\",\"leaked_from\":null}\n",
         )
         .unwrap();
-        let t = task(&format!("subject = \"machine_learning\"\nleaked_in = {:?}", pairs.display().to_string()));
+        let t = task(&format!(
+            "subject = \"machine_learning\"\nleaked_in = {:?}",
+            pairs.display().to_string()
+        ));
         let marks: Vec<(String, String)> = t
             .instances()
             .unwrap()
