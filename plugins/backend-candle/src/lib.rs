@@ -330,7 +330,7 @@ impl BackendPlugin for CandleBackend {
                     .engine
                     .eos_text()
                     .as_deref()
-                    .map_or(ROption::RNone, |e| some(e)),
+                    .map_or(ROption::RNone, some),
                 ..Default::default()
             },
         }

@@ -3,6 +3,10 @@
 //! transport failures (honouring Retry-After), and an on-disk cache of answered requests keyed
 //! by the request itself, so a rerun asks the server nothing it already answered.
 
+// ureq's own `Result<Response, ureq::Error>` is large; it lives only between a send and the
+// decision to retry it.
+#![allow(clippy::result_large_err)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
