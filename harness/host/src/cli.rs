@@ -110,11 +110,13 @@ pub enum Command {
     ///
     /// Any backend plugin answers (default: candle with the fetched model, or --model and
     /// --adapter). Decoding is greedy whatever `temperature` says. `/v1/completions` takes a text
-    /// prompt (or a list), `max_tokens`, `stop`, and with `logprobs` gives each token's
-    /// log-probability and the most likely alternatives; with `echo` and `max_tokens: 0` it
+    /// prompt, token ids, or a list of either, `max_tokens` and `stop`, and with `logprobs`
+    /// gives each token's log-probability and the most likely alternatives; with `echo` it
     /// scores the prompt itself, which is how lm-evaluation-harness's `local-completions`
     /// model computes log-likelihoods. `/v1/chat/completions` applies the model's own chat
-    /// template. Requests that arrive together are decoded as one batch (up to --batch).
+    /// template. `/tokenize`, `/detokenize` and `/tokenizer_info` serve the model's tokenizer
+    /// (lm-evaluation-harness's `tokenizer_backend=remote`). Requests that arrive together are
+    /// decoded as one batch (up to --batch).
     ///
     /// Listens on 127.0.0.1 unless --host says otherwise; refuses bodies over --max-body bytes
     /// (413) and more than --max-pending requests waiting (429). Ctrl-C stops it.
