@@ -158,11 +158,12 @@ fn marker(text: &str, letter: char, from: usize) -> Option<(usize, usize)> {
     best
 }
 
-/// The stem and the four option texts of a question written with its options.
+/// The stem and the four option texts of a question written with its options. The options
+/// are a chain of markers A, B, C, D in order; a stem may mention "A." itself, so of every
+/// complete chain the one with the most markers at line starts wins, the last of equals.
 fn split_options(text: &str) -> Result<(String, [String; 4]), Malformed> {
-    // The options are the last A..D markers in order: find D's candidates backwards would be
-    // costly; instead find A, then B after it, and so on, retrying from a later A when the
-    // chain breaks (a stem may mention "A." itself).
+    let at_line_start = |at: usize| at == 0 || text[..at].ends_with('\n');
+    let mut best: Option<(usize, Vec<(usize, usize)>)> = None;
     let mut from = 0;
     while let Some(a) = marker(text, 'A', from) {
         let mut spans = vec![a];
@@ -173,23 +174,27 @@ fn split_options(text: &str) -> Result<(String, [String; 4]), Malformed> {
             }
         }
         if spans.len() == 4 {
-            let stem = text[..spans[0].0].trim().to_string();
-            if stem.is_empty() {
-                return Err(Malformed::EmptyQuestion);
+            let lines = spans.iter().filter(|s| at_line_start(s.0)).count();
+            if best.as_ref().is_none_or(|(b, _)| lines >= *b) {
+                best = Some((lines, spans));
             }
-            let mut options: [String; 4] = Default::default();
-            for i in 0..4 {
-                let end = spans.get(i + 1).map_or(text.len(), |s| s.0);
-                options[i] = text[spans[i].1..end].trim().to_string();
-            }
-            if options.iter().any(String::is_empty) || marker(text, 'E', spans[3].1).is_some() {
-                return Err(Malformed::Options);
-            }
-            return Ok((stem, options));
         }
         from = a.1;
     }
-    Err(Malformed::Options)
+    let (_, spans) = best.ok_or(Malformed::Options)?;
+    let stem = text[..spans[0].0].trim().to_string();
+    if stem.is_empty() {
+        return Err(Malformed::EmptyQuestion);
+    }
+    let mut options: [String; 4] = Default::default();
+    for i in 0..4 {
+        let end = spans.get(i + 1).map_or(text.len(), |s| s.0);
+        options[i] = text[spans[i].1..end].trim().to_string();
+    }
+    if options.iter().any(String::is_empty) || marker(text, 'E', spans[3].1).is_some() {
+        return Err(Malformed::Options);
+    }
+    Ok((stem, options))
 }
 
 /// The index of the answer: a letter, alone or marked (`(C)`, `C.`, `C) text`), or exactly
@@ -198,11 +203,14 @@ fn answer_index(answer: &str, options: &[String; 4]) -> Option<usize> {
     let a = answer.trim();
     let letter_at = |c: char| LETTERS.iter().position(|l| *l == c);
     let mut chars = a.chars();
-    match (chars.next(), chars.next()) {
-        (Some(c), None) => return letter_at(c),
-        (Some('('), Some(c)) if a[2..].starts_with(')') => return letter_at(c),
-        (Some(c), Some('.' | ')' | ':')) => return letter_at(c),
-        _ => {}
+    let letter = match (chars.next(), chars.next()) {
+        (Some(c), None) => letter_at(c),
+        (Some('('), Some(c)) if a[c.len_utf8() + 1..].starts_with(')') => letter_at(c),
+        (Some(c), Some('.' | ')' | ':')) => letter_at(c),
+        _ => None,
+    };
+    if letter.is_some() {
+        return letter;
     }
     let said = normalise(a);
     let hits: Vec<usize> = (0..4).filter(|&i| normalise(&options[i]) == said).collect();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context, Result};
 use harness_abi::abi_stable::std_types::{ROption, RString, RVec};
-use harness_abi::{BackendBox, GenerateRequest, Prompt};
+use harness_abi::{BackendBox, GenerateRequest, Prompt, PromptToken};
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Response, Server};
 
@@ -349,7 +349,10 @@ fn answer(entry: &Entry, backend: &mut BackendBox, group: &[Job]) -> Vec<Result<
     }
     // Generation, all jobs' sequences in one call (scoring-only sequences skip it).
     let to_generate: Vec<usize> = (0..sequences.len())
-        .filter(|&i| sequences[i].max_tokens > 0)
+        .filter(|&i| {
+            sequences[i].max_tokens > 0
+                && !scores_one_token(&group[sequences[i].job].work, &sequences[i])
+        })
         .collect();
     let mut generated: Vec<Option<(String, u32, u32)>> = vec![None; sequences.len()];
     if !to_generate.is_empty() {
@@ -399,6 +402,56 @@ fn answer(entry: &Entry, backend: &mut BackendBox, group: &[Job]) -> Vec<Result<
         .collect()
 }
 
+/// Whether a sequence is a prompt scored with one token after it (`echo`, `logprobs`,
+/// `max_tokens: 1`: how lm-evaluation-harness asks for log-likelihoods). Those are answered by
+/// [`echo_one_token`], without a generation pass, and always end in exactly one token, as
+/// OpenAI's API does (an end-of-sequence token included), since clients drop that last token.
+fn scores_one_token(work: &Work, s: &Sequence) -> bool {
+    matches!(
+        work,
+        Work::Completion {
+            echo: true,
+            logprobs: Some(_),
+            ..
+        }
+    ) && s.max_tokens == 1
+}
+
+/// The prompt's tokens as given with their log-probabilities, then the greedy next token with
+/// its own: returns (that token's text, prompt + token, the logprobs object, prompt tokens).
+fn echo_one_token(
+    entry: &Entry,
+    backend: &mut BackendBox,
+    s: &Sequence,
+    top: u32,
+    echo: bool,
+) -> Result<(String, String, Value, u64), ApiError> {
+    let scored = entry
+        .outcome(backend.prompt_logprobs(RVec::from(vec![s.prompt.clone()]), top))
+        .map_err(server_error)?;
+    let mut tokens = scored.into_iter().next().unwrap_or_default().into_vec();
+    let n_prompt = tokens.len() as u64;
+    let prompt_text: String = tokens.iter().map(|t| t.text.as_str()).collect();
+    let next = entry
+        .outcome(backend.next_token_logprobs(s.text.as_str().into(), top.max(1)))
+        .map_err(server_error)?;
+    let greedy = next
+        .first()
+        .cloned()
+        .ok_or_else(|| server_error(anyhow!("the backend gave no next token")))?;
+    tokens.push(PromptToken {
+        id: greedy.id,
+        text: greedy.text.clone(),
+        offset: prompt_text.len() as u32,
+        logprob: ROption::RSome(greedy.logprob),
+        top: next.into_iter().take(top as usize).collect(),
+    });
+    let full = format!("{prompt_text}{}", greedy.text);
+    let from = if echo { 0 } else { prompt_text.len() };
+    let value = api::logprobs_object(&tokens, &full, from);
+    Ok((greedy.text.into_string(), full, value, n_prompt))
+}
+
 /// One job's response body.
 fn respond(
     entry: &Entry,
@@ -427,6 +480,21 @@ fn respond(
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": finish,
             })),
+            Work::Completion {
+                echo,
+                logprobs: Some(top),
+                ..
+            } if scores_one_token(&job.work, s) => {
+                let (text, full, value, n_prompt) = echo_one_token(entry, backend, s, *top, *echo)?;
+                prompt_tokens += n_prompt;
+                completion_tokens += 1;
+                choices.push(json!({
+                    "index": index,
+                    "text": if *echo { full } else { text },
+                    "logprobs": value,
+                    "finish_reason": "length",
+                }));
+            }
             Work::Completion { echo, logprobs, .. } => {
                 let full = format!("{}{text}", s.text);
                 let logprobs_value = match logprobs {
