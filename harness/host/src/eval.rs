@@ -150,9 +150,9 @@ pub fn run(reg: &Registry, plan: EvalPlan, command_line: String) -> Result<()> {
                 model: ModelRecord {
                     name: info.name.to_string(),
                     path: info.path.to_string(),
-                    // A served model (the openai backend) is no file: its URL and name are
-                    // what identify it.
-                    sha256: if Path::new(info.path.as_str()).is_file() {
+                    // A served model (the openai backend) is no file or folder: its URL
+                    // and name are what identify it.
+                    sha256: if Path::new(info.path.as_str()).exists() {
                         run_dir::sha256_path(Path::new(info.path.as_str()))?
                     } else {
                         String::new()
