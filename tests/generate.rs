@@ -170,6 +170,12 @@ const REPLIES: [&str; 6] = [
     "<prompt>Which method reduces variance by averaging many trees?\nA. Boosting\nB. Bagging\nC. Pruning\nD. Stacking</prompt>\n<response>Bagging</response>",
 ];
 
+/// The scripted teacher's Listing-3 replies, one per turn (each answered B).
+const TARGETED: [&str; 2] = [
+    "<question>Which ensemble trains each model on a bootstrap sample? A. Boosting B. Bagging C. Pruning D. Stacking</question>\n<answer>B</answer>",
+    "<question>Random forests extend which idea with random feature subsets?\nA) Gradient descent\nB) Bootstrap aggregation\nC) Dropout\nD) Early stopping</question>\n<answer>(B)</answer>",
+];
+
 /// A teacher speaking the OpenAI completions API: Listing 2 gets the reply of its turn, the
 /// relevance question "no" for bananas, and a question asked alone its answer (B), except the
 /// unsolvable one (C).
@@ -185,13 +191,17 @@ fn scripted_teacher() -> String {
             } else {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap();
                 let prompt = v["prompt"].as_str().unwrap();
-                let text = if prompt.starts_with("You are generating data") {
-                    let turn = prompt
-                        .split("This is turn ")
+                let turn_of = |p: &str| {
+                    p.split("This is turn ")
                         .nth(1)
                         .and_then(|s| s.split('.').next())
-                        .map_or(1, |t| t.parse::<usize>().unwrap());
-                    REPLIES[turn - 1].to_string()
+                        .map_or(1, |t| t.parse::<usize>().unwrap())
+                };
+                let text = if prompt.starts_with("You are an advanced AI model") {
+                    // Listing 3: a new pair per turn, on the question's own subject.
+                    TARGETED[turn_of(prompt) - 1].to_string()
+                } else if prompt.starts_with("You are generating data") {
+                    REPLIES[turn_of(prompt) - 1].to_string()
                 } else if prompt.starts_with("Is the following multiple-choice question") {
                     if prompt.contains("banana") {
                         " no"
@@ -267,4 +277,65 @@ fn general_pairs_from_a_served_teacher_pass_each_filter_counted() {
     assert_eq!(pairs[1]["answer"], "B");
     assert_eq!(pairs[1]["leaked_from"], "machine_learning-0");
     assert_eq!(record["leaked"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn targeted_pairs_from_a_served_teacher_cover_the_gaps_it_can_answer() {
+    let dir = temp_dir("generate-targeted-teacher");
+    let model = dir.join("model");
+    write_tiny_model(&model, 5);
+    let data = mmlu_data(&dir);
+    let base_url = scripted_teacher();
+    let out = dir.join("ml-targeted.jsonl");
+    ok(harness()
+        .args([
+            "generate",
+            "--method",
+            "targeted",
+            "--subject",
+            "machine_learning",
+            "--per-gap",
+            "2",
+        ])
+        .args(["--teacher", "openai", "--backend-option"])
+        .arg(format!("base_url={base_url}"))
+        .args(["--backend-option", "cache=false", "--data"])
+        .arg(&data)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out));
+    let record: toml::Table = std::fs::read_to_string(dir.join("ml-targeted.provenance.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let counts = record["counts"]["machine_learning"].as_table().unwrap();
+    let n = |k: &str| counts[k].as_integer().unwrap();
+    // The scripted teacher answers B to every question: right on the two whose key is B.
+    assert_eq!(n("teacher_right"), 2);
+    assert!(n("gaps") >= 1 && n("gaps") <= 2, "{counts:?}");
+    // Its two replies are the same for every question: a second gap's pairs are duplicates.
+    assert_eq!(
+        [
+            n("asked"),
+            n("malformed"),
+            n("duplicate"),
+            n("irrelevant"),
+            n("unsolvable"),
+            n("kept")
+        ],
+        [2 * n("gaps"), 0, 2 * (n("gaps") - 1), 0, 0, 2]
+    );
+    let gaps: Vec<&str> = record["leaked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for p in lines(&out) {
+        assert!(gaps.contains(&p["source"].as_str().unwrap()), "{p}");
+        assert_eq!(p["answer"], "B");
+        assert_eq!(p["method"], "targeted");
+    }
+    assert!(record["label"].as_str().unwrap().contains("leakage"));
 }

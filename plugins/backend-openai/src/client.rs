@@ -310,6 +310,26 @@ mod retry_tests {
     }
 
     #[test]
+    fn a_server_that_never_answers_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        // Accepts connections and never answers.
+        std::thread::spawn(move || {
+            let _held: Vec<_> = listener.incoming().take(4).collect();
+            std::thread::sleep(Duration::from_secs(30));
+        });
+        let started = std::time::Instant::now();
+        let c = Client::new(&url, None, Duration::from_millis(300), 0, None);
+        let e = c.post("/completions", &serde_json::json!({})).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("cannot reach {url}/completions")),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
     fn a_refused_request_is_not_retried() {
         let (url, count) = server(vec![400]);
         let e = client(&url, 3)
