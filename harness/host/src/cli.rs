@@ -81,8 +81,8 @@ pub enum Command {
     /// (`targeted`) over MMLU subjects.
     ///
     /// `general` asks the teacher for --pairs pairs per subject with Listing 2, one per turn,
-    /// each turn shown the pairs before it. `targeted` has the student (`--model`, the candle
-    /// backend) and the teacher answer the subject's test questions, keeps those the teacher
+    /// each turn shown the pairs before it. `targeted` has the student (`--model` on
+    /// --student-backend, default candle) and the teacher answer the subject's test questions, keeps those the teacher
     /// gets right and the student wrong, and asks for --per-gap new pairs for each with
     /// Listing 3. Every pair then passes the filters, each counted: well-formed (a question,
     /// four options A-D, one answer letter), not a duplicate (normalised text equal, or at
@@ -274,10 +274,21 @@ pub struct GenerateArgs {
     #[arg(long = "per-gap", value_name = "N", default_value_t = 3)]
     pub per_gap: u64,
 
-    /// targeted: the student model (default: the model cached by `harness fetch`), run by the
-    /// candle backend.
+    /// targeted: the student's backend (a remote student: `openai` with --student-option).
+    #[arg(
+        long = "student-backend",
+        value_name = "NAME",
+        default_value = "candle"
+    )]
+    pub student_backend: String,
+
+    /// targeted: the student model (default: the model cached by `harness fetch`).
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
+
+    /// targeted: a student backend option, as KEY=VALUE (repeatable).
+    #[arg(long = "student-option", value_name = "KEY=VALUE")]
+    pub student_options: Vec<String>,
 
     /// targeted: the student's LoRA adapter folder, if any.
     #[arg(long, value_name = "DIR")]

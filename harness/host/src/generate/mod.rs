@@ -182,12 +182,16 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
     let mut gaps: Vec<&TestQuestion> = Vec::new();
     let mut student_right = vec![false; questions.len()];
     if method == Method::Targeted {
-        let flags = BackendFlags {
+        let mut student_table = BackendFlags {
             model: args.model.as_deref(),
             adapter: args.adapter.as_deref(),
             ..Default::default()
-        };
-        let (entry, backend) = reg.backend("candle", &flags.table().to_string())?;
+        }
+        .table();
+        for pair in &args.student_options {
+            insert_pair(&mut student_table, pair, "--student-option")?;
+        }
+        let (entry, backend) = reg.backend(&args.student_backend, &student_table.to_string())?;
         let mut student = Model {
             entry,
             backend,
