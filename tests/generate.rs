@@ -339,3 +339,88 @@ fn targeted_pairs_from_a_served_teacher_cover_the_gaps_it_can_answer() {
     }
     assert!(record["label"].as_str().unwrap().contains("leakage"));
 }
+
+#[test]
+fn a_study_generates_its_pairs_trains_on_them_and_splits_by_leaked() {
+    let dir = temp_dir("generate-study");
+    write_tiny_model(&dir.join("model"), 5);
+    let data = mmlu_data(&dir);
+    let file = dir.join("targeted.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"[study]
+name = "tiny-targeted"
+model = "model"
+
+[variants.vanilla]
+base = "nf4"
+
+[variants.leak]
+base = "nf4"
+generate = {{ method = "targeted", subject = "machine_learning", teacher = "answer-key", per_gap = 2, data = "data" }}
+train = {{ train = {{ r = 4, epochs = 1 }} }}
+
+[[evals]]
+name = "mmlu"
+task = "mmlu"
+options = {{ subject = "machine_learning", data = {data:?}, leaked_in = "@leak" }}
+metrics = ["exact-match"]
+variants = ["vanilla", "leak"]
+
+[[compare]]
+eval = "mmlu"
+a = "vanilla"
+b = "leak"
+"#,
+            data = data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let plan = ok(harness()
+        .arg("study")
+        .arg(&file)
+        .arg("--plan")
+        .arg("--out")
+        .arg(&out));
+    assert!(plan.contains("generate leak"), "{plan}");
+    let log = ok(harness().arg("study").arg(&file).arg("--out").arg(&out));
+    assert!(log.contains("study done"), "{log}");
+    let pairs = out.join("data/leak/pairs.jsonl");
+    assert!(!lines(&pairs).is_empty());
+    assert!(out.join("data/leak/pairs.provenance.toml").is_file());
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("split by leaked"), "{report}");
+    // Done is done: a second run generates and trains nothing.
+    let again = ok(harness().arg("study").arg(&file).arg("--out").arg(&out));
+    assert!(again.contains("nothing to run"), "{again}");
+
+    // A `generate` without `train`, or with a `data` of its own, is refused with its line.
+    let bad = std::fs::read_to_string(&file).unwrap().replace(
+        "train = { train = { r = 4, epochs = 1 } }",
+        "train = { data = \"x.jsonl\" }",
+    );
+    std::fs::write(dir.join("bad.toml"), bad).unwrap();
+    let e = fails(
+        harness()
+            .arg("study")
+            .arg(dir.join("bad.toml"))
+            .arg("--plan"),
+    );
+    assert!(e.contains("`data` is what `generate` gives"), "{e}");
+    let typo = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("per_gap", "per_gapp");
+    std::fs::write(dir.join("typo.toml"), typo).unwrap();
+    let e = fails(
+        harness()
+            .arg("study")
+            .arg(dir.join("typo.toml"))
+            .arg("--plan"),
+    );
+    assert!(
+        e.contains("line 10") && e.contains("did you mean `per_gap`"),
+        "{e}"
+    );
+}

@@ -297,6 +297,7 @@ fn shipped_studies_are_valid_and_the_smoke_study_runs() {
     for f in [
         "studies/addition-length-generalization.toml",
         "studies/mmlu-knowledge-transfer.toml",
+        "studies/mmlu-targeted.toml",
     ] {
         let plan = ok(harness()
             .arg("study")

@@ -246,7 +246,7 @@ pub struct ServeArgs {
     pub max_pending: u64,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
     /// `general` (Algorithm 1: broad pairs per subject) or `targeted` (Algorithm 2: pairs for
     /// the test questions the student gets wrong and the teacher right).

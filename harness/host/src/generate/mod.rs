@@ -101,12 +101,89 @@ struct SubjectRecord {
     counts: Counts,
 }
 
-pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<()> {
-    let method = match args.method.as_str() {
-        "general" => Method::General,
-        "targeted" => Method::Targeted,
-        other => bail!("--method must be `general` or `targeted`, not `{other}`"),
+/// The generation arguments a study variant's `generate` table gives (the study sets `out` and
+/// the student `model`); paths in it are resolved by `resolve`.
+pub fn args_from_table(
+    table: &toml::Table,
+    resolve: impl Fn(&str) -> PathBuf,
+    model: &Path,
+    out: PathBuf,
+) -> Result<GenerateArgs> {
+    const KEYS: [&str; 12] = [
+        "method",
+        "subject",
+        "teacher",
+        "backend_options",
+        "pairs",
+        "per_gap",
+        "limit",
+        "similarity",
+        "max_new_tokens",
+        "batch",
+        "seed",
+        "data",
+    ];
+    for k in table.keys() {
+        if !KEYS.contains(&k.as_str()) {
+            let known: Vec<String> = KEYS.iter().map(|k| k.to_string()).collect();
+            let hint = suggest(k, &known)
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            bail!("unknown key `{k}`{hint} (keys: {})", KEYS.join(", "));
+        }
+    }
+    let text = |k: &str| -> Result<Option<String>> {
+        match table.get(k) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => bail!("`{k}` must be text, got {v}"),
+        }
     };
+    let int = |k: &str| -> Result<Option<u64>> {
+        match table.get(k) {
+            None => Ok(None),
+            Some(toml::Value::Integer(n)) if *n >= 0 => Ok(Some(*n as u64)),
+            Some(v) => bail!("`{k}` must be a whole number, got {v}"),
+        }
+    };
+    let required = |k: &str| -> Result<String> {
+        text(k)?.ok_or_else(|| anyhow!("`{k}` is required (method, subject and teacher are)"))
+    };
+    let backend_options = match table.get("backend_options") {
+        None => Vec::new(),
+        Some(toml::Value::Table(t)) => t.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        Some(v) => bail!("`backend_options` must be a table, got {v}"),
+    };
+    let similarity = match table.get("similarity") {
+        None => 0.9,
+        Some(toml::Value::Float(x)) => *x,
+        Some(toml::Value::Integer(n)) => *n as f64,
+        Some(v) => bail!("`similarity` must be a number, got {v}"),
+    };
+    Ok(GenerateArgs {
+        method: required("method")?,
+        subject: required("subject")?,
+        teacher: required("teacher")?,
+        backend_options,
+        pairs: int("pairs")?.unwrap_or(100),
+        per_gap: int("per_gap")?.unwrap_or(3),
+        student_backend: "candle".into(),
+        model: Some(model.to_path_buf()),
+        student_options: Vec::new(),
+        adapter: None,
+        data: text("data")?.map(|d| resolve(&d)),
+        limit: int("limit")?,
+        similarity,
+        max_new_tokens: int("max_new_tokens")?.map_or(384, |n| n as u32),
+        batch: int("batch")?.unwrap_or(8),
+        seed: int("seed")?.unwrap_or(1234),
+        out,
+    })
+}
+
+/// Everything about `args` that can be wrong before any model loads (the output file aside).
+pub fn check(reg: &Registry, args: &GenerateArgs) -> Result<()> {
+    method(args)?;
     if !(0.0..=1.0).contains(&args.similarity) {
         bail!(
             "--similarity must be between 0 and 1, got {}",
@@ -116,14 +193,8 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    if args.out.exists() {
-        bail!(
-            "{} already exists; choose another --out or remove it",
-            args.out.display()
-        );
-    }
     let answer_key = args.teacher == ANSWER_KEY;
-    if answer_key && method == Method::General {
+    if answer_key && method(args)? == Method::General {
         bail!("the answer-key teacher writes targeted pairs only (it rewords test questions); use --method targeted, or a model teacher for general pairs");
     }
     if !answer_key {
@@ -142,6 +213,31 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
     } else if !args.backend_options.is_empty() {
         bail!("--backend-option sets up a model teacher; the answer-key teacher takes none");
     }
+    let mut table = toml::Table::new();
+    for pair in &args.backend_options {
+        insert_pair(&mut table, pair, "--backend-option")?;
+    }
+    Ok(())
+}
+
+fn method(args: &GenerateArgs) -> Result<Method> {
+    match args.method.as_str() {
+        "general" => Ok(Method::General),
+        "targeted" => Ok(Method::Targeted),
+        other => bail!("--method must be `general` or `targeted`, not `{other}`"),
+    }
+}
+
+pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<()> {
+    check(reg, args)?;
+    let method = method(args)?;
+    if args.out.exists() {
+        bail!(
+            "{} already exists; choose another --out or remove it",
+            args.out.display()
+        );
+    }
+    let answer_key = args.teacher == ANSWER_KEY;
     let mut teacher_table = toml::Table::new();
     for pair in &args.backend_options {
         insert_pair(&mut teacher_table, pair, "--backend-option")?;

@@ -17,13 +17,23 @@ use super::file::{resolve_refs, AdapterPlan, Study, VariantPlan};
 /// One unit of work.
 #[derive(Debug, Clone)]
 pub(super) enum Cell {
-    Train { variant: String },
-    Eval { eval: usize, variant: String },
+    /// The pairs a trained variant's `generate` writes, before its training.
+    Generate {
+        variant: String,
+    },
+    Train {
+        variant: String,
+    },
+    Eval {
+        eval: usize,
+        variant: String,
+    },
 }
 
 /// The two kinds of cell, which run at different rates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
+    Generate,
     Train,
     Eval,
 }
@@ -35,6 +45,8 @@ impl Kind {
         match self {
             Kind::Eval => 0.35,
             Kind::Train => 1.8,
+            // Per generation run: the answer-key teacher over one subject, about 30 s.
+            Kind::Generate => 30.0,
         }
     }
 }
@@ -103,6 +115,19 @@ impl Study {
                 .evals
                 .iter()
                 .any(|e| e.variants.contains(name) || e.refs.contains(name));
+            if used
+                && matches!(
+                    v.adapter,
+                    AdapterPlan::Train {
+                        generate: Some(_),
+                        ..
+                    }
+                )
+            {
+                cells.push(Cell::Generate {
+                    variant: name.clone(),
+                });
+            }
             if used && matches!(v.adapter, AdapterPlan::Train { .. }) {
                 cells.push(Cell::Train {
                     variant: name.clone(),
@@ -122,6 +147,7 @@ impl Study {
 
     pub(super) fn cell_dir(&self, cell: &Cell) -> PathBuf {
         match cell {
+            Cell::Generate { variant } => self.out.join("data").join(variant),
             Cell::Train { variant } => self.out.join("adapters").join(variant),
             Cell::Eval { eval, variant } => self
                 .out
@@ -133,6 +159,7 @@ impl Study {
 
     pub(super) fn cell_name(&self, cell: &Cell) -> String {
         match cell {
+            Cell::Generate { variant } => format!("generate {variant}"),
             Cell::Train { variant } => format!("train {variant}"),
             Cell::Eval { eval, variant } => {
                 format!("eval {} on {variant}", self.evals[*eval].name)
@@ -159,7 +186,7 @@ impl Study {
             t.insert("device".into(), Value::String(d.clone()));
         }
         match cell {
-            Cell::Train { variant } => {
+            Cell::Generate { variant } | Cell::Train { variant } => {
                 t.insert(
                     "variant".into(),
                     Value::Table(self.variant(variant).fingerprint.clone()),
@@ -207,6 +234,14 @@ impl Study {
             }
         }
         Ok(match cell {
+            // Written atomically, the pairs last: there is no partial generation.
+            Cell::Generate { .. } => {
+                if dir.join("pairs.jsonl").is_file() {
+                    Status::Done
+                } else {
+                    Status::Todo
+                }
+            }
             Cell::Train { .. } => {
                 let finished = std::fs::read_to_string(dir.join("train.toml"))
                     .ok()
@@ -260,6 +295,7 @@ impl Study {
     pub(super) fn work(&self, cell: &Cell) -> (Kind, f64) {
         match cell {
             Cell::Eval { eval, .. } => (Kind::Eval, self.evals[*eval].instances as f64),
+            Cell::Generate { .. } => (Kind::Generate, 1.0),
             Cell::Train { variant } => {
                 let AdapterPlan::Train { config, .. } = &self.variant(variant).adapter else {
                     unreachable!("train cells are made for trained variants only")
@@ -285,6 +321,15 @@ impl Study {
         write_atomic(&dir.join(CELL_TOML), self.definition(cell).as_bytes())?;
         let command = format!("harness study {}", self.file.display());
         match cell {
+            Cell::Generate { variant } => {
+                let AdapterPlan::Train {
+                    generate: Some(g), ..
+                } = &self.variant(variant).adapter
+                else {
+                    unreachable!("generate cells are made for variants that generate")
+                };
+                crate::generate::run(reg, &g.args, command)
+            }
             Cell::Train { variant } => {
                 if status == Status::Partial {
                     let args = TrainArgs {

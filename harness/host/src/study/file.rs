@@ -56,6 +56,9 @@ struct Variant {
     /// A training config, as `harness train --config` reads (task, examples, data,
     /// task_options, train); the study trains it into adapters/<variant>.
     train: Option<Spanned<Table>>,
+    /// Pairs `harness generate` writes for `train` (method, subject, teacher, backend_options,
+    /// per_gap, pairs, ...): the study generates them into data/<variant>/ first.
+    generate: Option<Spanned<Table>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,7 +137,17 @@ pub(super) enum AdapterPlan {
         dir: PathBuf,
         config: Table,
         plan: Table,
+        /// The pairs the study generates first, when the variant has `generate`.
+        generate: Option<Box<GeneratePlan>>,
     },
+}
+
+/// A variant's `generate`: the table as written (part of the variant's fingerprint) and the
+/// arguments it makes, writing into data/<variant>/pairs.jsonl.
+#[derive(Debug, Clone)]
+pub(super) struct GeneratePlan {
+    pub(super) spec: Table,
+    pub(super) args: crate::cli::GenerateArgs,
 }
 
 impl VariantPlan {
@@ -250,6 +263,12 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
         let where_ = at(file, &text, v);
         check_name("variant name", vname).map_err(|e| anyhow!("{where_}: {e}"))?;
         let spec = v.get_ref();
+        if let (Some(g), None) = (&spec.generate, &spec.train) {
+            bail!(
+                "{}: variant `{vname}` has `generate` but no `train`; the pairs are generated to train on (add train = {{ train = {{ epochs = 1 }} }})",
+                at(file, &text, g)
+            );
+        }
         let adapter = match (&spec.adapter, &spec.train) {
             (Some(_), Some(_)) => bail!(
                 "{where_}: variant `{vname}` has both `adapter` and `train`; give one (a folder, or a training config the study trains)"
@@ -275,6 +294,31 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
                         bail!("{where_t}: variant `{vname}`.train: `{k}` is set by the study ([study] and the study folder), not per variant");
                     }
                 }
+                let generate = match &spec.generate {
+                    None => None,
+                    Some(g) => {
+                        let where_g = at(file, &text, g);
+                        for k in ["data", "task"] {
+                            if config.contains_key(k) {
+                                bail!("{where_t}: variant `{vname}`.train: `{k}` is what `generate` gives; leave it out");
+                            }
+                        }
+                        let pairs = absolute(&out.join("data").join(vname))?.join("pairs.jsonl");
+                        let args = crate::generate::args_from_table(
+                            g.get_ref(),
+                            |p| resolve(p),
+                            &model,
+                            pairs,
+                        )
+                        .map_err(|e| anyhow!("{where_g}: variant `{vname}`.generate: {e}"))?;
+                        crate::generate::check(reg, &args)
+                            .map_err(|e| anyhow!("{where_g}: variant `{vname}`.generate: {e}"))?;
+                        Some(Box::new(GeneratePlan {
+                            spec: g.get_ref().clone(),
+                            args,
+                        }))
+                    }
+                };
                 if let Some(Value::String(d)) = config.get_mut("data") {
                     let path = resolve(d);
                     if !path.is_file() {
@@ -284,6 +328,12 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
                         );
                     }
                     *d = absolute(&path)?.display().to_string();
+                }
+                if let Some(g) = &generate {
+                    config.insert(
+                        "data".into(),
+                        Value::String(g.args.out.display().to_string()),
+                    );
                 }
                 // The plan checks the source of examples and the options' types.
                 let probe = TrainArgs {
@@ -305,6 +355,7 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
                     dir: absolute(&out.join("adapters").join(vname))?,
                     config,
                     plan: plan.to_table(),
+                    generate,
                 }
             }
             (None, None) => AdapterPlan::None,
@@ -380,11 +431,23 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
                     .expect("referred checks")
                     .1;
                 let dir = match &v.adapter {
-                    AdapterPlan::Train { dir, plan, .. } if !dir.join("train.toml").is_file() => {
+                    AdapterPlan::Train {
+                        dir,
+                        plan,
+                        generate,
+                        ..
+                    } if !dir.join("train.toml").is_file() => {
                         let d = stand_in.join(r);
                         std::fs::create_dir_all(&d)?;
+                        let mut plan = plan.clone();
+                        // Pairs not generated yet: an empty stand-in file.
+                        if generate.as_ref().is_some_and(|g| !g.args.out.is_file()) {
+                            let pairs = d.join("pairs.jsonl");
+                            std::fs::write(&pairs, "")?;
+                            plan.insert("data".into(), Value::String(pairs.display().to_string()));
+                        }
                         let mut record = Table::new();
-                        record.insert("plan".into(), Value::Table(plan.clone()));
+                        record.insert("plan".into(), Value::Table(plan));
                         std::fs::write(d.join("train.toml"), toml::to_string(&record)?)?;
                         d
                     }
@@ -546,14 +609,22 @@ fn fingerprint(base: &str, adapter: &AdapterPlan) -> Result<Table> {
                 Value::String(run_dir::sha256_path(p)?),
             );
         }
-        AdapterPlan::Train { config, .. } => {
-            t.insert("train".into(), Value::Table(config.clone()));
-            if let Some(d) = config.get("data").and_then(Value::as_str) {
+        AdapterPlan::Train {
+            config, generate, ..
+        } => {
+            let mut train = config.clone();
+            if let Some(g) = generate {
+                // The pairs do not exist before the study makes them, and live in the study
+                // folder, however it is spelled: what makes them stands for them.
+                train.remove("data");
+                t.insert("generate".into(), Value::Table(g.spec.clone()));
+            } else if let Some(d) = config.get("data").and_then(Value::as_str) {
                 t.insert(
                     "data_sha256".into(),
                     Value::String(run_dir::sha256_path(Path::new(d))?),
                 );
             }
+            t.insert("train".into(), Value::Table(train));
         }
     }
     Ok(t)

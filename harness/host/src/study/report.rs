@@ -60,7 +60,13 @@ pub(super) fn write_study_report(study: &Study) -> Result<PathBuf> {
         let adapter = match &v.adapter {
             AdapterPlan::None => "none".to_string(),
             AdapterPlan::Folder(p) => format!("`{}`", p.display()),
-            AdapterPlan::Train { dir, .. } => train_summary(dir, &study.out),
+            AdapterPlan::Train { dir, generate, .. } => {
+                let trained = train_summary(dir, &study.out);
+                match generate {
+                    Some(g) => format!("{trained}; {}", generate_summary(&g.args)),
+                    None => trained,
+                }
+            }
         };
         let _ = writeln!(md, "| {name} | {} | {} | {adapter} |", v.label, v.base);
     }
@@ -190,6 +196,31 @@ fn train_toml(dir: &Path) -> Option<Table> {
 
 fn train_seconds(dir: &Path) -> Option<f64> {
     train_toml(dir)?.get("summary")?.get("seconds")?.as_float()
+}
+
+/// `on the pairs harness generate wrote (targeted, teacher answer-key): 212 kept of 231 asked`,
+/// from the pairs' provenance record.
+fn generate_summary(args: &crate::cli::GenerateArgs) -> String {
+    let record = std::fs::read_to_string(crate::generate::provenance_path(&args.out))
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok());
+    let sum = |key: &str| -> Option<i64> {
+        let counts = record.as_ref()?.get("counts")?.as_table()?;
+        Some(
+            counts
+                .values()
+                .filter_map(|c| c.get(key).and_then(Value::as_integer))
+                .sum(),
+        )
+    };
+    let counts = match (sum("kept"), sum("asked")) {
+        (Some(kept), Some(asked)) => format!(": {kept} kept of {asked} asked"),
+        _ => String::new(),
+    };
+    format!(
+        "on the pairs `harness generate` wrote ({}, {}, teacher {}){counts}",
+        args.method, args.subject, args.teacher
+    )
 }
 
 /// `trained here: addition, 1000 examples, digits 1-7; r 32, ...` from the adapter's record.
