@@ -220,18 +220,18 @@ mod tests {
     #[test]
     fn the_cache_key_is_the_request() {
         let d = Path::new("/c");
-        let a = cache_file(d, "http://h/v1/completions", r#"{"prompt":"a"}"#);
+        let a = cache_file(d, "http://127.0.0.1:9/v1/completions", r#"{"prompt":"a"}"#);
         assert_eq!(
             a,
-            cache_file(d, "http://h/v1/completions", r#"{"prompt":"a"}"#)
+            cache_file(d, "http://127.0.0.1:9/v1/completions", r#"{"prompt":"a"}"#)
         );
         assert_ne!(
             a,
-            cache_file(d, "http://h/v1/completions", r#"{"prompt":"b"}"#)
+            cache_file(d, "http://127.0.0.1:9/v1/completions", r#"{"prompt":"b"}"#)
         );
         assert_ne!(
             a,
-            cache_file(d, "http://g/v1/completions", r#"{"prompt":"a"}"#)
+            cache_file(d, "http://127.0.0.1:8/v1/completions", r#"{"prompt":"a"}"#)
         );
     }
 }
