@@ -182,7 +182,8 @@ pub fn args_from_table(
 }
 
 /// Everything about `args` that can be wrong before any model loads (the output file aside).
-pub fn check(reg: &Registry, args: &GenerateArgs) -> Result<()> {
+/// Returns the teacher's backend options as the TOML its plugin reads.
+pub fn check(reg: &Registry, args: &GenerateArgs) -> Result<toml::Table> {
     method(args)?;
     if !(0.0..=1.0).contains(&args.similarity) {
         bail!(
@@ -217,7 +218,7 @@ pub fn check(reg: &Registry, args: &GenerateArgs) -> Result<()> {
     for pair in &args.backend_options {
         insert_pair(&mut table, pair, "--backend-option")?;
     }
-    Ok(())
+    Ok(table)
 }
 
 fn method(args: &GenerateArgs) -> Result<Method> {
@@ -229,7 +230,7 @@ fn method(args: &GenerateArgs) -> Result<Method> {
 }
 
 pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<()> {
-    check(reg, args)?;
+    let teacher_table = check(reg, args)?;
     let method = method(args)?;
     if args.out.exists() {
         bail!(
@@ -238,10 +239,6 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
         );
     }
     let answer_key = args.teacher == ANSWER_KEY;
-    let mut teacher_table = toml::Table::new();
-    for pair in &args.backend_options {
-        insert_pair(&mut teacher_table, pair, "--backend-option")?;
-    }
     crate::interrupt::install();
 
     let questions = test_questions(reg, args)?;
@@ -330,7 +327,7 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
                     .collect();
                 let replies = t.complete(&prompts, 4, &["\n"], &bar)?;
                 bar.finish_and_clear();
-                replies.iter().map(|r| teacher::answer_in(r)).collect()
+                replies.iter().map(|r| pair::letter_in_reply(r)).collect()
             }
         };
         for (i, q) in questions.iter().enumerate() {
@@ -440,7 +437,7 @@ pub fn run(reg: &Registry, args: &GenerateArgs, command_line: String) -> Result<
                 "group": subject,
                 "question": c.pair.question,
                 "choices": c.pair.options,
-                "answer": teacher::letter(c.pair.answer),
+                "answer": c.pair.answer_letter().to_string(),
                 "method": args.method,
                 "teacher": args.teacher,
                 "prompt_version": PROMPT_VERSION,
@@ -641,7 +638,7 @@ fn judge(
     let (solvable, unsolvable): (Vec<_>, Vec<_>) = relevant
         .into_iter()
         .zip(answers)
-        .partition(|(c, a)| teacher::answer_in(a) == Some(c.pair.answer));
+        .partition(|(c, a)| pair::letter_in_reply(a) == Some(c.pair.answer));
     counts.unsolvable = unsolvable.len();
     Ok(solvable.into_iter().map(|(c, _)| c).collect())
 }

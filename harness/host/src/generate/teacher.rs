@@ -9,7 +9,7 @@ use harness_abi::abi_stable::std_types::RVec;
 use harness_abi::{BackendBox, ChoiceRequest, GenerateRequest};
 use indicatif::ProgressBar;
 
-use super::pair::{self, Pair, LETTERS};
+use super::pair::Pair;
 use crate::registry::Entry;
 
 /// The version of the prompts below, recorded with every generated pair: a change of wording
@@ -212,16 +212,6 @@ pub fn says_yes(reply: &str) -> bool {
         .split(|c: char| !c.is_alphanumeric())
         .find(|w| !w.is_empty())
         .is_some_and(|w| w.eq_ignore_ascii_case("yes"))
-}
-
-/// The letter of a pair, for the record.
-pub fn letter(i: usize) -> String {
-    LETTERS[i].to_string()
-}
-
-/// The answer a reply to a Listing-1 prompt gives, if any.
-pub fn answer_in(reply: &str) -> Option<usize> {
-    pair::letter_in_reply(reply)
 }
 
 #[cfg(test)]

@@ -312,6 +312,7 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
                         )
                         .map_err(|e| anyhow!("{where_g}: variant `{vname}`.generate: {e}"))?;
                         crate::generate::check(reg, &args)
+                            .map(|_| ())
                             .map_err(|e| anyhow!("{where_g}: variant `{vname}`.generate: {e}"))?;
                         Some(Box::new(GeneratePlan {
                             spec: g.get_ref().clone(),
