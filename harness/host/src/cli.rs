@@ -592,6 +592,50 @@ pub enum BenchCommand {
     /// memory. Sequences are digits, one token each with SmolLM2's tokenizer, so --seq-len is the
     /// exact token count there.
     Train(BenchTrainArgs),
+    /// Evaluation speed: prompt processing, greedy decoding and whole eval workloads.
+    ///
+    /// Prefill: --batch prompts of --prompt-len distinct tokens (digits, one token each with
+    /// SmolLM2's tokenizer) run at once, tokens/s of the whole call. Decode: greedy tokens/s at
+    /// batch 1 and --batch (the backend's own decoding time, after the prompts), on counting
+    /// prompts the model continues. Each is the median of --runs. With --workloads, the issue's
+    /// two evals run as child processes, timed whole (wall), median of --workload-runs:
+    /// addition k=1..12 x 20 (3-shot, greedy, levenshtein) and MMLU machine_learning.
+    /// Peak memory is this process's (the kernels) and each child's own report.
+    Eval(BenchEvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchEvalArgs {
+    /// Model file or HF folder (default: the model cached by `harness fetch`).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Prompts per prefill call and rows of the larger decoding batch.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub batch: u64,
+    /// Tokens per prefill prompt.
+    #[arg(long = "prompt-len", value_name = "N", default_value_t = 128)]
+    pub prompt_len: u64,
+    /// Greedy tokens per decoding row.
+    #[arg(long = "new-tokens", value_name = "N", default_value_t = 64)]
+    pub new_tokens: u64,
+    /// Timed repetitions of each measurement (the median is reported).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub runs: u64,
+    /// Also time the addition and MMLU evals (whole processes).
+    #[arg(long)]
+    pub workloads: bool,
+    /// Repetitions of each workload.
+    #[arg(long = "workload-runs", value_name = "N", default_value_t = 3)]
+    pub workload_runs: u64,
+    /// Any other backend option, as KEY=VALUE (repeatable), passed to every measurement.
+    #[arg(long = "backend-option", value_name = "KEY=VALUE")]
+    pub backend_options: Vec<String>,
+    /// Where the model runs: `cpu` (default) or `cuda`/`cuda:N`.
+    #[arg(long, value_name = "cpu|cuda[:N]")]
+    pub device: Option<String>,
+    /// Also write the figures as JSON to this file (read by scripts/peer-bench.py).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -346,7 +346,7 @@ fn answer(
     let generated_s = after.generate_seconds - before.generate_seconds;
     let reused = after.reused_prefix_tokens - before.reused_prefix_tokens;
     println!(
-        "{} instances in {:.1} s ({:.2}/s); prompt {} tokens at {:.0} tok/s ({} more reused from a cached prefix); generated {} tokens at {:.1} tok/s",
+        "{} instances in {:.1} s ({:.2}/s); prompt {} tokens at {:.0} tok/s ({} more reused from a cached prefix); generated {} tokens at {:.1} tok/s{}",
         todo.len(),
         secs,
         todo.len() as f64 / secs.max(1e-9),
@@ -355,6 +355,9 @@ fn answer(
         reused,
         generated,
         generated as f64 / generated_s.max(1e-9),
+        crate::bench::peak_rss()
+            .map(|b| format!("; peak memory {:.2} GiB", b as f64 / (1u64 << 30) as f64))
+            .unwrap_or_default(),
     );
     Ok(())
 }

@@ -118,6 +118,10 @@ fn run(cli: Cli) -> Result<()> {
             let reg = load_registry(&cli)?;
             bench::train(&reg, args)
         }
+        Command::Bench(cli::BenchCommand::Eval(args)) => {
+            let reg = load_registry(&cli)?;
+            bench::eval(&reg, args)
+        }
         Command::Fetch(args) => fetch::run(args.force),
         Command::Compare(args) => compare::run(args),
         Command::Report(args) => report::run(args),

@@ -20,6 +20,7 @@ use crate::model::chat::{self, ChatTemplate};
 use crate::model::llama::Config;
 use crate::model::tokenizer;
 use crate::model::weights::Weights;
+use crate::ops::blocks::{BlockKind, BlockMatrix};
 
 /// Everything needed to build the model and talk to it.
 pub struct Checkpoint {
@@ -171,12 +172,34 @@ fn load_gguf(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpo
         let mut t = q
             .dequantize(device)
             .map_err(|e| corrupt(path, format!("tensor `{gguf_name}`: {e}")))?;
-        if gguf_name.ends_with("attn_q.weight") {
-            t = unpermute(&t, config.num_heads)?;
+        let heads = if gguf_name.ends_with("attn_q.weight") {
+            Some(config.num_heads)
         } else if gguf_name.ends_with("attn_k.weight") {
-            t = unpermute(&t, config.num_kv_heads)?;
+            Some(config.num_kv_heads)
+        } else {
+            None
+        };
+        if let Some(heads) = heads {
+            t = unpermute(&t, heads)?;
         }
-        weights.insert(hf_name, t)?;
+        // The blocks stay beside the f32 copy for decoding on the CPU (see `ops::blocks`).
+        let blocks = match (BlockKind::of_gguf(q.dtype()), t.dims2()) {
+            (Some(kind), Ok((rows, cols))) if pack.is_none() && device.is_cpu() => {
+                let bytes = q
+                    .data()
+                    .map_err(|e| corrupt(path, format!("tensor `{gguf_name}`: {e}")))?;
+                BlockMatrix::new(kind, rows, cols, bytes.into_owned())
+                    .map(|b| match heads {
+                        Some(h) => b.permute_rows(&unpermuted_order(rows, h)),
+                        None => b,
+                    })
+            }
+            _ => None,
+        };
+        weights.insert(hf_name.clone(), t)?;
+        if let Some(blocks) = blocks {
+            weights.insert_blocks(hf_name, blocks);
+        }
     }
     let parameters = weights.parameter_count();
     let (tokenizer, eos) = tokenizer::from_metadata(md)?;
@@ -231,6 +254,18 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 /// Undoes llama.cpp's q/k row permutation: rows grouped as (heads, 2, head_dim/2) in HF become
 /// (heads, head_dim/2, 2) in GGUF.
+/// The row order [`unpermute`] gives: row `i` of the HF layout is row `order[i]` of the GGUF.
+fn unpermuted_order(rows: usize, heads: usize) -> Vec<usize> {
+    let half = rows / heads / 2;
+    (0..rows)
+        .map(|i| {
+            let (h, rest) = (i / (2 * half), i % (2 * half));
+            let (two, j) = (rest / half, rest % half);
+            h * 2 * half + j * 2 + two
+        })
+        .collect()
+}
+
 fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let half = out / heads / 2;
@@ -538,5 +573,12 @@ mod tests {
             .unwrap();
         let back = unpermute(&gguf, heads).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
+        // The same permutation as a row order, as the kept blocks are reordered.
+        let rows = gguf.to_vec2::<f32>().unwrap();
+        let reordered: Vec<Vec<f32>> = unpermuted_order(out, heads)
+            .into_iter()
+            .map(|r| rows[r].clone())
+            .collect();
+        assert_eq!(reordered, hf.to_vec2::<f32>().unwrap());
     }
 }

@@ -126,6 +126,90 @@ impl Engine {
         Ok((cache, logits))
     }
 
+    /// Runs the prompts of one decoding batch as one forward pass and returns their cache
+    /// (row r real up to `prompts[r].len()`, right-padded after) and each row's greedy next
+    /// token.
+    ///
+    /// The prefix every prompt shares (an eval's instruction, and its shots when they are the
+    /// same) is computed once, or reused from the previous call, and copied to each row; the
+    /// rest of each prompt is padded on the right to the longest, so the padding comes after
+    /// every real token and causal attention never reads it. Batching the prompts turns many
+    /// thin products into one tall one, which keeps the matmul kernels busy.
+    fn prefill_rows(&mut self, prompts: &[Vec<u32>]) -> Result<(KvCache, Vec<u32>)> {
+        let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+        // Every row keeps at least its last token to run, whose logits give the next token.
+        // A lone prompt: the part the previous prompt already computed.
+        let against: Vec<&[u32]> = match (prompts.len(), &self.last) {
+            (1, Some((prev, _))) => vec![prev],
+            (1, None) => vec![&[]],
+            _ => prompts[1..].iter().map(Vec::as_slice).collect(),
+        };
+        let shared = against
+            .iter()
+            .map(|p| p.iter().zip(&prompts[0]).take_while(|(a, b)| a == b).count())
+            .min()
+            .unwrap_or(0)
+            .min(shortest - 1);
+        let start = Instant::now();
+        let prefix = self.prefix_cache(&prompts[0][..shared])?;
+        let mut cache = if prompts.len() == 1 {
+            prefix
+        } else {
+            KvCache::stack(&vec![prefix; prompts.len()])?
+        };
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let rest: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut row = p[shared..].to_vec();
+                // Padding repeats the last token: any real id keeps the padded keys finite.
+                row.resize(longest - shared, *p.last().expect("prompts are not empty"));
+                row
+            })
+            .collect();
+        let hidden = self.model.forward(
+            &rest,
+            &vec![shared; prompts.len()],
+            None,
+            &mut cache,
+        )?;
+        let last: Vec<Tensor> = prompts
+            .iter()
+            .enumerate()
+            .map(|(r, p)| hidden.i((r, p.len() - shared - 1)))
+            .collect::<candle_core::Result<_>>()?;
+        let logits = self.model.logits(&Tensor::stack(&last, 0)?)?;
+        let first = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let computed: usize = prompts.iter().map(|p| p.len() - shared).sum();
+        self.stats.prompt_tokens += computed as u64;
+        self.stats.reused_prefix_tokens += (shared * (prompts.len() - 1)) as u64;
+        self.stats.prompt_seconds += start.elapsed().as_secs_f64();
+        Ok((cache, first))
+    }
+
+    /// The cache of `ids` alone (empty for no ids), computed after the longest prefix it shares
+    /// with the last prompt run, and kept as the last prompt.
+    fn prefix_cache(&mut self, ids: &[u32]) -> Result<KvCache> {
+        if ids.is_empty() {
+            return Ok(KvCache::default());
+        }
+        let (reuse, mut cache) = match &self.last {
+            Some((prev, cache)) => {
+                let common = prev.iter().zip(ids).take_while(|(a, b)| a == b).count();
+                (common, cache.truncated(common)?)
+            }
+            None => (0, KvCache::default()),
+        };
+        if reuse < ids.len() {
+            self.model
+                .forward(&[ids[reuse..].to_vec()], &[reuse], None, &mut cache)?;
+            self.stats.prompt_tokens += (ids.len() - reuse) as u64;
+        }
+        self.stats.reused_prefix_tokens += reuse as u64;
+        self.last = Some((ids.to_vec(), cache.clone()));
+        Ok(cache)
+    }
+
     /// Greedy generation for every request, in request order.
     pub fn generate(
         &mut self,
@@ -150,13 +234,9 @@ impl Engine {
         chunk: &[usize],
     ) -> Result<Vec<(usize, Generation)>> {
         let limit = self.model.config().max_position_embeddings;
-        let mut rows = Vec::new();
-        let mut caches = Vec::new();
-        let mut next = Vec::new();
-        let mut done = Vec::new();
+        let mut prompts = Vec::with_capacity(chunk.len());
         for &i in chunk {
-            let r = &requests[i];
-            let ids = self.encode(r.prompt.as_str())?;
+            let ids = self.encode(requests[i].prompt.as_str())?;
             if ids.is_empty() {
                 return Err(BackendError::Options(format!(
                     "request {i} has an empty prompt; a prompt needs at least one token"
@@ -168,40 +248,44 @@ impl Engine {
                     limit,
                 });
             }
-            let (cache, logits) = self.prefill(&ids, ids.len() - 1, ids.len())?;
+            prompts.push(ids);
+        }
+        let (mut cache, first) = self.prefill_rows(&prompts)?;
+        let mut rows = Vec::new();
+        let mut keep = Vec::new();
+        let mut next = Vec::new();
+        let mut done = Vec::new();
+        for (r, (&i, ids)) in chunk.iter().zip(&prompts).enumerate() {
+            let req = &requests[i];
             let mut row = Row {
                 index: i,
                 prompt_len: ids.len(),
                 generated: Vec::new(),
                 text: String::new(),
-                max_new: (r.max_new_tokens as usize).min(limit - ids.len()),
-                stop: r.stop.iter().map(|s| s.to_string()).collect(),
+                max_new: (req.max_new_tokens as usize).min(limit - ids.len()),
+                stop: req.stop.iter().map(|s| s.to_string()).collect(),
             };
-            if row.max_new == 0 {
-                done.push(row);
-                continue;
-            }
-            let token = argmax(&logits.i(0)?)?;
-            if self.push(&mut row, token)? {
+            if row.max_new == 0 || self.push(&mut row, first[r])? {
                 done.push(row);
             } else {
-                next.push(token);
+                next.push(first[r]);
+                keep.push(r as u32);
                 rows.push(row);
-                caches.push(cache);
             }
+        }
+        if !rows.is_empty() && rows.len() < prompts.len() {
+            cache = cache.select_rows(&keep)?;
         }
 
         let start = Instant::now();
         let mut generated_here = 0u64;
         if !rows.is_empty() {
-            let mut cache = KvCache::stack(&caches)?;
             // valid[r][j]: whether cached position j of row r is real, not padding.
             let longest = cache.len();
             let mut valid: Vec<Vec<bool>> = rows
                 .iter()
                 .map(|r| (0..longest).map(|j| j < r.prompt_len).collect())
                 .collect();
-            drop(caches);
             while !rows.is_empty() {
                 let tokens: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
                 let positions: Vec<usize> = rows

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{BackendError, Result};
 use crate::model::weights::{Projection, Weights};
+use crate::ops::blocks::BlockMatrix;
 use crate::ops::fused::{CausalAttention, Frozen, FrozenLinear, LoraLinear, RopeTable};
 use crate::ops::nf4::Nf4Matrix;
 use crate::ops::portable::Nf4Tensors;
@@ -53,13 +54,17 @@ struct Mode {
 /// A linear layer: a frozen base weight (f32, or NF4 for the QLoRA base) and maybe an adapter.
 struct Linear {
     base: Frozen,
+    /// The checkpoint's quantized blocks of an f32 base, which decoding reads instead (the
+    /// same numbers in fewer bytes; see `ops::blocks`).
+    blocks: Option<Arc<BlockMatrix>>,
     lora: Option<Lora>,
 }
 
 impl Linear {
-    fn dense(weight: Tensor) -> Self {
+    fn dense(weight: Tensor, blocks: Option<Arc<BlockMatrix>>) -> Self {
         Linear {
             base: Frozen::Dense(weight),
+            blocks,
             lora: None,
         }
     }
@@ -95,7 +100,7 @@ impl Linear {
         let (b, t, i) = x.dims3()?;
         let x = x.reshape((b * t, i))?;
         let mut y = match &self.base {
-            Frozen::Dense(w) => matmul_t(&x, w)?,
+            Frozen::Dense(w) => matmul_t_with(&x, w, self.blocks.as_deref())?,
             nf4 => FrozenLinear(nf4.clone()).forward(&x)?,
         };
         if let Some(lora) = &self.lora {
@@ -103,6 +108,20 @@ impl Linear {
         }
         y.reshape((b, t, ()))
     }
+}
+
+/// [`matmul_t`], reading the weight's quantized `blocks` instead where the decoding kernel runs.
+fn matmul_t_with(
+    x: &Tensor,
+    w: &Tensor,
+    blocks: Option<&BlockMatrix>,
+) -> candle_core::Result<Tensor> {
+    if let (Some(b), false) = (blocks, x.track_op()) {
+        if let Some(y) = crate::ops::kernels::skinny_matmul_blocks_t(x, b)? {
+            return Ok(y);
+        }
+    }
+    matmul_t(x, w)
 }
 
 /// `x` (m, k) times `w` (n, k) transposed: the decoding kernel for a few rows, else gemm; when a
@@ -230,6 +249,8 @@ pub struct Llama {
     norm: Norm,
     /// (vocab, hidden); the embedding matrix when the weights are tied.
     lm_head: Tensor,
+    /// The checkpoint's blocks of `lm_head`, for decoding.
+    lm_head_blocks: Option<Arc<BlockMatrix>>,
     /// (max_positions, head_dim / 2)
     cos: Tensor,
     sin: Tensor,
@@ -255,9 +276,13 @@ impl Llama {
     pub fn new(config: Config, weights: &mut Weights, device: &Device) -> Result<Self> {
         let linear = |w: &mut Weights, name: String| -> Result<Linear> {
             Ok(match w.take_projection(&name)? {
-                Projection::F32(t) => Linear::dense(t.to_device(device)?.contiguous()?),
+                Projection::F32(t) => {
+                    let blocks = w.take_blocks(&name);
+                    Linear::dense(t.to_device(device)?.contiguous()?, blocks)
+                }
                 Projection::Nf4(weight) => Linear {
                     base: Frozen::Nf4(weight),
+                    blocks: None,
                     lora: None,
                 },
             })
@@ -291,9 +316,12 @@ impl Llama {
             });
         }
         let norm_w = norm(weights, "model.norm.weight".into())?;
-        let lm_head = match weights.try_take("lm_head.weight") {
-            Some(w) if !config.tie_word_embeddings => w.to_device(device)?,
-            _ => embed.clone(),
+        let embed_blocks = weights.take_blocks("model.embed_tokens.weight");
+        let (lm_head, lm_head_blocks) = match weights.try_take("lm_head.weight") {
+            Some(w) if !config.tie_word_embeddings => {
+                (w.to_device(device)?, weights.take_blocks("lm_head.weight"))
+            }
+            _ => (embed.clone(), embed_blocks),
         };
         let (rows, cols) = embed.dims2()?;
         if rows != config.vocab_size || cols != config.hidden_size {
@@ -309,6 +337,7 @@ impl Llama {
             blocks,
             norm: norm_w,
             lm_head: lm_head.contiguous()?,
+            lm_head_blocks,
             cos,
             sin,
             device: device.clone(),
@@ -371,6 +400,7 @@ impl Llama {
                 let data = w.flatten_all()?.to_vec1::<f32>()?;
                 let q = Nf4Matrix::quantize(&data, rows, cols, double_quant);
                 lin.base = Frozen::Nf4(Arc::new(q));
+                lin.blocks = None;
             }
         }
         self.upload_nf4()
@@ -569,7 +599,11 @@ impl Llama {
         if self.mode.ops.is_portable() {
             return Ok(hidden.matmul(&self.lm_head.t()?)?);
         }
-        Ok(matmul_t(hidden, &self.lm_head)?)
+        Ok(matmul_t_with(
+            hidden,
+            &self.lm_head,
+            self.lm_head_blocks.as_deref(),
+        )?)
     }
 
     /// Additive attention mask (B, 1, T, past + T): causal over new tokens, padding masked.

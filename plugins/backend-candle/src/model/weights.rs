@@ -11,6 +11,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::error::{BackendError, Result};
+use crate::ops::blocks::BlockMatrix;
 use crate::ops::nf4::Nf4Matrix;
 
 /// A projection weight as the model will hold it.
@@ -22,6 +23,9 @@ pub enum Projection {
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
     packed: HashMap<String, Arc<Nf4Matrix>>,
+    /// The checkpoint's quantized blocks of f32 tensors read from them, for decoding; a tensor
+    /// changed after loading (an adapter merged, NF4 rounding) loses its blocks.
+    blocks: HashMap<String, Arc<BlockMatrix>>,
     /// `Some(double_quant)`: projections are packed to NF4 as they are inserted.
     pack: Option<bool>,
 }
@@ -37,6 +41,7 @@ impl Weights {
         Weights {
             tensors: HashMap::new(),
             packed: HashMap::new(),
+            blocks: HashMap::new(),
             pack,
         }
     }
@@ -50,6 +55,8 @@ impl Weights {
 
     /// Adds a tensor (f32); a projection is packed now when packing is on.
     pub fn insert(&mut self, name: String, tensor: Tensor) -> Result<()> {
+        // New values: any blocks kept for the name no longer hold them.
+        self.blocks.remove(&name);
         match self.pack {
             Some(double_quant) if is_projection(&name) => {
                 let (rows, cols) = tensor.dims2()?;
@@ -63,6 +70,18 @@ impl Weights {
             }
         }
         Ok(())
+    }
+
+    /// Keeps `blocks`, the checkpoint's own encoding of the f32 tensor `name` just inserted.
+    pub fn insert_blocks(&mut self, name: String, blocks: BlockMatrix) {
+        if self.tensors.contains_key(&name) {
+            self.blocks.insert(name, Arc::new(blocks));
+        }
+    }
+
+    /// The blocks kept for `name`, if any.
+    pub fn take_blocks(&mut self, name: &str) -> Option<Arc<BlockMatrix>> {
+        self.blocks.remove(name)
     }
 
     /// The dimensions of every f32 tensor, by name.
@@ -99,6 +118,7 @@ impl Weights {
             if !is_projection(name) {
                 continue;
             }
+            self.blocks.remove(name);
             let (rows, cols) = t.dims2()?;
             let data = t.flatten_all()?.to_vec1::<f32>()?;
             let q = Nf4Matrix::quantize(&data, rows, cols, double_quant);

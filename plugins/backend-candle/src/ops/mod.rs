@@ -4,6 +4,7 @@
 //! composed of candle tensor ops, which run on any device.
 
 pub mod bf16;
+pub mod blocks;
 pub mod fused;
 pub mod kernels;
 pub mod matmul;
