@@ -96,6 +96,45 @@ fn same_inputs_give_byte_identical_results() {
     assert_eq!(a, b);
 }
 
+/// The predictions of a run, by instance id.
+fn predictions(run: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(run.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["prediction"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn batch_sizes_1_8_and_32_give_identical_predictions() {
+    // Batched prefill after a shared prefix, padded decoding, rows dropped as they finish and
+    // the few-row kernel against gemm: none may change an answer.
+    let (model, dir) = tiny_model("batch-sizes");
+    let runs: Vec<Vec<(String, String)>> = ["1", "8", "32"]
+        .iter()
+        .map(|batch| {
+            let out = dir.join(format!("b{batch}"));
+            ok(harness()
+                .args(["eval", "--task", "addition", "--digits", "1-4", "--n", "12"])
+                .args(["--metric", "exact-match", "--seed", "7", "--batch", batch])
+                .arg("--model")
+                .arg(&model)
+                .arg("--out")
+                .arg(&out));
+            predictions(&out)
+        })
+        .collect();
+    assert_eq!(runs[0].len(), 48);
+    assert_eq!(runs[0], runs[1], "batch 1 vs 8");
+    assert_eq!(runs[0], runs[2], "batch 1 vs 32");
+}
+
 #[test]
 fn an_interrupted_run_resumes_to_identical_results() {
     let (model, dir) = tiny_model("resume");
@@ -628,4 +667,35 @@ fn ctrl_c_stops_an_eval_after_its_batch_and_resume_finishes_it_to_the_same_bytes
         std::fs::read(dir.join("cut/results.csv")).unwrap(),
         std::fs::read(dir.join("whole/results.csv")).unwrap()
     );
+}
+
+#[test]
+fn bench_eval_reports_prefill_decoding_memory_and_kernel_path() {
+    let dir = temp_dir("bench-eval");
+    write_tiny_model(&dir.join("model"), 5);
+    let json = dir.join("bench.json");
+    let out = ok(harness()
+        .args(["bench", "eval", "--runs", "2", "--batch", "3"])
+        .args(["--prompt-len", "12", "--new-tokens", "5", "--model"])
+        .arg(dir.join("model"))
+        .arg("--json")
+        .arg(&json));
+    for want in [
+        "prefill 3 x 12 tokens",
+        "greedy decoding, batch 1",
+        "greedy decoding, batch 3",
+        "kernel path: ",
+        "peak resident memory",
+    ] {
+        assert!(out.contains(want), "lacks {want:?}:\n{out}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // 3 distinct prompts of 12 tokens each are computed whole (nothing shared or reused).
+    assert_eq!(v["prefill"]["tokens_per_run"], 36, "{v}");
+    assert_eq!(v["prefill"]["runs"].as_array().unwrap().len(), 2);
+    assert!(v["prefill"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["decode_batch_n"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let e = fails(harness().args(["bench", "eval", "--runs", "0"]));
+    assert!(e.contains("--runs"), "{e}");
 }

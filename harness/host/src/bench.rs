@@ -165,7 +165,7 @@ fn kernel_path() -> String {
             .map(|(_, name)| name)
             .collect();
         let bf16 = if bf16.is_empty() {
-            "none (bf16 products run portable)".to_string()
+            "none (training's bf16 products run in f32)".to_string()
         } else {
             bf16.join(", ")
         };
@@ -251,7 +251,9 @@ pub fn eval(reg: &Registry, args: &BenchEvalArgs) -> Result<()> {
         let (wall, d) = call(requests)?;
         // The first call warms up caches and thread pools and is not counted.
         if run > 0 {
-            prefill.per_run.push(d.prompt_tokens as f64 / wall.max(1e-9));
+            prefill
+                .per_run
+                .push(d.prompt_tokens as f64 / wall.max(1e-9));
             prefill.tokens = d.prompt_tokens;
         }
     }
@@ -298,7 +300,10 @@ pub fn eval(reg: &Registry, args: &BenchEvalArgs) -> Result<()> {
     };
 
     let gib = |b: Option<u64>| b.map(|b| b as f64 / (1u64 << 30) as f64);
-    println!("model: {} ({} parameters, {})", info.name, info.parameters, info.device);
+    println!(
+        "model: {} ({} parameters, {})",
+        info.name, info.parameters, info.device
+    );
     println!("kernel path: {}", kernel_path());
     println!("backend options: {}", opts.trim().replace('\n', ", "));
     let line = |what: String, r: &Rate| {

@@ -188,11 +188,10 @@ fn load_gguf(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpo
                 let bytes = q
                     .data()
                     .map_err(|e| corrupt(path, format!("tensor `{gguf_name}`: {e}")))?;
-                BlockMatrix::new(kind, rows, cols, bytes.into_owned())
-                    .map(|b| match heads {
-                        Some(h) => b.permute_rows(&unpermuted_order(rows, h)),
-                        None => b,
-                    })
+                BlockMatrix::new(kind, rows, cols, bytes.into_owned()).map(|b| match heads {
+                    Some(h) => b.permute_rows(&unpermuted_order(rows, h)),
+                    None => b,
+                })
             }
             _ => None,
         };

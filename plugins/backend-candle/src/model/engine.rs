@@ -146,7 +146,12 @@ impl Engine {
         };
         let shared = against
             .iter()
-            .map(|p| p.iter().zip(&prompts[0]).take_while(|(a, b)| a == b).count())
+            .map(|p| {
+                p.iter()
+                    .zip(&prompts[0])
+                    .take_while(|(a, b)| a == b)
+                    .count()
+            })
             .min()
             .unwrap_or(0)
             .min(shortest - 1);
@@ -167,12 +172,9 @@ impl Engine {
                 row
             })
             .collect();
-        let hidden = self.model.forward(
-            &rest,
-            &vec![shared; prompts.len()],
-            None,
-            &mut cache,
-        )?;
+        let hidden = self
+            .model
+            .forward(&rest, &vec![shared; prompts.len()], None, &mut cache)?;
         let last: Vec<Tensor> = prompts
             .iter()
             .enumerate()

@@ -57,12 +57,14 @@ impl BlockMatrix {
     /// row is not whole blocks.
     pub fn new(kind: BlockKind, rows: usize, cols: usize, bytes: Vec<u8>) -> Option<Self> {
         let per_row = (cols / BLOCK).checked_mul(kind.block_bytes())?;
-        (cols % BLOCK == 0 && rows.checked_mul(per_row)? == bytes.len()).then_some(BlockMatrix {
-            kind,
-            rows,
-            cols,
-            bytes,
-        })
+        (cols.is_multiple_of(BLOCK) && rows.checked_mul(per_row)? == bytes.len()).then_some(
+            BlockMatrix {
+                kind,
+                rows,
+                cols,
+                bytes,
+            },
+        )
     }
 
     fn row_bytes(&self) -> usize {
@@ -233,7 +235,10 @@ mod tests {
                 dequantize_portable(m.kind, &m.bytes[r * rb..(r + 1) * rb], &mut want);
                 let mut got = vec![0f32; 128];
                 m.dequantize_row(r, &mut got);
-                assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()));
+                assert!(want
+                    .iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
             }
         }
     }

@@ -251,7 +251,9 @@ mod tests {
                 let mut got = vec![0f32; m];
                 dots_fn()(&x, k, &w, &mut got);
                 assert!(
-                    want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    want.iter()
+                        .zip(&got)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "k {k}, m {m}: {want:?} vs {got:?}"
                 );
                 // The last row alone gives the bits it gave among the m rows.
@@ -287,7 +289,9 @@ mod tests {
                     got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 );
                 assert!(
-                    want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    want.iter()
+                        .zip(&got)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{dtype:?}, {m} rows"
                 );
             }
