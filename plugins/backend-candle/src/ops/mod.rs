@@ -46,6 +46,9 @@ impl OpSet {
     pub fn swiglu(self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             OpSet::Fused if gate.track_op() || up.track_op() => fused::SwiGlu::forward(gate, up),
+            OpSet::Fused if gate.device().is_cpu() && gate.dtype() == candle_core::DType::F32 => {
+                fused::SiluMul::forward(gate, up)
+            }
             _ => portable::swiglu(gate, up),
         }
     }

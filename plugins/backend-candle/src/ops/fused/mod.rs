@@ -107,4 +107,4 @@ pub use cross_entropy::CrossEntropy;
 pub use frozen::{Frozen, FrozenLinear};
 pub use lora_linear::LoraLinear;
 pub use rms_norm::RmsNorm;
-pub use swiglu::SwiGlu;
+pub use swiglu::{SiluMul, SwiGlu};
