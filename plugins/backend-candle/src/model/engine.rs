@@ -217,28 +217,10 @@ impl Engine {
         &mut self,
         requests: &[harness_abi::GenerateRequest],
     ) -> Result<Vec<Generation>> {
-        let mut out: Vec<Option<Generation>> = vec![None; requests.len()];
-        let indices: Vec<usize> = (0..requests.len()).collect();
-        for chunk in indices.chunks(self.max_batch) {
-            for (i, g) in self.generate_batch(requests, chunk)? {
-                out[i] = Some(g);
-            }
-        }
-        Ok(out
-            .into_iter()
-            .map(|g| g.expect("every request answered"))
-            .collect())
-    }
-
-    fn generate_batch(
-        &mut self,
-        requests: &[harness_abi::GenerateRequest],
-        chunk: &[usize],
-    ) -> Result<Vec<(usize, Generation)>> {
         let limit = self.model.config().max_position_embeddings;
-        let mut prompts = Vec::with_capacity(chunk.len());
-        for &i in chunk {
-            let ids = self.encode(requests[i].prompt.as_str())?;
+        let mut prompts = Vec::with_capacity(requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            let ids = self.encode(r.prompt.as_str())?;
             if ids.is_empty() {
                 return Err(BackendError::Options(format!(
                     "request {i} has an empty prompt; a prompt needs at least one token"
@@ -252,6 +234,31 @@ impl Engine {
             }
             prompts.push(ids);
         }
+        // Batches of similar lengths pad less; the order of the answers is the requests'.
+        let mut order: Vec<usize> = (0..requests.len()).collect();
+        order.sort_by_key(|&i| prompts[i].len());
+        let mut out: Vec<Option<Generation>> = vec![None; requests.len()];
+        for chunk in order.chunks(self.max_batch) {
+            for (i, g) in self.generate_batch(requests, &prompts, chunk)? {
+                out[i] = Some(g);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|g| g.expect("every request answered"))
+            .collect())
+    }
+
+    /// Decodes the requests `chunk` (indices into `requests` and their token ids `all`) as one
+    /// batch.
+    fn generate_batch(
+        &mut self,
+        requests: &[harness_abi::GenerateRequest],
+        all: &[Vec<u32>],
+        chunk: &[usize],
+    ) -> Result<Vec<(usize, Generation)>> {
+        let limit = self.model.config().max_position_embeddings;
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| all[i].clone()).collect();
         let (mut cache, first) = self.prefill_rows(&prompts)?;
         let mut rows = Vec::new();
         let mut keep = Vec::new();
