@@ -120,13 +120,18 @@ fn batch_sizes_1_8_and_32_give_identical_predictions() {
         .iter()
         .map(|batch| {
             let out = dir.join(format!("b{batch}"));
-            ok(harness()
+            let stdout = ok(harness()
                 .args(["eval", "--task", "addition", "--digits", "1-4", "--n", "12"])
                 .args(["--metric", "exact-match", "--seed", "7", "--batch", batch])
                 .arg("--model")
                 .arg(&model)
                 .arg("--out")
                 .arg(&out));
+            // The shared instruction is computed once, one prompt at a time or in batches.
+            assert!(
+                !stdout.contains("(0 more reused"),
+                "batch {batch}: nothing reused\n{stdout}"
+            );
             predictions(&out)
         })
         .collect();

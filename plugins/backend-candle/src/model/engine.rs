@@ -175,6 +175,10 @@ impl Engine {
         let hidden = self
             .model
             .forward(&rest, &vec![shared; prompts.len()], None, &mut cache)?;
+        if let [only] = prompts {
+            // A lone prompt's whole cache (no padding) is the next call's reusable prefix.
+            self.last = Some((only.clone(), cache.clone()));
+        }
         let last: Vec<Tensor> = prompts
             .iter()
             .enumerate()
