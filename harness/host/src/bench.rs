@@ -38,13 +38,10 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
-    if args.seq_len < 8 || args.micro_batch == 0 || args.steps == 0 {
-        bail!("--seq-len must be at least 8, --micro-batch and --steps at least 1");
-    }
-    let model = args
-        .model
-        .clone()
+/// The model a bench runs: `--model`, else the one `harness fetch` cached; it must exist.
+fn model_path(given: Option<&std::path::Path>) -> Result<std::path::PathBuf> {
+    let model = given
+        .map(std::path::Path::to_path_buf)
         .unwrap_or_else(harness_abi::paths::default_model);
     if !model.exists() {
         bail!(
@@ -52,6 +49,14 @@ pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
             model.display()
         );
     }
+    Ok(model)
+}
+
+pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
+    if args.seq_len < 8 || args.micro_batch == 0 || args.steps == 0 {
+        bail!("--seq-len must be at least 8, --micro-batch and --steps at least 1");
+    }
+    let model = model_path(args.model.as_deref())?;
     let opts = BackendFlags {
         model: Some(&model),
         base: Some(TRAINING_BASE),
@@ -199,16 +204,7 @@ pub fn eval(reg: &Registry, args: &BenchEvalArgs) -> Result<()> {
     if args.batch == 0 || args.prompt_len < 2 || args.new_tokens == 0 || args.runs == 0 {
         bail!("--batch, --new-tokens and --runs must be at least 1, --prompt-len at least 2");
     }
-    let model = args
-        .model
-        .clone()
-        .unwrap_or_else(harness_abi::paths::default_model);
-    if !model.exists() {
-        bail!(
-            "model {} not found; run `harness fetch` or pass --model",
-            model.display()
-        );
-    }
+    let model = model_path(args.model.as_deref())?;
     let mut table = BackendFlags {
         model: Some(&model),
         device: args.device.as_deref(),

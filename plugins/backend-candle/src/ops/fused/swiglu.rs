@@ -16,6 +16,28 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// `f(g, u)` element by element over two same-shaped contiguous inputs, in parallel chunks.
+fn gate(
+    op: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> R<(CpuStorage, Shape)> {
+    let (g, u) = (input(s1, l1, op)?, input(s2, l2, op)?);
+    if l1.shape() != l2.shape() {
+        candle_core::bail!("{op}: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
+    }
+    let mut y = vec![0f32; g.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(y, (g, u))| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = f(g, u);
+            }
+        });
+    Ok((CpuStorage::F32(y), l1.shape().clone()))
+}
+
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -28,23 +50,7 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> R<(CpuStorage, Shape)> {
-        let (g, u) = (input(s1, l1, self.name())?, input(s2, l2, self.name())?);
-        if l1.shape() != l2.shape() {
-            candle_core::bail!(
-                "swiglu: shapes {:?} and {:?} differ",
-                l1.shape(),
-                l2.shape()
-            );
-        }
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(y, (g, u))| {
-                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(*g) * u;
-                }
-            });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        gate(self.name(), (s1, l1), (s2, l2), |g, u| g * sigmoid(g) * u)
     }
 
     fn bwd(
@@ -99,24 +105,10 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> R<(CpuStorage, Shape)> {
-        let (g, u) = (input(s1, l1, self.name())?, input(s2, l2, self.name())?);
-        if l1.shape() != l2.shape() {
-            candle_core::bail!(
-                "silu-mul: shapes {:?} and {:?} differ",
-                l1.shape(),
-                l2.shape()
-            );
-        }
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(y, (g, u))| {
-                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    let silu = g / (1.0 + (-g).exp());
-                    *y = silu * u;
-                }
-            });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        gate(self.name(), (s1, l1), (s2, l2), |g, u| {
+            let silu = g / (1.0 + (-g).exp());
+            silu * u
+        })
     }
 }
 
