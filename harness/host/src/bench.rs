@@ -143,8 +143,8 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// The CPU kernels the candle backend picks on this machine for f32 evaluation: the decoding
-/// dot products (AVX-512 or AVX2+FMA, else portable) and gemm for prompts; and the bf16 units
-/// its training products use.
+/// dot products (AVX2+FMA, also on AVX-512 CPUs, else portable) and gemm for prompts; and the
+/// bf16 units its training products use.
 fn kernel_path() -> String {
     #[cfg(target_arch = "x86_64")]
     {
@@ -155,9 +155,7 @@ fn kernel_path() -> String {
             .find(|l| l.starts_with("flags"))
             .map(|l| l.split_whitespace().collect())
             .unwrap_or_default();
-        let f32_path = if std::arch::is_x86_feature_detected!("avx512f") {
-            "AVX-512 f32"
-        } else if std::arch::is_x86_feature_detected!("avx2")
+        let f32_path = if std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
         {
             "AVX2+FMA f32"

@@ -3,8 +3,9 @@
 //! candle's matmul (the gemm crate) packs the weight matrix on every call, which dominates when
 //! only a handful of rows multiply it (one row per sequence being decoded). Here every weight row
 //! is read once, straight from memory, and dotted with each activation row while it is in cache;
-//! the work is split across threads by weight rows. The inner dot product is compiled for
-//! AVX2+FMA and AVX-512 and chosen at run time, with a portable fallback.
+//! the work is split across threads by weight rows. The inner dot products are AVX2+FMA
+//! intrinsics (also on AVX-512 CPUs), chosen at run time, with a portable fallback that gives the
+//! same bits.
 //!
 //! Weight rows come from a [`WeightRows`]: an f32 matrix, or a checkpoint's quantized blocks
 //! ([`BlockMatrix`]) expanded one row at a time into a buffer in L1 cache, which reads several
