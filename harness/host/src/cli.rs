@@ -40,6 +40,9 @@ pub enum Command {
     Eval(Box<EvalArgs>),
     /// Fine-tune LoRA adapters on a frozen NF4 base (QLoRA) and save them in PEFT layout.
     ///
+    /// With `--base gguf` the frozen base is a GGUF checkpoint's own quantized blocks instead
+    /// of their NF4 round trip: the adapter learns on the model as users run it.
+    ///
     /// Examples come from a task (`--task addition --digits 1-7 --examples 20000`) or from a
     /// JSONL file of {"prompt": ..., "completion": ...} pairs (`--data FILE`). Every option can
     /// also come from a TOML file (`--config train.toml`); flags override it.
@@ -395,7 +398,8 @@ pub struct EvalArgs {
     pub adapter: Option<PathBuf>,
 
     /// Base weights: `f32` (the checkpoint, dequantized) or `nf4` (their 4-bit NormalFloat round
-    /// trip, the base QLoRA trains on). Default: nf4 with --adapter, else f32.
+    /// trip, the base QLoRA trains on). Default: with --adapter, the base it was trained over
+    /// (nf4, or f32 for an adapter trained with `harness train --base gguf`), else f32.
     #[arg(long, value_name = "nf4|f32")]
     pub base: Option<String>,
 
@@ -552,6 +556,13 @@ pub struct TrainArgs {
     #[arg(long = "option", value_name = "KEY=VALUE")]
     pub options: Vec<String>,
 
+    /// The frozen base the adapter trains over: `nf4` (default; QLoRA's 4-bit NormalFloat
+    /// round trip of the weights) or `gguf` (a GGUF checkpoint's own Q4_1/Q8_0 blocks, decoded
+    /// to exactly the values inference uses; the adapter is then evaluated on the checkpoint as
+    /// it is).
+    #[arg(long, value_name = "nf4|gguf")]
+    pub base: Option<String>,
+
     /// LoRA rank (default 32).
     #[arg(long, value_name = "N")]
     pub r: Option<u64>,
@@ -574,7 +585,7 @@ pub struct TrainArgs {
 
     /// Any other training option, as KEY=VALUE (repeatable): dropout, targets, beta1, beta2,
     /// weight_decay, warmup_ratio, schedule (constant|linear|cosine), grad_accum, max_seq_len,
-    /// clip, double_quant, checkpoint_tokens, compute (bf16|f32), save_every.
+    /// clip, double_quant, checkpoint_tokens, compute (bf16|f32), save_every, base (nf4|gguf).
     #[arg(long = "train-option", value_name = "KEY=VALUE")]
     pub train_options: Vec<String>,
 

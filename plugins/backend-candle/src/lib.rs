@@ -38,7 +38,8 @@ pub struct Options {
     pub model: Option<PathBuf>,
     /// A PEFT LoRA adapter folder merged into the base weights.
     pub adapter: Option<PathBuf>,
-    /// `f32`, `nf4` or `nf4-packed` (default `nf4` with an adapter, else `f32`).
+    /// `f32`, `nf4` or `nf4-packed`. Default: with an adapter, the base it was trained over
+    /// (`nf4`, or `f32` for one trained with `base = "gguf"`), else `f32`.
     pub base: Option<BaseKind>,
     /// Double quantization of the NF4 block maxima.
     pub double_quant: bool,
@@ -164,10 +165,11 @@ impl Config {
             ));
         }
         let device = DeviceSpec::parse(&o.device)?;
-        let base = o.base.unwrap_or(if adapter.is_some() {
-            BaseKind::Nf4
-        } else {
-            BaseKind::F32
+        // An adapter goes onto the base it was trained over: the NF4 round trip (QLoRA), or
+        // the checkpoint as it is for one trained over a GGUF's own blocks.
+        let base = o.base.unwrap_or(match adapter.as_deref().map(train::adapter::trained_on) {
+            None | Some(Some(train::qlora::TrainBase::Gguf)) => BaseKind::F32,
+            Some(_) => BaseKind::Nf4,
         });
         if base == BaseKind::Nf4Packed && adapter.is_some() {
             return Err(BackendError::Options(

@@ -84,6 +84,7 @@ pub(crate) fn resume(dir: &Path, args: &TrainArgs) -> Result<TrainPlan> {
         || args.device.is_some()
         || !args.task_flags.given().is_empty()
         || !args.options.is_empty()
+        || args.base.is_some()
         || args.r.is_some()
         || args.alpha.is_some()
         || args.lr.is_some()
@@ -223,6 +224,7 @@ pub(crate) fn plan_with(file: &Table, args: &TrainArgs) -> Result<TrainPlan> {
             train.insert(k.to_string(), v);
         }
     };
+    put("base", args.base.clone().map(Value::String));
     put("r", args.r.map(|x| Value::Integer(x as i64)));
     put("alpha", args.alpha.map(Value::Float));
     put("lr", args.lr.map(Value::Float));

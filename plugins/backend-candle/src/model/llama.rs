@@ -406,6 +406,34 @@ impl Llama {
         self.upload_nf4()
     }
 
+    /// Replaces every projection's f32 weight by the checkpoint's own quantized blocks kept
+    /// beside it (the f32 copy is dropped): training's frozen base then holds exactly the
+    /// numbers the f32 checkpoint holds, in 0.625 bytes a weight for Q4_1, instead of their NF4
+    /// round trip. Returns how many projections were switched; a projection the loader kept no
+    /// blocks for (a GGUF type other than Q4_1/Q8_0) stays f32. An error where none has blocks:
+    /// the checkpoint is not a GGUF of those types, or its weights were changed after loading
+    /// (an NF4 base, a merged adapter).
+    pub fn keep_projections_in_blocks(&mut self) -> Result<usize> {
+        if !self.device.is_cpu() {
+            return Err(BackendError::Options(
+                "base = \"gguf\" multiplies the checkpoint's blocks on the CPU; on a GPU train with base = \"nf4\"".into(),
+            ));
+        }
+        let mut switched = 0;
+        for (_, _, lin) in self.linears_mut() {
+            if let (Frozen::Dense(_), Some(b)) = (&lin.base, lin.blocks.take()) {
+                lin.base = Frozen::Blocks(b);
+                switched += 1;
+            }
+        }
+        if switched == 0 {
+            return Err(BackendError::Options(
+                "base = \"gguf\" trains over a GGUF checkpoint's own Q4_1/Q8_0 blocks, and this model holds none (a safetensors checkpoint, another GGUF type, or the backend's base = \"nf4\"); load the GGUF with base = \"f32\", or train with base = \"nf4\"".into(),
+            ));
+        }
+        Ok(switched)
+    }
+
     /// Adds fresh LoRA adapters to the projections named in `targets` and returns their
     /// parameters, named as PEFT names them (`model.layers.0.self_attn.q_proj.lora_A.weight`).
     pub fn add_lora(
@@ -818,6 +846,31 @@ pub(crate) mod testing {
         }
         t.insert("model.norm.weight".into(), ones(64));
         (config, Weights::new(t))
+    }
+
+    /// [`tiny_weights`] as a Q4_1 GGUF would load: every projection replaced by candle's
+    /// dequantization of its Q4_1 blocks, the blocks kept beside it.
+    pub fn tiny_weights_q4_1() -> (Config, Weights) {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (config, mut weights) = tiny_weights();
+        let names: Vec<String> = weights
+            .shapes()
+            .into_keys()
+            .filter(|n| n.ends_with("_proj.weight"))
+            .collect();
+        for name in names {
+            let t = weights.take(&name).unwrap();
+            let (rows, cols) = t.dims2().unwrap();
+            let q = QTensor::quantize(&t, GgmlDType::Q4_1).unwrap();
+            let bytes = q.data().unwrap().into_owned();
+            let kind = crate::ops::blocks::BlockKind::Q4_1;
+            let blocks = BlockMatrix::new(kind, rows, cols, bytes).unwrap();
+            weights
+                .insert(name.clone(), q.dequantize(&Device::Cpu).unwrap())
+                .unwrap();
+            weights.insert_blocks(name, blocks);
+        }
+        (config, weights)
     }
 }
 

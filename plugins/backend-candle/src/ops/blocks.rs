@@ -108,6 +108,21 @@ impl BlockMatrix {
         dequantize_portable(self.kind, row, out);
     }
 
+    /// Rows `first..` into `out` (a whole number of rows), in parallel for a large tile: the
+    /// frozen weights of training are expanded a tile at a time this way.
+    pub fn dequantize_rows(&self, first: usize, out: &mut [f32]) {
+        use rayon::prelude::*;
+        debug_assert!(out.len().is_multiple_of(self.cols));
+        const ROWS_PER_TASK: usize = 16;
+        out.par_chunks_mut(ROWS_PER_TASK * self.cols)
+            .enumerate()
+            .for_each(|(task, dst)| {
+                for (r, row) in dst.chunks_exact_mut(self.cols).enumerate() {
+                    self.dequantize_row(first + task * ROWS_PER_TASK + r, row);
+                }
+            });
+    }
+
     /// Every weight, row-major (tests compare it with candle's dequantization).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
@@ -194,6 +209,26 @@ unsafe fn dequantize_avx2(kind: BlockKind, row: &[u8], out: &mut [f32]) {
             }
         }
     }
+}
+
+/// `values` (rows, cols) quantized by candle to `kind`, and candle's f32 dequantization of it.
+#[cfg(test)]
+pub fn quantized_for_tests(
+    kind: BlockKind,
+    values: Vec<f32>,
+    rows: usize,
+    cols: usize,
+) -> (BlockMatrix, candle_core::Tensor) {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let dev = candle_core::Device::Cpu;
+    let t = candle_core::Tensor::from_vec(values, (rows, cols), &dev).unwrap();
+    let dtype = match kind {
+        BlockKind::Q4_1 => GgmlDType::Q4_1,
+        BlockKind::Q8_0 => GgmlDType::Q8_0,
+    };
+    let q = QTensor::quantize(&t, dtype).unwrap();
+    let m = BlockMatrix::new(kind, rows, cols, q.data().unwrap().into_owned()).unwrap();
+    (m, q.dequantize(&dev).unwrap())
 }
 
 #[cfg(test)]

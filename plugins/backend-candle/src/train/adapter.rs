@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{BackendError, Result};
 use crate::model::weights::Weights;
+use crate::train::qlora::TrainBase;
 
 /// The fields of `adapter_config.json` we act on.
 #[derive(Debug, serde::Deserialize)]
@@ -169,6 +170,32 @@ pub struct AdapterSpec {
     pub dropout: f64,
     pub target_modules: Vec<String>,
     pub base_model: String,
+    /// The frozen base it was trained over, which evaluation should merge it into.
+    pub trained_on: TrainBase,
+}
+
+/// The safetensors metadata key that records [`AdapterSpec::trained_on`] (PEFT ignores it).
+const TRAINED_ON_KEY: &str = "harness.trained_on";
+
+/// The base an adapter saved here was trained over, from its safetensors metadata: `None` for
+/// adapters that do not say (PEFT's, older ones) or cannot be read (loading reports that).
+pub fn trained_on(dir: &Path) -> Option<TrainBase> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(dir.join("adapter_model.safetensors")).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    match header.get("__metadata__")?.get(TRAINED_ON_KEY)?.as_str()? {
+        "gguf" => Some(TrainBase::Gguf),
+        "nf4" => Some(TrainBase::Nf4),
+        _ => None,
+    }
 }
 
 /// Writes adapter parameters (named `model.layers.0.self_attn.q_proj.lora_A.weight`, ...) in
@@ -206,7 +233,10 @@ pub fn save_peft(
         .iter()
         .map(|(name, var)| (format!("base_model.model.{name}"), var.as_tensor().clone()))
         .collect();
-    let meta = [("format".to_string(), "pt".to_string())];
+    let meta = [
+        ("format".to_string(), "pt".to_string()),
+        (TRAINED_ON_KEY.to_string(), spec.trained_on.name().to_string()),
+    ];
     write_tensors(&dir.join("adapter_model.safetensors"), &tensors, &meta)
 }
 
@@ -329,8 +359,11 @@ mod tests {
             dropout: 0.1,
             target_modules: TARGETS[..3].iter().map(|s| s.to_string()).collect(),
             base_model: "tiny".into(),
+            trained_on: TrainBase::Gguf,
         };
+        assert_eq!(trained_on(&dir), None, "no adapter yet");
         save_peft(&dir, &spec, &params).unwrap();
+        assert_eq!(trained_on(&dir), Some(TrainBase::Gguf));
         let adapter = LoraAdapter::load(&dir, &Device::Cpu).unwrap();
         assert_eq!(adapter.pairs.len(), 2 * 3);
         let (config, mut weights) = tiny_weights();

@@ -1,5 +1,6 @@
 //! The backend's training entry point: options from TOML, examples tokenized, the base
-//! quantized to NF4, adapters attached, the trainer run, the adapter kept for saving.
+//! quantized to NF4 (or kept in the GGUF's own blocks), adapters attached, the trainer run, the
+//! adapter kept for saving.
 
 use std::path::Path;
 use std::time::Instant;
@@ -25,6 +26,8 @@ pub struct TrainArgs {
     pub dropout: f64,
     /// LoRA targets among the projections (`q_proj,v_proj` or a list).
     pub targets: Vec<String>,
+    /// The frozen base: the checkpoint's weights in NF4 (QLoRA), or a GGUF's own blocks.
+    pub base: TrainBase,
     pub double_quant: bool,
     pub lr: f64,
     pub beta1: f64,
@@ -50,6 +53,30 @@ pub struct TrainArgs {
     pub checkpoint_dir: Option<std::path::PathBuf>,
 }
 
+/// The `base` training option: what the frozen projections are during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainBase {
+    /// Quantized to NF4 with the QLoRA paper's recipe: the adapter learns on top of their
+    /// 4-bit round trip, and is evaluated on it (the backend's `base = "nf4"`).
+    #[default]
+    Nf4,
+    /// The GGUF checkpoint's own Q4_1/Q8_0 blocks, decoded in every product to exactly the f32
+    /// values inference uses: the adapter learns on the model users run, and is evaluated on
+    /// the checkpoint as it is (the backend's `base = "f32"`).
+    Gguf,
+}
+
+impl TrainBase {
+    /// The name the option and the adapter's metadata use.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainBase::Nf4 => "nf4",
+            TrainBase::Gguf => "gguf",
+        }
+    }
+}
+
 /// The `compute` training option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -66,6 +93,7 @@ impl Default for TrainArgs {
             alpha: 16.0,
             dropout: 0.1,
             targets: TARGETS.iter().map(|s| s.to_string()).collect(),
+            base: TrainBase::Nf4,
             double_quant: true,
             lr: d.lr,
             beta1: d.beta1,
@@ -227,7 +255,8 @@ pub struct Outcome {
 /// AdamW's moments and the step, in one file so that it is always consistent.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
-/// Quantizes the base to NF4 (unless it was loaded packed), attaches fresh adapters (or the
+/// Quantizes the base to NF4 (unless it was loaded packed) or keeps it in the checkpoint's
+/// blocks (`base = "gguf"`), attaches fresh adapters (or the
 /// saved ones of `opts.resume`) and trains them. `trained` holds the adapter from the moment
 /// it exists, so that the last good step can be saved even when training fails (a NaN loss).
 pub fn run(
@@ -258,7 +287,12 @@ pub fn run(
     }
     let model = engine.model_mut();
     let args = &opts.args;
-    model.quantize_nf4(args.double_quant)?;
+    match args.base {
+        TrainBase::Nf4 => model.quantize_nf4(args.double_quant)?,
+        TrainBase::Gguf => {
+            model.keep_projections_in_blocks()?;
+        }
+    }
     model.set_bf16(opts.bf16());
     let targets: Vec<&str> = args.targets.iter().map(String::as_str).collect();
     let params = model.add_lora(
@@ -280,6 +314,7 @@ pub fn run(
             dropout: args.dropout,
             target_modules: args.targets.clone(),
             base_model: model_name.to_string(),
+            trained_on: args.base,
         },
         params,
         unfinished: None,
@@ -536,6 +571,7 @@ mod tests {
             dropout: 0.1,
             target_modules: TARGETS.iter().map(|s| s.to_string()).collect(),
             base_model: "tiny-random-llama".into(),
+            trained_on: TrainBase::Nf4,
         };
         save_peft(&dir.join("adapter"), &spec, &params).unwrap();
 

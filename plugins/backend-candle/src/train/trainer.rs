@@ -553,6 +553,52 @@ pub(crate) mod tests {
         }
     }
 
+    #[test]
+    fn training_over_gguf_blocks_equals_training_over_their_f32_copy() {
+        // The blocks decode to the very values of the f32 copy, through the same products: the
+        // same losses and the same adapter, bit for bit, with none of the f32 projections kept.
+        let run = |blocks: bool| {
+            let (config, mut weights) = crate::model::llama::testing::tiny_weights_q4_1();
+            let mut model = Llama::new(config, &mut weights, &Device::Cpu).unwrap();
+            if blocks {
+                assert_eq!(model.keep_projections_in_blocks().unwrap(), 14);
+            }
+            let params: Vec<Var> = model
+                .add_lora(&crate::model::llama::TARGETS, 4, 8.0, 0.1, 1)
+                .unwrap()
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect();
+            let examples: Vec<Example> = (0..8u32)
+                .map(|i| Example::new(vec![i % 50, (i * 7) % 50], vec![7, 21, 7], 64).unwrap())
+                .collect();
+            let config = TrainConfig {
+                lr: 1e-2,
+                micro_batch: 4,
+                epochs: 2,
+                ..TrainConfig::default()
+            };
+            let (reports, _) =
+                train(&mut model, &params, &examples, &config, None, |_, _| Ok(true)).unwrap();
+            let losses: Vec<u64> = reports.iter().map(|r| r.loss.to_bits()).collect();
+            let values: Vec<Vec<f32>> = params
+                .iter()
+                .map(|p| p.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            (losses, values)
+        };
+        let (dense, blocks) = (run(false), run(true));
+        assert_eq!(dense.0.len(), 4);
+        assert_eq!(dense, blocks);
+    }
+
+    #[test]
+    fn a_model_without_blocks_cannot_train_over_them() {
+        let mut model = crate::model::llama::testing::tiny_model();
+        let e = model.keep_projections_in_blocks().unwrap_err().to_string();
+        assert!(e.contains("holds none") && e.contains("base = \"nf4\""), "{e}");
+    }
+
     /// The loss and gradients of `rows` on the tiny NF4 model with random (non-zero) adapters.
     fn tiny_gradients(training: bool, dropout: f32, checkpoint: bool) -> (f64, Vec<Vec<f32>>) {
         tiny_gradients_on(&Device::Cpu, training, dropout, checkpoint, false, false)

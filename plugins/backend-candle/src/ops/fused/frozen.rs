@@ -1,6 +1,7 @@
 //! Frozen weights and the product with one, differentiable in its input only.
 
 use super::*;
+use crate::ops::blocks::BlockMatrix;
 
 /// A frozen weight (out, in) that products read without a gradient of its own.
 #[derive(Clone)]
@@ -11,6 +12,9 @@ pub enum Frozen {
     Nf4(Arc<Nf4Matrix>),
     /// NF4 as tensors on any device, for the portable path (tensor ops, not the ops here).
     Nf4Tensors(Arc<Nf4Tensors>),
+    /// The checkpoint's own quantized blocks (GGUF Q4_1, Q8_0), decoded one tile of rows at a
+    /// time into exactly the values of the f32 copy the loader makes (see `ops::blocks`).
+    Blocks(Arc<BlockMatrix>),
 }
 
 impl Frozen {
@@ -20,6 +24,7 @@ impl Frozen {
             Frozen::Dense(w) => w.dims2(),
             Frozen::Nf4(q) => Ok((q.rows, q.cols)),
             Frozen::Nf4Tensors(q) => Ok(q.dims()),
+            Frozen::Blocks(b) => Ok((b.rows, b.cols)),
         }
     }
 
@@ -30,6 +35,7 @@ impl Frozen {
             Frozen::Dense(w) => Ok(w.clone()),
             Frozen::Nf4(q) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), &Device::Cpu),
             Frozen::Nf4Tensors(q) => q.dequantize(),
+            Frozen::Blocks(b) => Tensor::from_vec(b.dequantize(), (b.rows, b.cols), &Device::Cpu),
         }
     }
 
@@ -50,6 +56,14 @@ impl Frozen {
                 for (first, rows) in tile_rows(q.rows) {
                     let tile = &mut buf[..rows * q.cols];
                     q.dequantize_rows(first, tile);
+                    f(first, rows, tile);
+                }
+            }
+            Frozen::Blocks(b) => {
+                let mut buf = vec![0f32; TILE_ROWS.min(b.rows) * b.cols];
+                for (first, rows) in tile_rows(b.rows) {
+                    let tile = &mut buf[..rows * b.cols];
+                    b.dequantize_rows(first, tile);
                     f(first, rows, tile);
                 }
             }
@@ -129,7 +143,7 @@ impl Frozen {
 /// `y = x · Wᵀ` for a frozen weight, differentiable in `x` only: candle's matmul backward would
 /// also compute a weight-sized gradient nobody reads (for the tied output projection, 49152 x 576
 /// per step), and a dequantized NF4 weight would be a full-precision copy. Inference uses it too
-/// for NF4 weights, with the few-row kernel of decoding.
+/// for NF4 and block weights, with the few-row kernel of decoding.
 #[derive(Clone)]
 pub struct FrozenLinear(pub Frozen);
 
@@ -153,7 +167,15 @@ impl CustomOp1 for FrozenLinear {
         }
         let m = x.len() / inp;
         let mut y = vec![0f32; m * out];
-        if m <= crate::ops::kernels::SKINNY_MAX_ROWS {
+        if let (Frozen::Blocks(b), true) = (&self.0, m <= crate::ops::kernels::SKINNY_MAX_ROWS) {
+            // Decoding over blocks: each row expanded into L1 as the kernel reaches it.
+            let yt = crate::ops::kernels::skinny_matmul(x, m, inp, &**b, out);
+            for (j, col) in yt.chunks(m).enumerate() {
+                for (i, v) in col.iter().enumerate() {
+                    y[i * out + j] = *v;
+                }
+            }
+        } else if m <= crate::ops::kernels::SKINNY_MAX_ROWS {
             // Decoding: each weight row read once, dotted with the few input rows.
             self.0.tiles(|first, rows, w| {
                 let yt = crate::ops::kernels::skinny_matmul(x, m, inp, w, rows);

@@ -1,6 +1,7 @@
 //! Each fused op against the same function composed of candle ops: values and gradients.
 
 use super::*;
+use crate::ops::blocks::BlockKind;
 use candle_core::{Var, D};
 
 #[test]
@@ -95,11 +96,14 @@ fn lora_linear_matches_the_composed_layer_with_and_without_dropout() {
     let w = crate::model::llama::testing::uniform(out * inp, 0.5, 7);
     let q = Arc::new(Nf4Matrix::quantize(&w, out, inp, true));
     let deq = Tensor::from_vec(q.dequantize(), (out, inp), &Device::Cpu).unwrap();
+    let (blocks, blocks_f32) =
+        crate::ops::blocks::quantized_for_tests(BlockKind::Q4_1, w.clone(), out, inp);
     let dense = Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap();
     for (base, weight, dropout) in [
         (Frozen::Nf4(q.clone()), deq.clone(), 0.0),
         (Frozen::Nf4(q), deq, 0.25),
         (Frozen::Dense(dense.clone()), dense, 0.1),
+        (Frozen::Blocks(Arc::new(blocks)), blocks_f32, 0.1),
     ] {
         let op = LoraLinear {
             base,
@@ -255,13 +259,19 @@ fn cross_entropy_matches_log_softmax_and_gather() {
 
 #[test]
 fn frozen_linear_matches_the_dense_layer_in_value_and_input_gradient() {
-    // 300 output rows: two NF4 tiles, the second partial; few rows take the decoding kernel.
+    // 300 output rows: two tiles, the second partial; few rows take the decoding kernel.
     let (out, inp) = (300, 64);
     let w = crate::model::llama::testing::uniform(out * inp, 0.5, 21);
     let q = Arc::new(Nf4Matrix::quantize(&w, out, inp, true));
     let deq = Tensor::from_vec(q.dequantize(), (out, inp), &Device::Cpu).unwrap();
+    let mut bases = vec![(Frozen::Nf4(q), deq)];
+    for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
+        let (b, f) = crate::ops::blocks::quantized_for_tests(kind, w.clone(), out, inp);
+        bases.push((Frozen::Blocks(Arc::new(b)), f));
+    }
     let dense = Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap();
-    for (base, weight) in [(Frozen::Nf4(q), deq), (Frozen::Dense(dense.clone()), dense)] {
+    bases.push((Frozen::Dense(dense.clone()), dense));
+    for (base, weight) in bases {
         let op = FrozenLinear(base);
         for m in [1usize, 3, 40] {
             check(
