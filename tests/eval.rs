@@ -478,16 +478,6 @@ fn fixture_readme() -> String {
         .unwrap_or_else(|_| panic!("reference fixtures missing at {}", path.display()))
 }
 
-fn real_model() -> PathBuf {
-    let path = harness_abi::paths::default_model();
-    assert!(
-        path.is_file(),
-        "the default model is missing at {}; run `harness fetch` first",
-        path.display()
-    );
-    path
-}
-
 fn results_map(run: &Path) -> Vec<(String, String, f64)> {
     std::fs::read_to_string(run.join("results.csv"))
         .unwrap()

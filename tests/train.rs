@@ -318,3 +318,114 @@ fn bench_train_reports_speed_and_memory() {
         "{out}"
     );
 }
+
+/// The predictions of a run folder's samples, in order.
+fn predictions(run: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["prediction"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn smollm2_trains_over_its_gguf_blocks_and_its_adapter_evaluates_on_the_checkpoint() {
+    let model = real_model();
+    let dir = temp_dir("train-gguf");
+    let out = ok(harness()
+        .args([
+            "train",
+            "--task",
+            "addition",
+            "--digits",
+            "1-2",
+            "--examples",
+            "8",
+            "--micro-batch",
+            "4",
+            "--r",
+            "4",
+            "--base",
+            "gguf",
+            "--out",
+        ])
+        .arg(dir.join("adapter")));
+    assert!(out.contains("2 steps on 8 examples"), "{out}");
+    let record = std::fs::read_to_string(dir.join("adapter/train.toml")).unwrap();
+    assert!(
+        record.contains("base = \"gguf\"") && !record.contains("nf4-packed"),
+        "{record}"
+    );
+    // The adapter goes onto the checkpoint as it is (f32), not onto the NF4 round trip.
+    ok(harness()
+        .args(["eval", "--task", "addition", "--digits", "1", "--n", "2"])
+        .arg("--adapter")
+        .arg(dir.join("adapter"))
+        .arg("--out")
+        .arg(dir.join("tuned")));
+    let run = std::fs::read_to_string(dir.join("tuned/run.toml")).unwrap();
+    assert!(run.contains("base = \"f32\""), "{run}");
+
+    // Evaluation over the blocks alone predicts what the f32 copy predicts.
+    let eval = |base: &str, out: &str| {
+        ok(harness()
+            .args([
+                "eval", "--task", "addition", "--digits", "1-8", "--n", "3", "--base", base,
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--out")
+            .arg(dir.join(out)));
+        predictions(&dir.join(out))
+    };
+    let (f32, gguf) = (eval("f32", "f32"), eval("gguf", "gguf"));
+    assert_eq!(f32.len(), 24);
+    assert_eq!(f32, gguf);
+}
+
+#[test]
+fn training_over_gguf_blocks_needs_a_gguf_checkpoint() {
+    let dir = temp_dir("train-gguf-hf");
+    write_tiny_model(&dir.join("model"), 4);
+    let e = fails(
+        harness()
+            .args([
+                "train",
+                "--task",
+                "addition",
+                "--examples",
+                "4",
+                "--base",
+                "gguf",
+                "--model",
+            ])
+            .arg(dir.join("model"))
+            .arg("--out")
+            .arg(dir.join("adapter")),
+    );
+    assert!(
+        e.contains("holds none") && e.contains("base = \"nf4\""),
+        "{e}"
+    );
+    assert!(!dir.join("adapter/adapter_model.safetensors").exists());
+    let e = fails(
+        harness()
+            .args([
+                "train",
+                "--task",
+                "addition",
+                "--examples",
+                "4",
+                "--base",
+                "q8",
+                "--model",
+            ])
+            .arg(dir.join("model"))
+            .arg("--out")
+            .arg(dir.join("adapter")),
+    );
+    assert!(e.contains("q8") && e.contains("gguf"), "{e}");
+}

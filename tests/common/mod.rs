@@ -29,6 +29,17 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// The default model, fetched by `harness fetch` (the README's test command runs it first).
+pub fn real_model() -> PathBuf {
+    let path = harness_abi::paths::default_model();
+    assert!(
+        path.is_file(),
+        "the default model is missing at {}; run `harness fetch` first",
+        path.display()
+    );
+    path
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("harness runs")
 }

@@ -11,8 +11,9 @@ use harness_abi::{
 };
 
 use crate::cli::{BenchEvalArgs, BenchTrainArgs};
-use crate::plan::{insert_pair, BackendFlags, TRAINING_BASE};
+use crate::plan::{insert_pair, training_base, BackendFlags};
 use crate::registry::Registry;
+use toml::{Table, Value};
 
 struct Timer {
     last: Instant,
@@ -57,9 +58,23 @@ pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
         bail!("--seq-len must be at least 8, --micro-batch and --steps at least 1");
     }
     let model = model_path(args.model.as_deref())?;
+    let mut train = Table::new();
+    for (key, value) in [
+        ("r", args.r),
+        ("micro_batch", args.micro_batch),
+        ("max_seq_len", args.seq_len * 2),
+    ] {
+        train.insert(key.into(), Value::Integer(value as i64));
+    }
+    train.insert("warmup_ratio".into(), Value::Float(0.0));
+    for pair in &args.train_options {
+        insert_pair(&mut train, pair, "--train-option")?;
+    }
+    let train_opts = train.to_string();
+    reg.check_train_options("candle", &train_opts)?;
     let opts = BackendFlags {
         model: Some(&model),
-        base: Some(TRAINING_BASE),
+        base: Some(training_base(&train)),
         device: args.device.as_deref(),
         ..BackendFlags::default()
     }
@@ -79,12 +94,6 @@ pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
             TrainExample::new(digits(prompt, 1), digits(completion, 5)).in_group("bench")
         })
         .collect();
-    let train_opts = format!(
-        "r = {}\nmicro_batch = {}\nwarmup_ratio = 0.0\nmax_seq_len = {}\n",
-        args.r,
-        args.micro_batch,
-        args.seq_len * 2
-    );
     let steps = Arc::new(Mutex::new(Vec::new()));
     let timer = Timer {
         last: Instant::now(),
@@ -110,8 +119,17 @@ pub fn train(reg: &Registry, args: &BenchTrainArgs) -> Result<()> {
         rates[rates.len() / 2]
     };
     let per_seq = summary.tokens as f64 / (summary.steps as f64 * args.micro_batch as f64);
+    let base = match training_base(&train) {
+        "gguf" => "the GGUF's own blocks as base",
+        _ => "NF4 base with double quantization",
+    };
+    let extra = if args.train_options.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", args.train_options.join(", "))
+    };
     println!(
-        "qlora train: micro-batch {} x {:.0} tokens, r={}, all seven projections, NF4 base with double quantization",
+        "qlora train: micro-batch {} x {:.0} tokens, r={}, all seven projections, {base}{extra}",
         args.micro_batch, per_seq, args.r
     );
     println!(

@@ -397,10 +397,12 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
 
-    /// Base weights: `f32` (the checkpoint, dequantized) or `nf4` (their 4-bit NormalFloat round
-    /// trip, the base QLoRA trains on). Default: with --adapter, the base it was trained over
-    /// (nf4, or f32 for an adapter trained with `harness train --base gguf`), else f32.
-    #[arg(long, value_name = "nf4|f32")]
+    /// Base weights: `f32` (the checkpoint, dequantized), `nf4` (their 4-bit NormalFloat round
+    /// trip, the base QLoRA trains on) or `gguf` (a GGUF's own Q4_1/Q8_0 blocks: the values of
+    /// f32 in about a fifth of the memory, prompts a little slower). Default: with --adapter,
+    /// the base it was trained over (nf4, or f32 for an adapter trained with
+    /// `harness train --base gguf`), else f32.
+    #[arg(long, value_name = "f32|nf4|gguf")]
     pub base: Option<String>,
 
     /// Where the model runs: `cpu` (default) or `cuda`/`cuda:N` (a backend built with the
@@ -666,6 +668,9 @@ pub struct BenchTrainArgs {
     /// Optimiser steps to time (after one warm-up step).
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub steps: u64,
+    /// Any other training option, as KEY=VALUE (repeatable), e.g. base=gguf, compute=f32.
+    #[arg(long = "train-option", value_name = "KEY=VALUE")]
+    pub train_options: Vec<String>,
     /// Where the model runs: `cpu` (default) or `cuda`/`cuda:N`.
     #[arg(long, value_name = "cpu|cuda[:N]")]
     pub device: Option<String>,

@@ -17,7 +17,7 @@ use toml::{Table, Value};
 
 use crate::cli::TrainArgs;
 use crate::plan::train::{self as plan, TrainPlan};
-use crate::plan::{BackendFlags, TRAINING_BASE};
+use crate::plan::{training_base, BackendFlags};
 use crate::registry::Registry;
 use crate::run_dir::{self, write_atomic};
 
@@ -144,7 +144,7 @@ pub(crate) fn execute(
     }
     let mut backend_opts = BackendFlags {
         model: Some(&model),
-        base: Some(TRAINING_BASE),
+        base: Some(training_base(&p.train)),
         device: p.device.as_deref(),
         ..BackendFlags::default()
     }

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{BackendError, Result};
 use crate::model::engine::Engine;
+use crate::model::weights::Packing;
 use crate::train::qlora::{self, TrainArgs, TrainOptions};
 
 const NAME: &str = "candle";
@@ -140,6 +141,10 @@ pub enum BaseKind {
     /// Packed NF4 from the moment each is read, dequantized tile by tile in every product: the
     /// QLoRA training base, with no full-precision copy of the projections at any time.
     Nf4Packed,
+    /// A GGUF's own quantized blocks (Q4_1, Q8_0), decoded tile by tile in every product into
+    /// exactly the values of `f32`, with no f32 copy of the projections kept: the base of
+    /// training with `base = "gguf"`, and inference in less memory.
+    Gguf,
 }
 
 impl Config {
@@ -167,14 +172,24 @@ impl Config {
         let device = DeviceSpec::parse(&o.device)?;
         // An adapter goes onto the base it was trained over: the NF4 round trip (QLoRA), or
         // the checkpoint as it is for one trained over a GGUF's own blocks.
-        let base = o.base.unwrap_or(match adapter.as_deref().map(train::adapter::trained_on) {
-            None | Some(Some(train::qlora::TrainBase::Gguf)) => BaseKind::F32,
-            Some(_) => BaseKind::Nf4,
-        });
-        if base == BaseKind::Nf4Packed && adapter.is_some() {
-            return Err(BackendError::Options(
-                "an adapter is merged into f32 weights, not a packed base; use base = \"nf4\" to evaluate on the QLoRA base".into(),
-            ));
+        let base = o
+            .base
+            .unwrap_or(match adapter.as_deref().map(train::adapter::trained_on) {
+                None | Some(Some(train::qlora::TrainBase::Gguf)) => BaseKind::F32,
+                Some(_) => BaseKind::Nf4,
+            });
+        match base {
+            BaseKind::Nf4Packed if adapter.is_some() => {
+                return Err(BackendError::Options(
+                    "an adapter is merged into f32 weights, not a packed base; use base = \"nf4\" to evaluate on the QLoRA base".into(),
+                ));
+            }
+            BaseKind::Gguf if adapter.is_some() => {
+                return Err(BackendError::Options(
+                    "an adapter is merged into f32 weights, not the checkpoint's blocks; use base = \"f32\" (the same values)".into(),
+                ));
+            }
+            _ => {}
         }
         o.model = Some(model.clone());
         o.adapter = adapter.clone();
@@ -203,7 +218,13 @@ pub struct CandleBackend {
 impl CandleBackend {
     pub fn load(config: &Config) -> Result<Self> {
         let device = config.device.open()?;
-        let pack = (config.base == BaseKind::Nf4Packed).then_some(config.double_quant);
+        let pack = match config.base {
+            BaseKind::Nf4Packed => Packing::Nf4 {
+                double_quant: config.double_quant,
+            },
+            BaseKind::Gguf => Packing::Blocks,
+            BaseKind::F32 | BaseKind::Nf4 => Packing::F32,
+        };
         // Read, quantized and merged on the CPU; the model moves each weight to the device.
         let mut ckpt = model::checkpoint::load(&config.model, &Device::Cpu, pack)?;
         if config.base == BaseKind::Nf4 {
@@ -212,7 +233,11 @@ impl CandleBackend {
         if let Some(dir) = &config.adapter {
             train::adapter::LoraAdapter::load(dir, &Device::Cpu)?.merge_into(&mut ckpt.weights)?;
         }
-        let model = model::llama::Llama::new(ckpt.config.clone(), &mut ckpt.weights, &device)?;
+        let mut model = model::llama::Llama::new(ckpt.config.clone(), &mut ckpt.weights, &device)?;
+        if config.base == BaseKind::Gguf {
+            // An error unless some projection is in blocks (a GGUF of a kind kept, on the CPU).
+            model.keep_projections_in_blocks()?;
+        }
         let info = ModelInfo {
             name: ckpt.name.clone().into(),
             path: config.model.display().to_string().into(),

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use backend_candle::model::checkpoint;
+use backend_candle::model::weights::Packing;
 use backend_candle::train::adapter::LoraAdapter;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -139,7 +140,7 @@ const GOOD: [(&str, u32); 6] = [
 fn load_model(path: &Path, bytes: &[u8]) -> Result<bool, TestCaseError> {
     std::fs::write(path, bytes).unwrap();
     LARGEST.store(0, Ordering::Relaxed);
-    let loaded = checkpoint::load(path, &Device::Cpu, None).is_ok();
+    let loaded = checkpoint::load(path, &Device::Cpu, Packing::F32).is_ok();
     let largest = LARGEST.load(Ordering::Relaxed);
     prop_assert!(
         largest <= 32 * bytes.len() + (1 << 20),
@@ -171,7 +172,7 @@ fn gguf_files() {
     let mut wrapped = good.clone();
     wrapped[753] = 152;
     std::fs::write(dir.join("wrapped.gguf"), &wrapped).unwrap();
-    let e = checkpoint::load(&dir.join("wrapped.gguf"), &Device::Cpu, None)
+    let e = checkpoint::load(&dir.join("wrapped.gguf"), &Device::Cpu, Packing::F32)
         .map(|_| ())
         .unwrap_err()
         .to_string();

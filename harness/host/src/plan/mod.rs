@@ -29,6 +29,15 @@ pub struct BackendFlags<'a> {
 /// never all in f32 at once (the QLoRA base).
 pub const TRAINING_BASE: &str = "nf4-packed";
 
+/// The backend base to load for training with the training options `train`: the GGUF's own
+/// blocks for `base = "gguf"` (no NF4 packing, no f32 copy), else [`TRAINING_BASE`].
+pub fn training_base(train: &Table) -> &'static str {
+    match train.get("base").and_then(Value::as_str) {
+        Some("gguf") => "gguf",
+        _ => TRAINING_BASE,
+    }
+}
+
 impl BackendFlags<'_> {
     /// The options table of the flags given.
     pub fn table(&self) -> Table {

@@ -19,7 +19,7 @@ use crate::model::architecture::{self, FieldNames};
 use crate::model::chat::{self, ChatTemplate};
 use crate::model::llama::Config;
 use crate::model::tokenizer;
-use crate::model::weights::Weights;
+use crate::model::weights::{Packing, Weights};
 use crate::ops::blocks::{BlockKind, BlockMatrix};
 
 /// Everything needed to build the model and talk to it.
@@ -36,10 +36,10 @@ pub struct Checkpoint {
     pub chat: Option<ChatTemplate>,
 }
 
-/// Loads `path`: a folder is read as a HF checkpoint, a file as GGUF. With
-/// `pack = Some(double_quant)` each projection is packed to NF4 as soon as it is read (see
-/// [`Weights`]); tensors are read one at a time either way.
-pub fn load(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpoint> {
+/// Loads `path`: a folder is read as a HF checkpoint, a file as GGUF. Each projection is
+/// stored as `pack` says as soon as it is read (see [`Weights`]); tensors are read one at a
+/// time either way.
+pub fn load(path: &Path, device: &Device, pack: Packing) -> Result<Checkpoint> {
     if path.is_dir() {
         load_hf(path, device, pack)
     } else if path.exists() {
@@ -62,7 +62,7 @@ fn corrupt(path: &Path, cause: impl ToString) -> BackendError {
     }
 }
 
-fn load_gguf(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpoint> {
+fn load_gguf(path: &Path, device: &Device, pack: Packing) -> Result<Checkpoint> {
     let io = |cause| BackendError::Io {
         path: path.to_path_buf(),
         cause,
@@ -182,9 +182,11 @@ fn load_gguf(path: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpo
         if let Some(heads) = heads {
             t = unpermute(&t, heads)?;
         }
-        // The blocks stay beside the f32 copy for decoding on the CPU (see `ops::blocks`).
+        // The blocks stay beside the f32 copy for decoding on the CPU (see `ops::blocks`), or
+        // replace it (`Packing::Blocks`).
+        let keep = !matches!(pack, Packing::Nf4 { .. }) && device.is_cpu();
         let blocks = match (BlockKind::of_gguf(q.dtype()), t.dims2()) {
-            (Some(kind), Ok((rows, cols))) if pack.is_none() && device.is_cpu() => {
+            (Some(kind), Ok((rows, cols))) if keep => {
                 let bytes = q
                     .data()
                     .map_err(|e| corrupt(path, format!("tensor `{gguf_name}`: {e}")))?;
@@ -307,7 +309,7 @@ fn default_positions() -> usize {
     2048
 }
 
-fn load_hf(dir: &Path, device: &Device, pack: Option<bool>) -> Result<Checkpoint> {
+fn load_hf(dir: &Path, device: &Device, pack: Packing) -> Result<Checkpoint> {
     let read = |name: &str| -> Result<(PathBuf, String)> {
         let p = dir.join(name);
         let text = std::fs::read_to_string(&p).map_err(|cause| BackendError::Io {
@@ -529,7 +531,7 @@ mod tests {
                 .collect();
             let path = dir.join(format!("{}.gguf", key.replace('.', "-")));
             tiny_gguf(&path, &fields);
-            let e = match load(&path, &Device::Cpu, None) {
+            let e = match load(&path, &Device::Cpu, Packing::F32) {
                 Ok(_) => panic!("{key} = {value} loaded"),
                 Err(e) => e.to_string(),
             };

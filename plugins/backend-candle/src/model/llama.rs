@@ -285,6 +285,11 @@ impl Llama {
                     blocks: None,
                     lora: None,
                 },
+                Projection::Blocks(b) => Linear {
+                    base: Frozen::Blocks(b),
+                    blocks: None,
+                    lora: None,
+                },
             })
         };
         let norm = |w: &mut Weights, name: String| -> Result<Norm> {
@@ -392,16 +397,21 @@ impl Llama {
         })
     }
 
-    /// Replaces every projection's f32 weight by its NF4 form (the f32 copy is dropped).
+    /// Replaces every projection's f32 weight (or blocks) by its NF4 form (the f32 copy is
+    /// dropped).
     pub fn quantize_nf4(&mut self, double_quant: bool) -> Result<()> {
         for (_, _, lin) in self.linears_mut() {
-            if let Frozen::Dense(w) = &lin.base {
-                let (rows, cols) = w.dims2()?;
-                let data = w.flatten_all()?.to_vec1::<f32>()?;
-                let q = Nf4Matrix::quantize(&data, rows, cols, double_quant);
-                lin.base = Frozen::Nf4(Arc::new(q));
-                lin.blocks = None;
-            }
+            let (rows, cols, data) = match &lin.base {
+                Frozen::Dense(w) => {
+                    let (rows, cols) = w.dims2()?;
+                    (rows, cols, w.flatten_all()?.to_vec1::<f32>()?)
+                }
+                Frozen::Blocks(b) => (b.rows, b.cols, b.dequantize()),
+                Frozen::Nf4(_) | Frozen::Nf4Tensors(_) => continue,
+            };
+            let q = Nf4Matrix::quantize(&data, rows, cols, double_quant);
+            lin.base = Frozen::Nf4(Arc::new(q));
+            lin.blocks = None;
         }
         self.upload_nf4()
     }
@@ -409,29 +419,29 @@ impl Llama {
     /// Replaces every projection's f32 weight by the checkpoint's own quantized blocks kept
     /// beside it (the f32 copy is dropped): training's frozen base then holds exactly the
     /// numbers the f32 checkpoint holds, in 0.625 bytes a weight for Q4_1, instead of their NF4
-    /// round trip. Returns how many projections were switched; a projection the loader kept no
+    /// round trip. Returns how many projections are in blocks; a projection the loader kept no
     /// blocks for (a GGUF type other than Q4_1/Q8_0) stays f32. An error where none has blocks:
     /// the checkpoint is not a GGUF of those types, or its weights were changed after loading
     /// (an NF4 base, a merged adapter).
     pub fn keep_projections_in_blocks(&mut self) -> Result<usize> {
         if !self.device.is_cpu() {
             return Err(BackendError::Options(
-                "base = \"gguf\" multiplies the checkpoint's blocks on the CPU; on a GPU train with base = \"nf4\"".into(),
+                "base = \"gguf\" multiplies the checkpoint's blocks on the CPU; on a GPU use base = \"nf4\" or \"f32\"".into(),
             ));
         }
-        let mut switched = 0;
+        let mut in_blocks = 0;
         for (_, _, lin) in self.linears_mut() {
             if let (Frozen::Dense(_), Some(b)) = (&lin.base, lin.blocks.take()) {
                 lin.base = Frozen::Blocks(b);
-                switched += 1;
             }
+            in_blocks += matches!(lin.base, Frozen::Blocks(_)) as usize;
         }
-        if switched == 0 {
+        if in_blocks == 0 {
             return Err(BackendError::Options(
-                "base = \"gguf\" trains over a GGUF checkpoint's own Q4_1/Q8_0 blocks, and this model holds none (a safetensors checkpoint, another GGUF type, or the backend's base = \"nf4\"); load the GGUF with base = \"f32\", or train with base = \"nf4\"".into(),
+                "base = \"gguf\" uses a GGUF checkpoint's own Q4_1/Q8_0 blocks, and this model holds none (a safetensors checkpoint, a GGUF of other types, or weights changed after loading); use base = \"nf4\" or \"f32\"".into(),
             ));
         }
-        Ok(switched)
+        Ok(in_blocks)
     }
 
     /// Adds fresh LoRA adapters to the projections named in `targets` and returns their

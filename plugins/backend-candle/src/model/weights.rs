@@ -3,7 +3,8 @@
 //!
 //! When the base is to be packed to NF4 (QLoRA training), each projection weight is quantized
 //! the moment the loader hands it over, and its f32 values are dropped: at no point does a
-//! full-precision copy of all projections exist.
+//! full-precision copy of all projections exist. When it is to stay in the checkpoint's own
+//! blocks, a projection's f32 copy is dropped as soon as its blocks are kept.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +19,19 @@ use crate::ops::nf4::Nf4Matrix;
 pub enum Projection {
     F32(Tensor),
     Nf4(Arc<Nf4Matrix>),
+    /// The checkpoint's own blocks, the only copy.
+    Blocks(Arc<BlockMatrix>),
+}
+
+/// How projection weights are stored as the loader hands them over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    /// f32 (a GGUF's blocks kept beside, for decoding).
+    F32,
+    /// Packed to NF4 at once (with double quantization of the block maxima or not).
+    Nf4 { double_quant: bool },
+    /// In the GGUF's own blocks where it has a kind we keep, the f32 copy dropped.
+    Blocks,
 }
 
 pub struct Weights {
@@ -26,8 +40,9 @@ pub struct Weights {
     /// The checkpoint's quantized blocks of f32 tensors read from them, for decoding; a tensor
     /// changed after loading (an adapter merged, NF4 rounding) loses its blocks.
     blocks: HashMap<String, Arc<BlockMatrix>>,
-    /// `Some(double_quant)`: projections are packed to NF4 as they are inserted.
-    pack: Option<bool>,
+    /// Projections held in their blocks alone ([`Packing::Blocks`]).
+    block_projections: HashMap<String, Arc<BlockMatrix>>,
+    packing: Packing,
 }
 
 /// Whether `name` is the weight of a linear projection (the layers QLoRA quantizes).
@@ -36,20 +51,26 @@ fn is_projection(name: &str) -> bool {
 }
 
 impl Weights {
-    /// An empty set; with `pack = Some(double_quant)` projections are stored as NF4.
-    pub fn empty(pack: Option<bool>) -> Self {
+    /// An empty set storing projections as `packing` says.
+    pub fn empty(packing: Packing) -> Self {
         Weights {
             tensors: HashMap::new(),
             packed: HashMap::new(),
             blocks: HashMap::new(),
-            pack,
+            block_projections: HashMap::new(),
+            packing,
         }
+    }
+
+    /// How projections are stored.
+    pub fn packing(&self) -> Packing {
+        self.packing
     }
 
     pub fn new(tensors: HashMap<String, Tensor>) -> Self {
         Weights {
             tensors,
-            ..Weights::empty(None)
+            ..Weights::empty(Packing::F32)
         }
     }
 
@@ -57,8 +78,8 @@ impl Weights {
     pub fn insert(&mut self, name: String, tensor: Tensor) -> Result<()> {
         // New values: any blocks kept for the name no longer hold them.
         self.blocks.remove(&name);
-        match self.pack {
-            Some(double_quant) if is_projection(&name) => {
+        match self.packing {
+            Packing::Nf4 { double_quant } if is_projection(&name) => {
                 let (rows, cols) = tensor.dims2()?;
                 let data = tensor.flatten_all()?.to_vec1::<f32>()?;
                 drop(tensor);
@@ -72,9 +93,16 @@ impl Weights {
         Ok(())
     }
 
-    /// Keeps `blocks`, the checkpoint's own encoding of the f32 tensor `name` just inserted.
+    /// Keeps `blocks`, the checkpoint's own encoding of the f32 tensor `name` just inserted:
+    /// beside it, or instead of it for a projection when packing is [`Packing::Blocks`].
     pub fn insert_blocks(&mut self, name: String, blocks: BlockMatrix) {
-        if self.tensors.contains_key(&name) {
+        if !self.tensors.contains_key(&name) {
+            return;
+        }
+        if self.packing == Packing::Blocks && is_projection(&name) {
+            self.tensors.remove(&name);
+            self.block_projections.insert(name, Arc::new(blocks));
+        } else {
             self.blocks.insert(name, Arc::new(blocks));
         }
     }
@@ -99,12 +127,15 @@ impl Weights {
             .ok_or_else(|| BackendError::Checkpoint(format!("tensor `{name}` is missing")))
     }
 
-    /// A projection weight, packed or f32.
+    /// A projection weight, packed, in blocks or f32.
     pub fn take_projection(&mut self, name: &str) -> Result<Projection> {
-        match self.packed.remove(name) {
-            Some(q) => Ok(Projection::Nf4(q)),
-            None => self.take(name).map(Projection::F32),
+        if let Some(q) = self.packed.remove(name) {
+            return Ok(Projection::Nf4(q));
         }
+        if let Some(b) = self.block_projections.remove(name) {
+            return Ok(Projection::Blocks(b));
+        }
+        self.take(name).map(Projection::F32)
     }
 
     pub fn try_take(&mut self, name: &str) -> Option<Tensor> {
@@ -137,7 +168,10 @@ impl Weights {
     pub fn parameter_count(&self) -> u64 {
         let dense: u64 = self.tensors.values().map(|t| t.elem_count() as u64).sum();
         let packed: u64 = self.packed.values().map(|q| (q.rows * q.cols) as u64).sum();
-        dense + packed
+        let blocks: u64 = (self.block_projections.values())
+            .map(|b| (b.rows * b.cols) as u64)
+            .sum();
+        dense + packed + blocks
     }
 }
 
@@ -148,7 +182,7 @@ mod tests {
 
     #[test]
     fn packing_stores_projections_as_nf4_and_keeps_the_rest() {
-        let mut w = Weights::empty(Some(true));
+        let mut w = Weights::empty(Packing::Nf4 { double_quant: true });
         let t = |n: usize| Tensor::ones((n, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
         w.insert("model.layers.0.self_attn.q_proj.weight".into(), t(64))
             .unwrap();

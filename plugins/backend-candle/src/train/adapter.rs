@@ -235,7 +235,10 @@ pub fn save_peft(
         .collect();
     let meta = [
         ("format".to_string(), "pt".to_string()),
-        (TRAINED_ON_KEY.to_string(), spec.trained_on.name().to_string()),
+        (
+            TRAINED_ON_KEY.to_string(),
+            spec.trained_on.name().to_string(),
+        ),
     ];
     write_tensors(&dir.join("adapter_model.safetensors"), &tensors, &meta)
 }

@@ -578,8 +578,10 @@ pub(crate) mod tests {
                 epochs: 2,
                 ..TrainConfig::default()
             };
-            let (reports, _) =
-                train(&mut model, &params, &examples, &config, None, |_, _| Ok(true)).unwrap();
+            let (reports, _) = train(&mut model, &params, &examples, &config, None, |_, _| {
+                Ok(true)
+            })
+            .unwrap();
             let losses: Vec<u64> = reports.iter().map(|r| r.loss.to_bits()).collect();
             let values: Vec<Vec<f32>> = params
                 .iter()
@@ -596,7 +598,10 @@ pub(crate) mod tests {
     fn a_model_without_blocks_cannot_train_over_them() {
         let mut model = crate::model::llama::testing::tiny_model();
         let e = model.keep_projections_in_blocks().unwrap_err().to_string();
-        assert!(e.contains("holds none") && e.contains("base = \"nf4\""), "{e}");
+        assert!(
+            e.contains("holds none") && e.contains("use base = \"nf4\""),
+            "{e}"
+        );
     }
 
     /// The loss and gradients of `rows` on the tiny NF4 model with random (non-zero) adapters.
