@@ -49,7 +49,8 @@ fn default_backend() -> String {
 #[serde(deny_unknown_fields)]
 struct Variant {
     label: Option<String>,
-    /// `f32` or `nf4`; default nf4 with an adapter (the base QLoRA trains on), else f32.
+    /// `f32` or `nf4`; default nf4 with an adapter (the base QLoRA trains on), f32 without one
+    /// or with one trained over a GGUF's own blocks (`train = { base = "gguf" }`).
     base: Option<Spanned<String>>,
     /// An adapter folder (relative to the study file's folder).
     adapter: Option<Spanned<String>>,
@@ -368,8 +369,16 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
                 at(file, &text, b),
                 b.get_ref()
             ),
-            None if matches!(adapter, AdapterPlan::None) => "f32".into(),
-            None => "nf4".into(),
+            None => match &adapter {
+                AdapterPlan::None => "f32".into(),
+                // An adapter trained over a GGUF's own blocks goes onto those values.
+                AdapterPlan::Train { plan, .. }
+                    if crate::plan::training_base(&train_table(plan)) == "gguf" =>
+                {
+                    "f32".into()
+                }
+                _ => "nf4".into(),
+            },
         };
         let label = spec.label.clone().unwrap_or_else(|| vname.clone());
         let fingerprint = fingerprint(&base, &adapter)?;
@@ -598,6 +607,14 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 }
 
 /// What a variant's cells are made from, for their definitions.
+/// The training options of a recorded train plan (`[plan]` of train.toml).
+fn train_table(plan: &Table) -> Table {
+    plan.get("train")
+        .and_then(Value::as_table)
+        .cloned()
+        .unwrap_or_default()
+}
+
 fn fingerprint(base: &str, adapter: &AdapterPlan) -> Result<Table> {
     let mut t = Table::new();
     t.insert("base".into(), Value::String(base.into()));
