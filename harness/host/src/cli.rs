@@ -398,10 +398,10 @@ pub struct EvalArgs {
     pub adapter: Option<PathBuf>,
 
     /// Base weights: `f32` (the checkpoint, dequantized), `nf4` (their 4-bit NormalFloat round
-    /// trip, the base QLoRA trains on) or `gguf` (a GGUF's own Q4_1/Q8_0 blocks: the values of
-    /// f32 in about a fifth of the memory, prompts a little slower). Default: with --adapter,
-    /// the base it was trained over (nf4, or f32 for an adapter trained with
-    /// `harness train --base gguf`), else f32.
+    /// trip, the base QLoRA trains on) or `gguf` (a GGUF's own Q4_1/Q8_0 blocks alone: the
+    /// results of f32, byte for byte, in about half the memory). Default: with --adapter, the
+    /// base it was trained over (nf4, or f32 for an adapter trained with
+    /// `harness train --base gguf`); else gguf for a GGUF of those blocks on the CPU, else f32.
     #[arg(long, value_name = "f32|nf4|gguf")]
     pub base: Option<String>,
 

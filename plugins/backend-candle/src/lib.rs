@@ -39,8 +39,9 @@ pub struct Options {
     pub model: Option<PathBuf>,
     /// A PEFT LoRA adapter folder merged into the base weights.
     pub adapter: Option<PathBuf>,
-    /// `f32`, `nf4` or `nf4-packed`. Default: with an adapter, the base it was trained over
-    /// (`nf4`, or `f32` for one trained with `base = "gguf"`), else `f32`.
+    /// `f32`, `nf4`, `nf4-packed` or `gguf`. Default: with an adapter, the base it was trained
+    /// over (`nf4`, or `f32` for one trained with `base = "gguf"`); else `gguf` for a GGUF of
+    /// Q4_1/Q8_0 projections on the CPU (the same values as `f32`), else `f32`.
     pub base: Option<BaseKind>,
     /// Double quantization of the NF4 block maxima.
     pub double_quant: bool,
@@ -171,13 +172,21 @@ impl Config {
         }
         let device = DeviceSpec::parse(&o.device)?;
         // An adapter goes onto the base it was trained over: the NF4 round trip (QLoRA), or
-        // the checkpoint as it is for one trained over a GGUF's own blocks.
-        let base = o
-            .base
-            .unwrap_or(match adapter.as_deref().map(train::adapter::trained_on) {
-                None | Some(Some(train::qlora::TrainBase::Gguf)) => BaseKind::F32,
-                Some(_) => BaseKind::Nf4,
-            });
+        // the checkpoint as it is for one trained over a GGUF's own blocks. Without one, a
+        // GGUF's blocks alone where they can be (the f32 values in a fraction of the memory).
+        let base =
+            o.base.unwrap_or_else(
+                || match adapter.as_deref().map(train::adapter::trained_on) {
+                    Some(Some(train::qlora::TrainBase::Gguf)) => BaseKind::F32,
+                    Some(_) => BaseKind::Nf4,
+                    None if device == DeviceSpec::Cpu
+                        && model::checkpoint::has_projection_blocks(&model) =>
+                    {
+                        BaseKind::Gguf
+                    }
+                    None => BaseKind::F32,
+                },
+            );
         match base {
             BaseKind::Nf4Packed if adapter.is_some() => {
                 return Err(BackendError::Options(

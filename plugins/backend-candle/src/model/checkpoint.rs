@@ -52,6 +52,30 @@ pub fn load(path: &Path, device: &Device, pack: Packing) -> Result<Checkpoint> {
     }
 }
 
+/// Whether `path` is a GGUF file with projections in a block kind the backend keeps
+/// ([`BlockKind`]), which `base = "gguf"` can hold alone. Reads the header only; false for
+/// anything else, a file that does not parse included (loading it reports why).
+pub fn has_projection_blocks(path: &Path) -> bool {
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    let mut reader = BufReader::new(f);
+    let mut magic = [0u8; 4];
+    if reader.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+        return false;
+    }
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    let Ok(content) = gguf_file::Content::read(&mut BufReader::new(f)) else {
+        return false;
+    };
+    content.tensor_infos.iter().any(|(name, info)| {
+        hf_name(name).is_some_and(|n| n.ends_with("_proj.weight"))
+            && BlockKind::of_gguf(info.ggml_dtype).is_some()
+    })
+}
+
 /// A checkpoint that cannot be used; the cause's first line only (candle appends a backtrace to
 /// its errors when RUST_BACKTRACE is set, and errors are one line).
 fn corrupt(path: &Path, cause: impl ToString) -> BackendError {
@@ -448,6 +472,15 @@ mod tests {
 
     /// Writes the tiny test model as a GGUF file whose metadata says `fields` (key, value).
     fn tiny_gguf(path: &Path, fields: &[(&str, u32)]) {
+        tiny_gguf_of(path, fields, candle_core::quantized::GgmlDType::F32)
+    }
+
+    /// [`tiny_gguf`] with the projections stored as `projections`.
+    fn tiny_gguf_of(
+        path: &Path,
+        fields: &[(&str, u32)],
+        projections: candle_core::quantized::GgmlDType,
+    ) {
         use candle_core::quantized::{GgmlDType, QTensor};
         let (_, weights) = crate::model::llama::testing::tiny_weights();
         let gguf_name = |hf: &str| -> String {
@@ -480,7 +513,12 @@ mod tests {
             .keys()
             .map(|n| {
                 let t = weights.take(n).unwrap();
-                (gguf_name(n), QTensor::quantize(&t, GgmlDType::F32).unwrap())
+                let dtype = if n.ends_with("_proj.weight") {
+                    projections
+                } else {
+                    GgmlDType::F32
+                };
+                (gguf_name(n), QTensor::quantize(&t, dtype).unwrap())
             })
             .collect();
         let arch = gguf_file::Value::String("llama".into());
@@ -540,6 +578,35 @@ mod tests {
                 "{e}"
             );
         }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn only_a_gguf_of_kept_block_kinds_can_hold_its_projections_in_blocks() {
+        use candle_core::quantized::GgmlDType;
+        let dir = std::env::temp_dir().join(format!("gguf-blocks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fields = [
+            ("embedding_length", 64),
+            ("feed_forward_length", 128),
+            ("block_count", 2),
+            ("attention.head_count", 4),
+            ("attention.head_count_kv", 2),
+            ("context_length", 64),
+        ];
+        for (dtype, want) in [
+            (GgmlDType::Q4_1, true),
+            (GgmlDType::Q8_0, true),
+            (GgmlDType::F32, false),
+        ] {
+            let path = dir.join(format!("{dtype:?}.gguf"));
+            tiny_gguf_of(&path, &fields, dtype);
+            assert_eq!(has_projection_blocks(&path), want, "{dtype:?}");
+        }
+        std::fs::write(dir.join("junk.gguf"), b"GGUF and then nothing").unwrap();
+        assert!(!has_projection_blocks(&dir.join("junk.gguf")));
+        assert!(!has_projection_blocks(&dir.join("missing.gguf")));
+        assert!(!has_projection_blocks(&dir));
         let _ = std::fs::remove_dir_all(dir);
     }
 

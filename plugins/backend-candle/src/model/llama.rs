@@ -101,7 +101,8 @@ impl Linear {
         let x = x.reshape((b * t, i))?;
         let mut y = match &self.base {
             Frozen::Dense(w) => matmul_t_with(&x, w, self.blocks.as_deref())?,
-            nf4 => FrozenLinear(nf4.clone()).forward(&x)?,
+            Frozen::Blocks(b) if !x.track_op() => matmul_t_blocks(&x, b)?,
+            frozen => FrozenLinear(frozen.clone()).forward(&x)?,
         };
         if let Some(lora) = &self.lora {
             y = (y + lora.forward(&x, mode.train, seed)?)?;
@@ -122,6 +123,17 @@ fn matmul_t_with(
         }
     }
     matmul_t(x, w)
+}
+
+/// `x` (m, k) times a weight held only as blocks, by the very products [`matmul_t_with`] runs on
+/// its f32 copy (the decoding kernel over the blocks, else candle's matmul on the weight expanded
+/// for this product alone), so that `base = "gguf"` predicts bit for bit what `f32` does.
+fn matmul_t_blocks(x: &Tensor, b: &BlockMatrix) -> candle_core::Result<Tensor> {
+    if let Some(y) = crate::ops::kernels::skinny_matmul_blocks_t(x, b)? {
+        return Ok(y);
+    }
+    let w = Tensor::from_vec(b.dequantize(), (b.rows, b.cols), x.device())?;
+    x.matmul(&w.t()?)
 }
 
 /// `x` (m, k) times `w` (n, k) transposed: the decoding kernel for a few rows, else gemm; when a
@@ -981,6 +993,22 @@ mod tests {
         let a = loss(&fused, &ids).to_scalar::<f32>().unwrap();
         let b = loss(&portable, &ids).to_scalar::<f32>().unwrap();
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+
+    #[test]
+    fn a_base_of_blocks_alone_gives_the_f32_copys_logits_bit_for_bit() {
+        let (config, mut weights) = super::testing::tiny_weights_q4_1();
+        let dense = Llama::new(config, &mut weights, &Device::Cpu).unwrap();
+        let (config, mut weights) = super::testing::tiny_weights_q4_1();
+        let mut blocks = Llama::new(config, &mut weights, &Device::Cpu).unwrap();
+        assert_eq!(blocks.keep_projections_in_blocks().unwrap(), 14);
+        // 3 rows take the decoding kernel, 24 the gemm over the expanded weight.
+        for len in [3usize, 24] {
+            let ids: Vec<u32> = (0..len as u32).map(|i| (i * 11 + 3) % 50).collect();
+            let (a, b) = (loss(&dense, &ids), loss(&blocks, &ids));
+            let (a, b) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+            assert_eq!(a.to_bits(), b.to_bits(), "{len} tokens: {a} vs {b}");
+        }
     }
 
     #[test]

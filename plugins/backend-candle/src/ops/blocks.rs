@@ -123,12 +123,10 @@ impl BlockMatrix {
             });
     }
 
-    /// Every weight, row-major (tests compare it with candle's dequantization).
+    /// Every weight, row-major, expanded in parallel.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
-            self.dequantize_row(r, row);
-        }
+        self.dequantize_rows(0, &mut out);
         out
     }
 }
