@@ -459,7 +459,14 @@ mod tests {
     #[test]
     fn base_kinds_parse_and_a_packed_base_takes_no_adapter() {
         let base = |text: &str| Config::from_toml(text).map(|c| c.base);
-        assert_eq!(base("").unwrap(), BaseKind::F32);
+        // Without an adapter: f32 unless the model is a GGUF of blocks kept (the checkpoint
+        // tests cover that check), which a missing file is not.
+        assert_eq!(base("model = \"missing.gguf\"").unwrap(), BaseKind::F32);
+        assert_eq!(base("base = \"gguf\"").unwrap(), BaseKind::Gguf);
+        let e = base("base = \"gguf\"\nadapter = \"a\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use base = \"f32\""), "{e}");
         assert_eq!(base("adapter = \"a\"").unwrap(), BaseKind::Nf4);
         assert_eq!(
             base("base = \"f32\"\nadapter = \"a\"").unwrap(),

@@ -256,12 +256,13 @@ fn pad_time(x: &Tensor, to: usize) -> candle_core::Result<Tensor> {
 /// The model.
 pub struct Llama {
     config: Config,
-    embed: Tensor,
+    /// (vocab, hidden): f32, or the checkpoint's blocks alone (`base = "gguf"`).
+    embed: Frozen,
     blocks: Vec<Block>,
     norm: Norm,
-    /// (vocab, hidden); the embedding matrix when the weights are tied.
-    lm_head: Tensor,
-    /// The checkpoint's blocks of `lm_head`, for decoding.
+    /// (vocab, hidden), f32 or blocks alone; the embedding matrix when the weights are tied.
+    lm_head: Frozen,
+    /// The checkpoint's blocks of an f32 `lm_head`, for decoding.
     lm_head_blocks: Option<Arc<BlockMatrix>>,
     /// (max_positions, head_dim / 2)
     cos: Tensor,
@@ -310,9 +311,6 @@ impl Llama {
                 eps: config.rms_norm_eps,
             })
         };
-        let embed = weights
-            .take("model.embed_tokens.weight")?
-            .to_device(device)?;
         let mut blocks = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = format!("model.layers.{i}");
@@ -333,14 +331,26 @@ impl Llama {
             });
         }
         let norm_w = norm(weights, "model.norm.weight".into())?;
-        let embed_blocks = weights.take_blocks("model.embed_tokens.weight");
-        let (lm_head, lm_head_blocks) = match weights.try_take("lm_head.weight") {
-            Some(w) if !config.tie_word_embeddings => {
-                (w.to_device(device)?, weights.take_blocks("lm_head.weight"))
-            }
-            _ => (embed.clone(), embed_blocks),
+        let table = |w: &mut Weights, name: &str| -> Result<(Frozen, Option<Arc<BlockMatrix>>)> {
+            Ok(match w.take_projection(name)? {
+                Projection::F32(t) => (
+                    Frozen::Dense(t.to_device(device)?.contiguous()?),
+                    w.take_blocks(name),
+                ),
+                Projection::Blocks(b) => (Frozen::Blocks(b), None),
+                Projection::Nf4(_) => {
+                    return Err(BackendError::Internal(format!("{name} was packed to NF4")))
+                }
+            })
         };
-        let (rows, cols) = embed.dims2()?;
+        let (embed, embed_blocks) = table(weights, "model.embed_tokens.weight")?;
+        let (lm_head, lm_head_blocks) =
+            if !config.tie_word_embeddings && weights.contains("lm_head.weight") {
+                table(weights, "lm_head.weight")?
+            } else {
+                (embed.clone(), embed_blocks)
+            };
+        let (rows, cols) = embed.dims()?;
         if rows != config.vocab_size || cols != config.hidden_size {
             return Err(BackendError::Checkpoint(format!(
                 "embedding is {rows}x{cols}, but the config says vocab {} x hidden {}",
@@ -353,7 +363,7 @@ impl Llama {
             embed,
             blocks,
             norm: norm_w,
-            lm_head: lm_head.contiguous()?,
+            lm_head,
             lm_head_blocks,
             cos,
             sin,
@@ -565,8 +575,27 @@ impl Llama {
     ) -> Result<(Tensor, Pass)> {
         let (b, t) = (tokens.len(), tokens[0].len());
         let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(flat, (b * t,), &self.device)?;
-        let x = self.embed.index_select(&ids, 0)?.reshape((b, t, ()))?;
+        let x = match &self.embed {
+            Frozen::Blocks(table) => {
+                // The rows of the tokens, expanded from the blocks to the f32 copy's values.
+                let cols = table.cols;
+                let mut x = vec![0f32; flat.len() * cols];
+                for (&id, row) in flat.iter().zip(x.chunks_exact_mut(cols)) {
+                    if id as usize >= table.rows {
+                        return Err(BackendError::Internal(format!(
+                            "token id {id} is outside the vocabulary of {}",
+                            table.rows
+                        )));
+                    }
+                    table.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(x, (b, t, cols), &self.device)?
+            }
+            table => {
+                let ids = Tensor::from_vec(flat, (b * t,), &self.device)?;
+                table.weight()?.index_select(&ids, 0)?.reshape((b, t, ()))?
+            }
+        };
         // Rotary tables for each row's positions: (B, 1, T, head_dim/2).
         let pos: Vec<u32> = positions
             .iter()
@@ -641,19 +670,17 @@ impl Llama {
 
     /// The output projection (vocab, hidden) as the fused loss takes it.
     pub fn output_projection(&self) -> Frozen {
-        Frozen::Dense(self.lm_head.clone())
+        self.lm_head.clone()
     }
 
     /// Logits (N, vocab) of hidden states (N, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        if self.mode.ops.is_portable() {
-            return Ok(hidden.matmul(&self.lm_head.t()?)?);
-        }
-        Ok(matmul_t_with(
-            hidden,
-            &self.lm_head,
-            self.lm_head_blocks.as_deref(),
-        )?)
+        Ok(match &self.lm_head {
+            _ if self.mode.ops.is_portable() => hidden.matmul(&self.lm_head.weight()?.t()?)?,
+            Frozen::Dense(w) => matmul_t_with(hidden, w, self.lm_head_blocks.as_deref())?,
+            Frozen::Blocks(b) if !hidden.track_op() => matmul_t_blocks(hidden, b)?,
+            frozen => FrozenLinear(frozen.clone()).forward(hidden)?,
+        })
     }
 
     /// Additive attention mask (B, 1, T, past + T): causal over new tokens, padding masked.
@@ -870,22 +897,27 @@ pub(crate) mod testing {
         (config, Weights::new(t))
     }
 
-    /// [`tiny_weights`] as a Q4_1 GGUF would load: every projection replaced by candle's
-    /// dequantization of its Q4_1 blocks, the blocks kept beside it.
-    pub fn tiny_weights_q4_1() -> (Config, Weights) {
+    /// [`tiny_weights`] as a GGUF of Q4_1 projections and a Q8_0 embedding loads with
+    /// `packing`: every such weight replaced by candle's dequantization of its blocks, the
+    /// blocks kept beside it (or instead of it, for `Packing::Blocks`).
+    pub fn tiny_weights_q4_1(packing: crate::model::weights::Packing) -> (Config, Weights) {
+        use crate::ops::blocks::BlockKind;
         use candle_core::quantized::{GgmlDType, QTensor};
-        let (config, mut weights) = tiny_weights();
-        let names: Vec<String> = weights
-            .shapes()
-            .into_keys()
-            .filter(|n| n.ends_with("_proj.weight"))
-            .collect();
-        for name in names {
-            let t = weights.take(&name).unwrap();
+        let (config, mut all) = tiny_weights();
+        let mut weights = Weights::empty(packing);
+        for name in all.shapes().into_keys() {
+            let t = all.take(&name).unwrap();
+            let (dtype, kind) = if name.ends_with("_proj.weight") {
+                (GgmlDType::Q4_1, BlockKind::Q4_1)
+            } else if name == "model.embed_tokens.weight" {
+                (GgmlDType::Q8_0, BlockKind::Q8_0)
+            } else {
+                weights.insert(name, t).unwrap();
+                continue;
+            };
             let (rows, cols) = t.dims2().unwrap();
-            let q = QTensor::quantize(&t, GgmlDType::Q4_1).unwrap();
+            let q = QTensor::quantize(&t, dtype).unwrap();
             let bytes = q.data().unwrap().into_owned();
-            let kind = crate::ops::blocks::BlockKind::Q4_1;
             let blocks = BlockMatrix::new(kind, rows, cols, bytes).unwrap();
             weights
                 .insert(name.clone(), q.dequantize(&Device::Cpu).unwrap())
@@ -997,10 +1029,13 @@ mod tests {
 
     #[test]
     fn a_base_of_blocks_alone_gives_the_f32_copys_logits_bit_for_bit() {
-        let (config, mut weights) = super::testing::tiny_weights_q4_1();
+        use crate::model::weights::Packing;
+        let (config, mut weights) = super::testing::tiny_weights_q4_1(Packing::F32);
         let dense = Llama::new(config, &mut weights, &Device::Cpu).unwrap();
-        let (config, mut weights) = super::testing::tiny_weights_q4_1();
+        let (config, mut weights) = super::testing::tiny_weights_q4_1(Packing::Blocks);
         let mut blocks = Llama::new(config, &mut weights, &Device::Cpu).unwrap();
+        assert!(matches!(blocks.embed, Frozen::Blocks(_)));
+        assert!(matches!(blocks.lm_head, Frozen::Blocks(_)));
         assert_eq!(blocks.keep_projections_in_blocks().unwrap(), 14);
         // 3 rows take the decoding kernel, 24 the gemm over the expanded weight.
         for len in [3usize, 24] {

@@ -30,7 +30,8 @@ pub enum Packing {
     F32,
     /// Packed to NF4 at once (with double quantization of the block maxima or not).
     Nf4 { double_quant: bool },
-    /// In the GGUF's own blocks where it has a kind we keep, the f32 copy dropped.
+    /// In the GGUF's own blocks where it has a kind we keep, the f32 copy dropped (the
+    /// embedding and output projection too).
     Blocks,
 }
 
@@ -48,6 +49,12 @@ pub struct Weights {
 /// Whether `name` is the weight of a linear projection (the layers QLoRA quantizes).
 fn is_projection(name: &str) -> bool {
     name.ends_with("_proj.weight")
+}
+
+/// Whether `name` is the token embedding or the output projection, which [`Packing::Blocks`]
+/// also holds in blocks alone.
+fn is_embedding(name: &str) -> bool {
+    name == "model.embed_tokens.weight" || name == "lm_head.weight"
 }
 
 impl Weights {
@@ -99,7 +106,7 @@ impl Weights {
         if !self.tensors.contains_key(&name) {
             return;
         }
-        if self.packing == Packing::Blocks && is_projection(&name) {
+        if self.packing == Packing::Blocks && (is_projection(&name) || is_embedding(&name)) {
             self.tensors.remove(&name);
             self.block_projections.insert(name, Arc::new(blocks));
         } else {
@@ -127,7 +134,14 @@ impl Weights {
             .ok_or_else(|| BackendError::Checkpoint(format!("tensor `{name}` is missing")))
     }
 
-    /// A projection weight, packed, in blocks or f32.
+    /// Whether a weight named `name` is held, in any form.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+            || self.packed.contains_key(name)
+            || self.block_projections.contains_key(name)
+    }
+
+    /// A projection weight (or, for [`Packing::Blocks`], the embedding), packed, in blocks or f32.
     pub fn take_projection(&mut self, name: &str) -> Result<Projection> {
         if let Some(q) = self.packed.remove(name) {
             return Ok(Projection::Nf4(q));

@@ -556,9 +556,16 @@ pub(crate) mod tests {
     #[test]
     fn training_over_gguf_blocks_equals_training_over_their_f32_copy() {
         // The blocks decode to the very values of the f32 copy, through the same products: the
-        // same losses and the same adapter, bit for bit, with none of the f32 projections kept.
+        // same losses and the same adapter, bit for bit, with none of the f32 projections (nor
+        // the embedding) kept.
+        use crate::model::weights::Packing;
         let run = |blocks: bool| {
-            let (config, mut weights) = crate::model::llama::testing::tiny_weights_q4_1();
+            let packing = if blocks {
+                Packing::Blocks
+            } else {
+                Packing::F32
+            };
+            let (config, mut weights) = crate::model::llama::testing::tiny_weights_q4_1(packing);
             let mut model = Llama::new(config, &mut weights, &Device::Cpu).unwrap();
             if blocks {
                 assert_eq!(model.keep_projections_in_blocks().unwrap(), 14);
