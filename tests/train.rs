@@ -407,7 +407,7 @@ fn training_over_gguf_blocks_needs_a_gguf_checkpoint() {
             .arg(dir.join("adapter")),
     );
     assert!(
-        e.contains("holds none") && e.contains("base = \"nf4\""),
+        e.contains("has none") && e.contains("train with base = \"nf4\""),
         "{e}"
     );
     assert!(!dir.join("adapter/adapter_model.safetensors").exists());

@@ -216,8 +216,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
 
-    /// Base weights: `f32` or `nf4` (default: nf4 with --adapter, else f32).
-    #[arg(long, value_name = "nf4|f32")]
+    /// Base weights: `f32`, `nf4` or `gguf` (default as for `harness eval`: with --adapter the
+    /// base it was trained over, else gguf for a GGUF of Q4_1/Q8_0 blocks on the CPU, else f32).
+    #[arg(long, value_name = "f32|nf4|gguf")]
     pub base: Option<String>,
 
     /// Any other backend option, as KEY=VALUE (repeatable).
@@ -399,7 +400,8 @@ pub struct EvalArgs {
 
     /// Base weights: `f32` (the checkpoint, dequantized), `nf4` (their 4-bit NormalFloat round
     /// trip, the base QLoRA trains on) or `gguf` (a GGUF's own Q4_1/Q8_0 blocks alone: the
-    /// results of f32, byte for byte, in about half the memory). Default: with --adapter, the
+    /// results of f32, byte for byte, in a third to a half of the memory; past 16 sequences a
+    /// decoding step expands every weight). Default: with --adapter, the
     /// base it was trained over (nf4, or f32 for an adapter trained with
     /// `harness train --base gguf`); else gguf for a GGUF of those blocks on the CPU, else f32.
     #[arg(long, value_name = "f32|nf4|gguf")]

@@ -198,6 +198,17 @@ impl Config {
                     "an adapter is merged into f32 weights, not the checkpoint's blocks; use base = \"f32\" (the same values)".into(),
                 ));
             }
+            BaseKind::Gguf if device != DeviceSpec::Cpu => {
+                return Err(BackendError::Options(
+                    "base = \"gguf\" multiplies the checkpoint's blocks on the CPU; on a GPU use base = \"f32\" (the same values) or \"nf4\"".into(),
+                ));
+            }
+            BaseKind::Gguf if !model::checkpoint::has_projection_blocks(&model) => {
+                return Err(BackendError::Options(format!(
+                    "base = \"gguf\" needs a GGUF checkpoint with Q4_1/Q8_0 blocks, and {} has none (a safetensors checkpoint, a GGUF of other types, or no such file); evaluate with base = \"f32\", or train with base = \"nf4\"",
+                    model.display()
+                )));
+            }
             _ => {}
         }
         o.model = Some(model.clone());
@@ -459,10 +470,13 @@ mod tests {
     #[test]
     fn base_kinds_parse_and_a_packed_base_takes_no_adapter() {
         let base = |text: &str| Config::from_toml(text).map(|c| c.base);
-        // Without an adapter: f32 unless the model is a GGUF of blocks kept (the checkpoint
-        // tests cover that check), which a missing file is not.
+        // Without an adapter: f32 unless the model is a GGUF of blocks kept, which a missing
+        // file is not (`default_bases_follow_the_checkpoint_and_the_adapter` covers the rest).
         assert_eq!(base("model = \"missing.gguf\"").unwrap(), BaseKind::F32);
-        assert_eq!(base("base = \"gguf\"").unwrap(), BaseKind::Gguf);
+        let e = base("model = \"missing.gguf\"\nbase = \"gguf\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has none") && e.contains("missing.gguf"), "{e}");
         let e = base("base = \"gguf\"\nadapter = \"a\"")
             .unwrap_err()
             .to_string();
@@ -514,5 +528,51 @@ mod tests {
             let e = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
             assert!(e.contains("scripts/build-cuda.sh"), "{e}");
         }
+    }
+
+    #[test]
+    fn default_bases_follow_the_checkpoint_and_the_adapter() {
+        use candle_core::quantized::GgmlDType;
+        let dir = std::env::temp_dir().join(format!("candle-bases-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let q4 = dir.join("q4_1.gguf");
+        model::checkpoint::testing::tiny_gguf_of(&q4, GgmlDType::Q4_1);
+        let f32_file = dir.join("f32.gguf");
+        model::checkpoint::testing::tiny_gguf_of(&f32_file, GgmlDType::F32);
+        let base = |model: &Path, extra: &str| {
+            let text = format!("model = {:?}\n{extra}", model.display().to_string());
+            Config::from_toml(&text).map(|c| c.base)
+        };
+        // Without an adapter: the blocks alone where the file has them, on the CPU.
+        assert_eq!(base(&q4, "").unwrap(), BaseKind::Gguf);
+        assert_eq!(base(&f32_file, "").unwrap(), BaseKind::F32);
+        assert_eq!(base(&q4, "base = \"f32\"").unwrap(), BaseKind::F32);
+        let e = base(&f32_file, "base = \"gguf\"").unwrap_err().to_string();
+        assert!(e.contains("has none"), "{e}");
+        let e = base(&q4, "base = \"gguf\"\ndevice = \"cuda:0\"");
+        assert!(e.unwrap_err().to_string().contains("on a GPU"));
+        // With one: the base it was trained over, as its metadata says.
+        let save = |name: &str, trained_on: train::qlora::TrainBase| {
+            let spec = train::adapter::AdapterSpec {
+                r: 1,
+                alpha: 1.0,
+                dropout: 0.0,
+                target_modules: vec!["q_proj".into()],
+                base_model: "tiny".into(),
+                trained_on,
+            };
+            let a = candle_core::Var::zeros((1, 64), candle_core::DType::F32, &Device::Cpu);
+            let params = [(
+                "model.layers.0.self_attn.q_proj.lora_A.weight".to_string(),
+                a.unwrap(),
+            )];
+            train::adapter::save_peft(&dir.join(name), &spec, &params).unwrap();
+            format!("adapter = {:?}", dir.join(name).display().to_string())
+        };
+        let over_gguf = save("over-gguf", train::qlora::TrainBase::Gguf);
+        let over_nf4 = save("over-nf4", train::qlora::TrainBase::Nf4);
+        assert_eq!(base(&q4, &over_gguf).unwrap(), BaseKind::F32);
+        assert_eq!(base(&q4, &over_nf4).unwrap(), BaseKind::Nf4);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -50,7 +50,8 @@ fn default_backend() -> String {
 struct Variant {
     label: Option<String>,
     /// `f32` or `nf4`; default nf4 with an adapter (the base QLoRA trains on), f32 without one
-    /// or with one trained over a GGUF's own blocks (`train = { base = "gguf" }`).
+    /// or with one trained over a GGUF's own blocks (`train = { base = "gguf" }`, or an
+    /// adapter folder whose train.toml says so).
     base: Option<Spanned<String>>,
     /// An adapter folder (relative to the study file's folder).
     adapter: Option<Spanned<String>>,
@@ -369,16 +370,11 @@ pub(super) fn load(reg: &Registry, file: &Path, out: Option<&Path>) -> Result<St
                 at(file, &text, b),
                 b.get_ref()
             ),
-            None => match &adapter {
-                AdapterPlan::None => "f32".into(),
-                // An adapter trained over a GGUF's own blocks goes onto those values.
-                AdapterPlan::Train { plan, .. }
-                    if crate::plan::training_base(&train_table(plan)) == "gguf" =>
-                {
-                    "f32".into()
-                }
-                _ => "nf4".into(),
-            },
+            // An adapter trained over a GGUF's own blocks goes onto those values.
+            None if matches!(adapter, AdapterPlan::None) || trained_over_gguf(&adapter) => {
+                "f32".into()
+            }
+            None => "nf4".into(),
         };
         let label = spec.label.clone().unwrap_or_else(|| vname.clone());
         let fingerprint = fingerprint(&base, &adapter)?;
@@ -606,14 +602,28 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// What a variant's cells are made from, for their definitions.
-/// The training options of a recorded train plan (`[plan]` of train.toml).
-fn train_table(plan: &Table) -> Table {
-    plan.get("train")
-        .and_then(Value::as_table)
-        .cloned()
-        .unwrap_or_default()
+/// Whether the adapter is (or will be) trained over a GGUF's own blocks (`train = { base =
+/// "gguf" }`): a study trains it so, or an adapter folder's train.toml says so.
+fn trained_over_gguf(adapter: &AdapterPlan) -> bool {
+    let over_gguf = |plan: &Table| {
+        let train = plan.get("train").and_then(Value::as_table);
+        train.is_some_and(|t| crate::plan::training_base(t) == "gguf")
+    };
+    match adapter {
+        AdapterPlan::None => false,
+        AdapterPlan::Train { plan, .. } => over_gguf(plan),
+        AdapterPlan::Folder(dir) => std::fs::read_to_string(dir.join("train.toml"))
+            .ok()
+            .and_then(|text| text.parse::<Table>().ok())
+            .is_some_and(|t| {
+                t.get("plan")
+                    .and_then(Value::as_table)
+                    .is_some_and(over_gguf)
+            }),
+    }
 }
+
+/// What a variant's cells are made from, for their definitions.
 
 fn fingerprint(base: &str, adapter: &AdapterPlan) -> Result<Table> {
     let mut t = Table::new();
@@ -664,6 +674,33 @@ mod tests {
         assert_eq!(line_of(t, 0), 1);
         assert_eq!(line_of(t, 2), 2);
         assert_eq!(line_of(t, 4), 3);
+    }
+
+    #[test]
+    fn adapters_trained_over_gguf_blocks_are_known_by_their_plan() {
+        let plan = |base: &str| -> Table {
+            format!("train = {{ base = \"{base}\", r = 4 }}")
+                .parse()
+                .unwrap()
+        };
+        let train = |base: &str| AdapterPlan::Train {
+            dir: PathBuf::new(),
+            config: Table::new(),
+            plan: plan(base),
+            generate: None,
+        };
+        assert!(trained_over_gguf(&train("gguf")));
+        assert!(!trained_over_gguf(&train("nf4")));
+        assert!(!trained_over_gguf(&AdapterPlan::None));
+        let dir = std::env::temp_dir().join(format!("study-gguf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let folder = AdapterPlan::Folder(dir.clone());
+        assert!(!trained_over_gguf(&folder), "no train.toml");
+        std::fs::write(dir.join("train.toml"), "[plan.train]\nbase = \"gguf\"\n").unwrap();
+        assert!(trained_over_gguf(&folder));
+        std::fs::write(dir.join("train.toml"), "[plan.train]\nr = 4\n").unwrap();
+        assert!(!trained_over_gguf(&folder));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

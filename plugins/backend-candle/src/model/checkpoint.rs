@@ -466,17 +466,33 @@ fn hf_chat_template(dir: &Path) -> Option<ChatTemplate> {
     })
 }
 
+/// Tiny GGUF files for tests.
 #[cfg(test)]
-mod tests {
+pub mod testing {
     use super::*;
 
     /// Writes the tiny test model as a GGUF file whose metadata says `fields` (key, value).
-    fn tiny_gguf(path: &Path, fields: &[(&str, u32)]) {
-        tiny_gguf_of(path, fields, candle_core::quantized::GgmlDType::F32)
+    pub fn tiny_gguf(path: &Path, fields: &[(&str, u32)]) {
+        tiny_gguf_with(path, fields, candle_core::quantized::GgmlDType::F32)
     }
 
+    /// The tiny model as a valid GGUF with its projections stored as `projections`.
+    pub fn tiny_gguf_of(path: &Path, projections: candle_core::quantized::GgmlDType) {
+        tiny_gguf_with(path, &FIELDS, projections)
+    }
+
+    /// The metadata of a valid tiny GGUF.
+    pub const FIELDS: [(&str, u32); 6] = [
+        ("embedding_length", 64),
+        ("feed_forward_length", 128),
+        ("block_count", 2),
+        ("attention.head_count", 4),
+        ("attention.head_count_kv", 2),
+        ("context_length", 64),
+    ];
+
     /// [`tiny_gguf`] with the projections stored as `projections`.
-    fn tiny_gguf_of(
+    pub fn tiny_gguf_with(
         path: &Path,
         fields: &[(&str, u32)],
         projections: candle_core::quantized::GgmlDType,
@@ -533,19 +549,18 @@ mod tests {
         let mut f = File::create(path).unwrap();
         gguf_file::write(&mut f, &metadata, &tensor_refs).unwrap();
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
 
     #[test]
     fn gguf_metadata_out_of_range_is_an_error_naming_the_field_before_any_allocation() {
         let dir = std::env::temp_dir().join(format!("gguf-meta-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let good = [
-            ("embedding_length", 64),
-            ("feed_forward_length", 128),
-            ("block_count", 2),
-            ("attention.head_count", 4),
-            ("attention.head_count_kv", 2),
-            ("context_length", 64),
-        ];
+        let good = FIELDS;
         for (key, value, want) in [
             (
                 "attention.head_count",
@@ -586,21 +601,13 @@ mod tests {
         use candle_core::quantized::GgmlDType;
         let dir = std::env::temp_dir().join(format!("gguf-blocks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let fields = [
-            ("embedding_length", 64),
-            ("feed_forward_length", 128),
-            ("block_count", 2),
-            ("attention.head_count", 4),
-            ("attention.head_count_kv", 2),
-            ("context_length", 64),
-        ];
         for (dtype, want) in [
             (GgmlDType::Q4_1, true),
             (GgmlDType::Q8_0, true),
             (GgmlDType::F32, false),
         ] {
             let path = dir.join(format!("{dtype:?}.gguf"));
-            tiny_gguf_of(&path, &fields, dtype);
+            tiny_gguf_of(&path, dtype);
             assert_eq!(has_projection_blocks(&path), want, "{dtype:?}");
         }
         std::fs::write(dir.join("junk.gguf"), b"GGUF and then nothing").unwrap();

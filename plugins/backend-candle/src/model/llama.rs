@@ -448,7 +448,7 @@ impl Llama {
     pub fn keep_projections_in_blocks(&mut self) -> Result<usize> {
         if !self.device.is_cpu() {
             return Err(BackendError::Options(
-                "base = \"gguf\" multiplies the checkpoint's blocks on the CPU; on a GPU use base = \"nf4\" or \"f32\"".into(),
+                "base = \"gguf\" multiplies the checkpoint's blocks on the CPU; on a GPU train over NF4 (base = \"nf4\")".into(),
             ));
         }
         let mut in_blocks = 0;

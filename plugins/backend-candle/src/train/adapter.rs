@@ -182,10 +182,12 @@ const TRAINED_ON_KEY: &str = "harness.trained_on";
 pub fn trained_on(dir: &Path) -> Option<TrainBase> {
     use std::io::Read;
     let mut f = std::fs::File::open(dir.join("adapter_model.safetensors")).ok()?;
+    let size = f.metadata().ok()?.len();
     let mut len = [0u8; 8];
     f.read_exact(&mut len).ok()?;
     let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
+    // A header longer than the file (or than any real one) is not read into memory.
+    if len > size.saturating_sub(8) || len > 100 << 20 {
         return None;
     }
     let mut header = vec![0u8; len as usize];
