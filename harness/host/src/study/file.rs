@@ -624,7 +624,6 @@ fn trained_over_gguf(adapter: &AdapterPlan) -> bool {
 }
 
 /// What a variant's cells are made from, for their definitions.
-
 fn fingerprint(base: &str, adapter: &AdapterPlan) -> Result<Table> {
     let mut t = Table::new();
     t.insert("base".into(), Value::String(base.into()));
