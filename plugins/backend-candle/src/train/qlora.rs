@@ -275,7 +275,7 @@ pub fn run(
             opts.optimizer.max_seq_len
         )));
     }
-    keep_freed_memory();
+    crate::keep_freed_memory();
     let mut tokenized = Vec::with_capacity(examples.len());
     for (i, ex) in examples.iter().enumerate() {
         let prompt = engine.encode(ex.prompt.as_str())?;
@@ -349,19 +349,6 @@ pub fn run(
         seconds: start.elapsed().as_secs_f64(),
         stopped_early,
     })
-}
-
-/// Asks glibc's allocator to keep freed memory for reuse instead of returning each large block
-/// to the kernel: a training step allocates and frees the same few hundred megabytes of
-/// activations every time, and fresh pages cost a page fault and zeroing each (measured: about
-/// 4% of a step). Peak memory is unchanged, since the same sizes come back every step.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; it is safe to call at any time.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
 }
 
 /// Loads an unfinished run's checkpoint from `dir` (optimizer.safetensors: parameters, moments
