@@ -68,12 +68,26 @@ pub fn record<T: Serialize>(options: &T) -> Result<String, String> {
 }
 
 fn unknown_key(plugin: &str, key: &str, known: &[&str]) -> String {
+    // The fewest edits away; among those, the one that starts most like the key (`rank` means
+    // `r` rather than `base`, both three edits away).
+    let common_prefix = |k: &str| {
+        k.chars()
+            .zip(key.chars())
+            .take_while(|(a, b)| a == b)
+            .count()
+    };
     let nearest = known
         .iter()
-        .map(|k| (edit_distance(k, key), *k))
+        .map(|k| {
+            (
+                edit_distance(k, key),
+                std::cmp::Reverse(common_prefix(k)),
+                *k,
+            )
+        })
         .min()
-        .filter(|(d, _)| *d <= 3)
-        .map(|(_, k)| format!(" (did you mean `{k}`?)"))
+        .filter(|(d, ..)| *d <= 3)
+        .map(|(.., k)| format!(" (did you mean `{k}`?)"))
         .unwrap_or_default();
     let valid = if known.is_empty() {
         "it takes no options".to_string()
@@ -415,6 +429,13 @@ mod tests {
             e,
             "demo: unknown option `nme` (did you mean `name`?); valid options are: n, name, flag, rate, list, mode, path"
         );
+        // The fewest edits win, then the longest shared start (`rank`: `r` and `base` are
+        // three edits away each).
+        assert_eq!(
+            unknown_key("d", "lst", &["rate", "list"]).split(';').next(),
+            Some("d: unknown option `lst` (did you mean `list`?)")
+        );
+        assert!(unknown_key("d", "rank", &["base", "r"]).contains("did you mean `r`?"));
         #[derive(Debug, Deserialize, Default)]
         struct Nothing {}
         let e = read::<Nothing>("m", "x = 1").unwrap_err();
