@@ -276,9 +276,45 @@ pub fn write_tensors(
             .cloned()
             .collect::<std::collections::HashMap<_, _>>(),
     );
-    let bytes = safetensors::serialize(views, &metadata)
+    let mut bytes = safetensors::serialize(views, &metadata)
         .map_err(|e| BackendError::Internal(e.to_string()))?;
+    sort_metadata(&mut bytes);
     write_then_rename(path, &bytes)
+}
+
+/// safetensors writes its metadata map in hash order, so with more than one entry the same
+/// tensors would be different bytes from one save to the next. Rewrites the map in key order,
+/// in place (the same entries, so the same length).
+fn sort_metadata(bytes: &mut [u8]) {
+    let Some(len) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    else {
+        return;
+    };
+    let Some(header) = bytes.get_mut(8..8 + len as usize) else {
+        return;
+    };
+    let Ok(text) = std::str::from_utf8(header) else {
+        return;
+    };
+    const KEY: &str = "\"__metadata__\":";
+    let Some(open) = text.find(KEY).map(|at| at + KEY.len()) else {
+        return;
+    };
+    // The values are plain strings without braces (the ones written here), so the map ends at
+    // the first closing brace; anything else is left as it is.
+    let Some(close) = text[open..].find('}').map(|at| open + at) else {
+        return;
+    };
+    let Ok(map) = serde_json::from_str::<BTreeMap<String, String>>(&text[open..=close]) else {
+        return;
+    };
+    if let Ok(sorted) = serde_json::to_string(&map) {
+        if sorted.len() == close + 1 - open {
+            header[open..=close].copy_from_slice(sorted.as_bytes());
+        }
+    }
 }
 
 /// Writes to a temporary name and renames, so a half-written adapter never exists.
@@ -369,6 +405,13 @@ mod tests {
         assert_eq!(trained_on(&dir), None, "no adapter yet");
         save_peft(&dir, &spec, &params).unwrap();
         assert_eq!(trained_on(&dir), Some(TrainBase::Gguf));
+        // The same adapter is the same bytes, whatever order the metadata map iterates in.
+        let first = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        for _ in 0..8 {
+            save_peft(&dir, &spec, &params).unwrap();
+            let again = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+            assert!(first == again, "a second save wrote other bytes");
+        }
         let adapter = LoraAdapter::load(&dir, &Device::Cpu).unwrap();
         assert_eq!(adapter.pairs.len(), 2 * 3);
         let (config, mut weights) = tiny_weights();
