@@ -51,22 +51,8 @@ impl Frozen {
                 let data = input(cpu, layout, "frozen weight")?;
                 f(0, out, &data[..out * inp]);
             }
-            Frozen::Nf4(q) => {
-                let mut buf = vec![0f32; TILE_ROWS.min(q.rows) * q.cols];
-                for (first, rows) in tile_rows(q.rows) {
-                    let tile = &mut buf[..rows * q.cols];
-                    q.dequantize_rows(first, tile);
-                    f(first, rows, tile);
-                }
-            }
-            Frozen::Blocks(b) => {
-                let mut buf = vec![0f32; TILE_ROWS.min(b.rows) * b.cols];
-                for (first, rows) in tile_rows(b.rows) {
-                    let tile = &mut buf[..rows * b.cols];
-                    b.dequantize_rows(first, tile);
-                    f(first, rows, tile);
-                }
-            }
+            Frozen::Nf4(q) => decoded_tiles(q.rows, q.cols, |r, t| q.dequantize_rows(r, t), f),
+            Frozen::Blocks(b) => decoded_tiles(b.rows, b.cols, |r, t| b.dequantize_rows(r, t), f),
             Frozen::Nf4Tensors(_) => {
                 candle_core::bail!(
                     "NF4 tensors are multiplied by the portable path, not the fused CPU ops"
@@ -75,7 +61,25 @@ impl Frozen {
         }
         Ok(())
     }
+}
 
+/// Calls `f` with each tile of a (rows, cols) weight that `decode(first row, tile)` expands
+/// into one reused buffer.
+fn decoded_tiles(
+    rows: usize,
+    cols: usize,
+    decode: impl Fn(usize, &mut [f32]),
+    mut f: impl FnMut(usize, usize, &[f32]),
+) {
+    let mut buf = vec![0f32; TILE_ROWS.min(rows) * cols];
+    for (first, n) in tile_rows(rows) {
+        let tile = &mut buf[..n * cols];
+        decode(first, tile);
+        f(first, n, tile);
+    }
+}
+
+impl Frozen {
     /// The NF4 matrix, if this is one whose tiles bf16 products can read from its codes
     /// directly ([`crate::ops::bf16::PackedB::nf4_transposed`] and `nf4_rows`): rows starting on
     /// quantization blocks, and every tile of rows a multiple of 32 (the kernels' blocks).
@@ -167,24 +171,28 @@ impl CustomOp1 for FrozenLinear {
         }
         let m = x.len() / inp;
         let mut y = vec![0f32; m * out];
-        if let (Frozen::Blocks(b), true) = (&self.0, m <= crate::ops::kernels::SKINNY_MAX_ROWS) {
-            // Decoding over blocks: each row expanded into L1 as the kernel reaches it.
-            let yt = crate::ops::kernels::skinny_matmul(x, m, inp, &**b, out);
-            for (j, col) in yt.chunks(m).enumerate() {
-                for (i, v) in col.iter().enumerate() {
-                    y[i * out + j] = *v;
-                }
-            }
-        } else if m <= crate::ops::kernels::SKINNY_MAX_ROWS {
-            // Decoding: each weight row read once, dotted with the few input rows.
-            self.0.tiles(|first, rows, w| {
-                let yt = crate::ops::kernels::skinny_matmul(x, m, inp, w, rows);
+        if m <= crate::ops::kernels::SKINNY_MAX_ROWS {
+            // Decoding: each weight row read once, dotted with the few input rows; the kernel
+            // gives rows `first..` of the output transposed.
+            let mut put = |first: usize, yt: Vec<f32>| {
                 for (j, col) in yt.chunks(m).enumerate() {
                     for (i, v) in col.iter().enumerate() {
                         y[i * out + first + j] = *v;
                     }
                 }
-            })?;
+            };
+            match &self.0 {
+                // Block rows are expanded into L1 as the kernel reaches them.
+                Frozen::Blocks(b) => {
+                    put(0, crate::ops::kernels::skinny_matmul(x, m, inp, &**b, out))
+                }
+                frozen => frozen.tiles(|first, rows, w| {
+                    put(
+                        first,
+                        crate::ops::kernels::skinny_matmul(x, m, inp, w, rows),
+                    )
+                })?,
+            }
         } else {
             self.0.forward(x, m, &mut y, false)?;
         }
