@@ -13,7 +13,9 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::error::{BackendError, Result};
 use crate::model::weights::{Projection, Weights};
 use crate::ops::blocks::BlockMatrix;
-use crate::ops::fused::{CausalAttention, Frozen, FrozenLinear, LoraLinear, RopeTable};
+use crate::ops::fused::{
+    CausalAttention, Frozen, FrozenLinear, LoraLinear, MlpProjection, RmsNorm, RopeTable, SwiGluMlp,
+};
 use crate::ops::nf4::Nf4Matrix;
 use crate::ops::portable::Nf4Tensors;
 use crate::ops::OpSet;
@@ -74,6 +76,17 @@ impl Linear {
         self.base.dims().unwrap_or((0, 0))
     }
 
+    /// Training's op for this projection with its adapter `lora`.
+    fn lora_op(&self, lora: &Lora, mode: Mode, seed: u64) -> LoraLinear {
+        LoraLinear {
+            base: self.base.clone(),
+            scale: lora.scale as f32,
+            dropout: lora.dropout,
+            seed,
+            bf16: mode.bf16,
+        }
+    }
+
     fn forward(&self, x: &Tensor, mode: Mode, seed: u64) -> candle_core::Result<Tensor> {
         if mode.ops.is_portable() {
             // Tensor ops on any device; an NF4 weight is dequantized for this product only.
@@ -87,13 +100,7 @@ impl Linear {
         }
         if let (true, Some(lora)) = (mode.train, &self.lora) {
             // Training: base and adapter as one op that keeps only x for the backward pass.
-            let op = LoraLinear {
-                base: self.base.clone(),
-                scale: lora.scale as f32,
-                dropout: lora.dropout,
-                seed,
-                bf16: mode.bf16,
-            };
+            let op = self.lora_op(lora, mode, seed);
             return op.forward(x, lora.a.as_tensor(), lora.b.as_tensor());
         }
         // x: (B, T, in) -> (B*T, in) @ (in, out)
@@ -649,14 +656,44 @@ impl Llama {
             .wrapping_add(l as u64 * 16);
         let (h, kv) = self.attention(&block.attn, &h, pass, past_kv, seed)?;
         let x1 = (x + h)?;
-        let h = block.post_norm.forward(&x1, ops)?;
-        let m = &block.mlp;
-        let mode = self.mode;
+        Ok((self.mlp(block, &x1, seed)?, kv))
+    }
+
+    /// The feed-forward half of a layer with its residual: `x + down(silu(gate(n)) ⊙ up(n))`
+    /// with `n` the normalised `x`. Training on the fused ops runs it as one op that keeps less
+    /// for the backward pass ([`SwiGluMlp`]).
+    fn mlp(&self, block: &Block, x: &Tensor, seed: u64) -> candle_core::Result<Tensor> {
+        let (m, mode) = (&block.mlp, self.mode);
+        let adapted = [&m.gate, &m.up, &m.down].iter().any(|l| l.lora.is_some());
+        if mode.train && mode.ops == OpSet::Fused && (adapted || x.track_op()) {
+            let mut flat = Vec::new();
+            let mut part = |linear: &Linear, seed: u64| -> candle_core::Result<MlpProjection> {
+                Ok(match &linear.lora {
+                    Some(lora) => {
+                        flat.push(lora.a.as_tensor().flatten_all()?);
+                        flat.push(lora.b.as_tensor().flatten_all()?);
+                        MlpProjection::Lora(linear.lora_op(lora, mode, seed), lora.a.dim(0)?)
+                    }
+                    None => MlpProjection::Frozen(FrozenLinear(linear.base.clone())),
+                })
+            };
+            let gate = part(&m.gate, seed + 4)?;
+            let up = part(&m.up, seed + 5)?;
+            let down = part(&m.down, seed + 6)?;
+            let norm = RmsNorm {
+                weight: block.post_norm.weight.clone(),
+                eps: block.post_norm.eps as f32,
+            };
+            let adapters = (!flat.is_empty())
+                .then(|| Tensor::cat(&flat, 0))
+                .transpose()?;
+            return SwiGluMlp::new(norm, gate, up, down).forward(x, adapters.as_ref());
+        }
+        let h = block.post_norm.forward(x, mode.ops)?;
         let gate = m.gate.forward(&h, mode, seed + 4)?;
         let up = m.up.forward(&h, mode, seed + 5)?;
-        let g = ops.swiglu(&gate, &up)?;
-        let h = m.down.forward(&g, mode, seed + 6)?;
-        Ok(((x1 + h)?, kv))
+        let g = mode.ops.swiglu(&gate, &up)?;
+        x + m.down.forward(&g, mode, seed + 6)?
     }
 
     /// The final normalisation of the hidden states.

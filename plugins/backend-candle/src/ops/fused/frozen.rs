@@ -155,21 +155,10 @@ impl FrozenLinear {
     pub fn forward(&self, x: &Tensor) -> R<Tensor> {
         x.contiguous()?.apply_op1(self.clone())
     }
-}
 
-impl CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> R<(CpuStorage, Shape)> {
+    /// `x` (m, in) · Wᵀ over slices, in f32: the op's forward pass.
+    pub(super) fn product(&self, x: &[f32], m: usize) -> R<Vec<f32>> {
         let (out, inp) = self.0.dims()?;
-        let x = input(storage, layout, self.name())?;
-        let dims = layout.shape().dims();
-        if dims.last() != Some(&inp) {
-            candle_core::bail!("frozen-linear: input {dims:?} does not fit a {out}x{inp} weight");
-        }
-        let m = x.len() / inp;
         let mut y = vec![0f32; m * out];
         if m <= crate::ops::kernels::SKINNY_MAX_ROWS {
             // Decoding: each weight row read once, dotted with the few input rows; the kernel
@@ -196,6 +185,28 @@ impl CustomOp1 for FrozenLinear {
         } else {
             self.0.forward(x, m, &mut y, false)?;
         }
+        Ok(y)
+    }
+
+    /// Adds the input's gradient for the output gradient `dy` (m, out) into `dx` (m, in).
+    pub(super) fn product_backward(&self, dy: &[f32], m: usize, dx: &mut [f32]) -> R<()> {
+        self.0.backward(dy, m, dx, false)
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> R<(CpuStorage, Shape)> {
+        let (out, inp) = self.0.dims()?;
+        let x = input(storage, layout, self.name())?;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&inp) {
+            candle_core::bail!("frozen-linear: input {dims:?} does not fit a {out}x{inp} weight");
+        }
+        let y = self.product(x, x.len() / inp)?;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("checked") = out;
         Ok((CpuStorage::F32(y), Shape::from(out_dims)))
@@ -206,7 +217,7 @@ impl CustomOp1 for FrozenLinear {
         let dy = Values::of(grad)?;
         let m = x.elem_count() / inp;
         let mut dx = vec![0f32; m * inp];
-        self.0.backward(&dy, m, &mut dx, false)?;
+        self.product_backward(&dy, m, &mut dx)?;
         Ok(Some(tensor(dx, x.shape())?))
     }
 }

@@ -44,6 +44,87 @@ impl LoraLinear {
     }
 }
 
+/// An adapter's matrices as slices: A (r, in) and B (out, r).
+#[derive(Clone, Copy)]
+pub(super) struct AdapterRef<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub r: usize,
+}
+
+impl LoraLinear {
+    /// `y` (m, out) = x · Wᵀ + scale · dropout(x) · Aᵀ · Bᵀ, over slices: the op's forward pass,
+    /// shared with the ops that fuse a projection with its neighbours.
+    pub(super) fn project(&self, x: &[f32], m: usize, ad: AdapterRef, y: &mut [f32]) -> R<()> {
+        let (out, inp) = self.base.dims()?;
+        let mm = self.adapter_product();
+        self.base.forward(x, m, y, self.bf16)?;
+        let xd = self.dropped(x);
+        let mut u = vec![0f32; m * ad.r];
+        mm(
+            &mut u,
+            ad.r,
+            View::rows(&xd, m, inp),
+            View::rows(ad.a, ad.r, inp).t(),
+            1.0,
+            false,
+        );
+        let bt = View::rows(ad.b, out, ad.r).t();
+        mm(y, out, View::rows(&u, m, ad.r), bt, self.scale, true);
+        Ok(())
+    }
+
+    /// The backward pass of [`LoraLinear::project`] for the output gradient `dy`: adds the
+    /// input's gradient into `dx` (m, in) and returns (dA, dB).
+    pub(super) fn project_backward(
+        &self,
+        x: &[f32],
+        m: usize,
+        ad: AdapterRef,
+        dy: &[f32],
+        dx: &mut [f32],
+    ) -> R<(Vec<f32>, Vec<f32>)> {
+        let (out, inp) = self.base.dims()?;
+        let r = ad.r;
+        let mm = self.adapter_product();
+        self.base.backward(dy, m, dx, self.bf16)?;
+        let xd = self.dropped(x);
+        let mut u = vec![0f32; m * r];
+        mm(
+            &mut u,
+            r,
+            View::rows(&xd, m, inp),
+            View::rows(ad.a, r, inp).t(),
+            1.0,
+            false,
+        );
+        let dyv = View::rows(dy, m, out);
+        // dB = scale · dyᵀ · u;  du = scale · dy · B;  dA = duᵀ · xd;  dx += mask ⊙ (du · A).
+        let mut db = vec![0f32; out * r];
+        mm(&mut db, r, dyv.t(), View::rows(&u, m, r), self.scale, false);
+        let mut du = vec![0f32; m * r];
+        mm(&mut du, r, dyv, View::rows(ad.b, out, r), self.scale, false);
+        let mut da = vec![0f32; r * inp];
+        mm(
+            &mut da,
+            inp,
+            View::rows(&du, m, r).t(),
+            View::rows(&xd, m, inp),
+            1.0,
+            false,
+        );
+        let av = View::rows(ad.a, r, inp);
+        if self.dropout <= 0.0 {
+            mm(dx, inp, View::rows(&du, m, r), av, 1.0, true);
+        } else {
+            let mut dxd = vec![0f32; m * inp];
+            mm(&mut dxd, inp, View::rows(&du, m, r), av, 1.0, false);
+            apply_dropout(dx, &dxd, self.dropout, self.seed, true);
+        }
+        Ok((da, db))
+    }
+}
+
 impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "lora-linear"
@@ -72,21 +153,8 @@ impl CustomOp3 for LoraLinear {
             );
         }
         let m = x.len() / inp;
-        let mm = self.adapter_product();
         let mut y = vec![0f32; m * out];
-        self.base.forward(x, m, &mut y, self.bf16)?;
-        let xd = self.dropped(x);
-        let mut u = vec![0f32; m * r];
-        mm(
-            &mut u,
-            r,
-            View::rows(&xd, m, inp),
-            View::rows(a, r, inp).t(),
-            1.0,
-            false,
-        );
-        let bt = View::rows(b, out, r).t();
-        mm(&mut y, out, View::rows(&u, m, r), bt, self.scale, true);
+        self.project(x, m, AdapterRef { a, b, r }, &mut y)?;
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("checked") = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -100,7 +168,7 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> R<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out, inp) = self.base.dims()?;
+        let (_, inp) = self.base.dims()?;
         let r = a.dim(0)?;
         let (xs, av, bv, dy) = (
             Values::of(x)?,
@@ -109,42 +177,9 @@ impl CustomOp3 for LoraLinear {
             Values::of(grad)?,
         );
         let m = xs.len() / inp;
-        let mm = self.adapter_product();
         let mut dx = vec![0f32; m * inp];
-        self.base.backward(&dy, m, &mut dx, self.bf16)?;
-        let xd = self.dropped(&xs);
-        let mut u = vec![0f32; m * r];
-        mm(
-            &mut u,
-            r,
-            View::rows(&xd, m, inp),
-            View::rows(&av, r, inp).t(),
-            1.0,
-            false,
-        );
-        let dyv = View::rows(&dy, m, out);
-        // dB = scale · dyᵀ · u;  du = scale · dy · B;  dA = duᵀ · xd;  dx += mask ⊙ (du · A).
-        let mut db = vec![0f32; out * r];
-        mm(&mut db, r, dyv.t(), View::rows(&u, m, r), self.scale, false);
-        let mut du = vec![0f32; m * r];
-        mm(&mut du, r, dyv, View::rows(&bv, out, r), self.scale, false);
-        let mut da = vec![0f32; r * inp];
-        mm(
-            &mut da,
-            inp,
-            View::rows(&du, m, r).t(),
-            View::rows(&xd, m, inp),
-            1.0,
-            false,
-        );
-        let av = View::rows(&av, r, inp);
-        if self.dropout <= 0.0 {
-            mm(&mut dx, inp, View::rows(&du, m, r), av, 1.0, true);
-        } else {
-            let mut dxd = vec![0f32; m * inp];
-            mm(&mut dxd, inp, View::rows(&du, m, r), av, 1.0, false);
-            apply_dropout(&mut dx, &dxd, self.dropout, self.seed, true);
-        }
+        let ad = AdapterRef { a: &av, b: &bv, r };
+        let (da, db) = self.project_backward(&xs, m, ad, &dy, &mut dx)?;
         Ok((
             Some(tensor(dx, x.shape())?),
             Some(tensor(da, a.shape())?),

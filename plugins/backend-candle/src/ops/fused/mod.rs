@@ -97,6 +97,7 @@ mod attention;
 mod cross_entropy;
 mod frozen;
 mod lora_linear;
+mod mlp;
 mod rms_norm;
 mod swiglu;
 #[cfg(test)]
@@ -106,5 +107,6 @@ pub use attention::{CausalAttention, RopeTable};
 pub use cross_entropy::CrossEntropy;
 pub use frozen::{Frozen, FrozenLinear};
 pub use lora_linear::LoraLinear;
+pub use mlp::{MlpProjection, SwiGluMlp};
 pub use rms_norm::RmsNorm;
 pub use swiglu::{SiluMul, SwiGlu};

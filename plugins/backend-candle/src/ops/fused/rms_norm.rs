@@ -20,6 +20,37 @@ fn inv_rms(x: &[f32], eps: f32) -> f32 {
     1.0 / (ss / x.len() as f32 + eps).sqrt()
 }
 
+/// RMSNorm of each row of `x` (rows of `w.len()`), over slices.
+pub(super) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+        let r = inv_rms(x, eps);
+        for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+            *y = x * r * w;
+        }
+    });
+    y
+}
+
+/// The gradient of [`rms_norm_rows`] at `x` for the output gradient `dy`.
+pub(super) fn rms_norm_rows_backward(x: &[f32], dy: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    let mut dx = vec![0f32; x.len()];
+    // With r = 1/sqrt(mean(x²) + eps) and g = dy ⊙ w: dx = r · (g - x · r² · mean(g ⊙ x)).
+    dx.par_chunks_mut(n)
+        .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
+        .for_each(|(dx, (x, dy))| {
+            let r = inv_rms(x, eps);
+            let gx: f32 = x.iter().zip(dy).zip(w).map(|((x, d), w)| x * d * w).sum();
+            let c = r * r * gx / n as f32;
+            for (((dx, x), dy), w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                *dx = r * (dy * w - x * c);
+            }
+        });
+    dx
+}
+
 impl CustomOp1 for RmsNorm {
     fn name(&self) -> &'static str {
         "rms-norm"
@@ -27,38 +58,13 @@ impl CustomOp1 for RmsNorm {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> R<(CpuStorage, Shape)> {
         let x = input(storage, layout, self.name())?;
-        let w = values(&self.weight)?;
-        let n = w.len();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
-            let r = inv_rms(x, self.eps);
-            for ((y, x), w) in y.iter_mut().zip(x).zip(&w) {
-                *y = x * r * w;
-            }
-        });
+        let y = rms_norm_rows(x, &values(&self.weight)?, self.eps);
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> R<Option<Tensor>> {
         let (xs, dy, w) = (Values::of(x)?, Values::of(grad)?, Values::of(&self.weight)?);
-        let n = w.len();
-        let mut dx = vec![0f32; xs.len()];
-        // With r = 1/sqrt(mean(x²) + eps) and g = dy ⊙ w: dx = r · (g - x · r² · mean(g ⊙ x)).
-        dx.par_chunks_mut(n)
-            .zip(xs.par_chunks(n).zip(dy.par_chunks(n)))
-            .for_each(|(dx, (x, dy))| {
-                let r = inv_rms(x, self.eps);
-                let gx: f32 = x
-                    .iter()
-                    .zip(dy)
-                    .zip(w.iter())
-                    .map(|((x, d), w)| x * d * w)
-                    .sum();
-                let c = r * r * gx / n as f32;
-                for (((dx, x), dy), w) in dx.iter_mut().zip(x).zip(dy).zip(w.iter()) {
-                    *dx = r * (dy * w - x * c);
-                }
-            });
+        let dx = rms_norm_rows_backward(&xs, &dy, &w, self.eps);
         Ok(Some(tensor(dx, x.shape())?))
     }
 }

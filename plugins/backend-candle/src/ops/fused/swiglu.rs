@@ -27,6 +27,40 @@ fn gate(
     if l1.shape() != l2.shape() {
         candle_core::bail!("{op}: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
     }
+    Ok((CpuStorage::F32(map2(g, u, f)), l1.shape().clone()))
+}
+
+/// The gradients (dg, du) of [`SwiGlu`] at (g, u) for the output gradient `dy`, over slices.
+pub(super) fn swiglu_backward(gs: &[f32], us: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0f32; gs.len()];
+    let mut du = vec![0f32; gs.len()];
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(
+            gs.par_chunks(CHUNK)
+                .zip(us.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))),
+        )
+        .for_each(|((dg, du), (g, (u, dy)))| {
+            for i in 0..g.len() {
+                let s = sigmoid(g[i]);
+                du[i] = dy[i] * g[i] * s;
+                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            }
+        });
+    (dg, du)
+}
+
+fn swiglu_value(g: f32, u: f32) -> f32 {
+    g * sigmoid(g) * u
+}
+
+/// [`SwiGlu`]'s value `silu(g) ⊙ u` over slices.
+pub(super) fn swiglu_rows(g: &[f32], u: &[f32]) -> Vec<f32> {
+    map2(g, u, swiglu_value)
+}
+
+/// `f(g, u)` element by element over two same-length slices, in parallel chunks.
+fn map2(g: &[f32], u: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     let mut y = vec![0f32; g.len()];
     y.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
@@ -35,7 +69,7 @@ fn gate(
                 *y = f(g, u);
             }
         });
-    Ok((CpuStorage::F32(y), l1.shape().clone()))
+    y
 }
 
 impl CustomOp2 for SwiGlu {
@@ -50,7 +84,7 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> R<(CpuStorage, Shape)> {
-        gate(self.name(), (s1, l1), (s2, l2), |g, u| g * sigmoid(g) * u)
+        gate(self.name(), (s1, l1), (s2, l2), swiglu_value)
     }
 
     fn bwd(
@@ -61,21 +95,7 @@ impl CustomOp2 for SwiGlu {
         grad: &Tensor,
     ) -> R<(Option<Tensor>, Option<Tensor>)> {
         let (gs, us, dy) = (Values::of(g)?, Values::of(u)?, Values::of(grad)?);
-        let mut dg = vec![0f32; gs.len()];
-        let mut du = vec![0f32; gs.len()];
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(
-                gs.par_chunks(CHUNK)
-                    .zip(us.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))),
-            )
-            .for_each(|((dg, du), (g, (u, dy)))| {
-                for i in 0..g.len() {
-                    let s = sigmoid(g[i]);
-                    du[i] = dy[i] * g[i] * s;
-                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                }
-            });
+        let (dg, du) = swiglu_backward(&gs, &us, &dy);
         Ok((Some(tensor(dg, g.shape())?), Some(tensor(du, u.shape())?)))
     }
 }

@@ -282,3 +282,102 @@ fn frozen_linear_matches_the_dense_layer_in_value_and_input_gradient() {
         }
     }
 }
+
+/// Values of a tensor, for bitwise comparison.
+fn bits(t: &Tensor) -> Vec<u32> {
+    values(t).unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn swiglu_mlp_gives_the_composed_layers_values_and_gradients_bit_for_bit() {
+    // hidden 64, intermediate 96 (two weight tiles would need more rows: one is enough for the
+    // composition to be the same products), rows 2 x 5 (more than the decoding kernel's few).
+    let (hidden, inter, r, m) = (64, 96, 4, 5);
+    let weight = |rows, cols, seed| {
+        let w = crate::model::llama::testing::uniform(rows * cols, 0.5, seed);
+        Frozen::Dense(Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap())
+    };
+    let (wg, wu, wd) = (
+        weight(inter, hidden, 7),
+        weight(inter, hidden, 8),
+        weight(hidden, inter, 9),
+    );
+    let norm = RmsNorm {
+        weight: (rand(&[hidden], 10) + 1.5).unwrap(),
+        eps: 1e-5,
+    };
+    let lora = |base: &Frozen, seed| LoraLinear {
+        base: base.clone(),
+        scale: 2.0,
+        dropout: 0.2,
+        seed,
+        bf16: false,
+    };
+    // Which projections have an adapter: all, some, none.
+    for adapted in [
+        [true, true, true],
+        [true, false, true],
+        [false, false, false],
+    ] {
+        let x = Var::from_tensor(&rand(&[2, m, hidden], 1)).unwrap();
+        let shapes = [(inter, hidden), (inter, hidden), (hidden, inter)];
+        let adapters: Vec<Option<(Var, Var)>> = shapes
+            .iter()
+            .zip(adapted)
+            .enumerate()
+            .map(|(i, (&(out, inp), on))| {
+                on.then(|| {
+                    let a = Var::from_tensor(&rand(&[r, inp], 20 + i as u64)).unwrap();
+                    let b = Var::from_tensor(&rand(&[out, r], 30 + i as u64)).unwrap();
+                    (a, b)
+                })
+            })
+            .collect();
+        let bases = [&wg, &wu, &wd];
+        // The composition the model ran before: norm, three projections, gate, residual.
+        let project = |i: usize, h: &Tensor| match &adapters[i] {
+            Some((a, b)) => lora(bases[i], 4 + i as u64).forward(h, a, b).unwrap(),
+            None => FrozenLinear(bases[i].clone()).forward(h).unwrap(),
+        };
+        let n = norm.forward(&x).unwrap();
+        let g = SwiGlu::forward(&project(0, &n), &project(1, &n)).unwrap();
+        let composed = (x.as_tensor() + project(2, &g)).unwrap();
+        // The fused op.
+        let mut flat = Vec::new();
+        let parts: Vec<MlpProjection> = (0..3)
+            .map(|i| match &adapters[i] {
+                Some((a, b)) => {
+                    flat.push(a.flatten_all().unwrap());
+                    flat.push(b.flatten_all().unwrap());
+                    MlpProjection::Lora(lora(bases[i], 4 + i as u64), r)
+                }
+                None => MlpProjection::Frozen(FrozenLinear(bases[i].clone())),
+            })
+            .collect();
+        let op = SwiGluMlp::new(
+            norm.clone(),
+            parts[0].clone(),
+            parts[1].clone(),
+            parts[2].clone(),
+        );
+        let flat = (!flat.is_empty()).then(|| Tensor::cat(&flat, 0).unwrap());
+        let fused = op.forward(&x, flat.as_ref()).unwrap();
+        assert_eq!(bits(&fused), bits(&composed), "values, {adapted:?}");
+
+        let c = rand(fused.dims(), 99);
+        let loss = |y: &Tensor| (y * &c).unwrap().sum_all().unwrap();
+        let gc = loss(&composed).backward().unwrap();
+        let gf = loss(&fused).backward().unwrap();
+        // Twice: the second backward pass finds the kept projections gone and recomputes them.
+        let gf2 = loss(&fused).backward().unwrap();
+        let mut vars = vec![&x];
+        for (a, b) in adapters.iter().flatten() {
+            vars.extend([a, b]);
+        }
+        for (i, v) in vars.iter().enumerate() {
+            let want = bits(gc.get(v).unwrap());
+            assert_eq!(bits(gf.get(v).unwrap()), want, "gradient {i}, {adapted:?}");
+            assert_eq!(bits(gf2.get(v).unwrap()), want, "recomputed gradient {i}");
+        }
+    }
+}
