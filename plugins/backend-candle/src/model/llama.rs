@@ -14,7 +14,8 @@ use crate::error::{BackendError, Result};
 use crate::model::weights::{Projection, Weights};
 use crate::ops::blocks::BlockMatrix;
 use crate::ops::fused::{
-    CausalAttention, Frozen, FrozenLinear, LoraLinear, MlpProjection, RmsNorm, RopeTable, SwiGluMlp,
+    CausalAttention, Frozen, FrozenLinear, LayerProjection, LoraLinear, RmsNorm, RopeTable,
+    SelfAttention, SwiGluMlp,
 };
 use crate::ops::nf4::Nf4Matrix;
 use crate::ops::portable::Nf4Tensors;
@@ -156,6 +157,33 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// The projections of a fused training op ([`SelfAttention`], [`SwiGluMlp`]) with their dropout
+/// seeds, and the op's flat adapter input: each adapter's A and B flattened and concatenated in
+/// the projections' order (none where no projection has an adapter).
+fn fused_parts<const N: usize>(
+    linears: [(&Linear, u64); N],
+    mode: Mode,
+) -> candle_core::Result<([LayerProjection; N], Option<Tensor>)> {
+    let mut flat = Vec::new();
+    for (linear, _) in &linears {
+        if let Some(lora) = &linear.lora {
+            flat.push(lora.a.as_tensor().flatten_all()?);
+            flat.push(lora.b.as_tensor().flatten_all()?);
+        }
+    }
+    let parts = linears.map(|(linear, seed)| match &linear.lora {
+        Some(lora) => {
+            let r = lora.a.as_tensor().dims()[0];
+            LayerProjection::Lora(linear.lora_op(lora, mode, seed), r)
+        }
+        None => LayerProjection::Frozen(FrozenLinear(linear.base.clone())),
+    });
+    let adapters = (!flat.is_empty())
+        .then(|| Tensor::cat(&flat, 0))
+        .transpose()?;
+    Ok((parts, adapters))
+}
+
 /// An RMSNorm layer: its weight and epsilon (the op set computes it).
 struct Norm {
     weight: Tensor,
@@ -165,6 +193,14 @@ struct Norm {
 impl Norm {
     fn forward(&self, x: &Tensor, ops: OpSet) -> candle_core::Result<Tensor> {
         ops.rms_norm(x, &self.weight, self.eps)
+    }
+
+    /// The fused ops' form, for the training ops that normalise their input themselves.
+    fn fused(&self) -> RmsNorm {
+        RmsNorm {
+            weight: self.weight.clone(),
+            eps: self.eps as f32,
+        }
     }
 }
 
@@ -649,13 +685,40 @@ impl Llama {
         dropout_seed: u64,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let block = &self.blocks[l];
-        let ops = self.mode.ops;
-        let h = block.input_norm.forward(x, ops)?;
         let seed = dropout_seed
             .wrapping_mul(0x9e37_79b9)
             .wrapping_add(l as u64 * 16);
-        let (h, kv) = self.attention(&block.attn, &h, pass, past_kv, seed)?;
-        let x1 = (x + h)?;
+        let mode = self.mode;
+        let (x1, kv) = match (mode.train, mode.ops, past_kv, &pass.from_zero) {
+            (true, OpSet::Fused, None, Some((cos, sin))) => {
+                // Training: the attention half as one op that keeps little for the backward
+                // pass ([`SelfAttention`]).
+                let attention = CausalAttention {
+                    heads: self.config.num_heads,
+                    kv_heads: self.config.num_kv_heads,
+                    head_dim: self.config.head_dim(),
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                };
+                let a = &block.attn;
+                let (parts, adapters) = fused_parts(
+                    [
+                        (&a.q, seed),
+                        (&a.k, seed + 1),
+                        (&a.v, seed + 2),
+                        (&a.o, seed + 3),
+                    ],
+                    mode,
+                )?;
+                let op = SelfAttention::new(block.input_norm.fused(), attention, parts);
+                (op.forward(x, adapters.as_ref())?, None)
+            }
+            _ => {
+                let h = block.input_norm.forward(x, mode.ops)?;
+                let (h, kv) = self.attention(&block.attn, &h, pass, past_kv, seed)?;
+                ((x + h)?, kv)
+            }
+        };
         Ok((self.mlp(block, &x1, seed)?, kv))
     }
 
@@ -666,28 +729,11 @@ impl Llama {
         let (m, mode) = (&block.mlp, self.mode);
         let adapted = [&m.gate, &m.up, &m.down].iter().any(|l| l.lora.is_some());
         if mode.train && mode.ops == OpSet::Fused && (adapted || x.track_op()) {
-            let mut flat = Vec::new();
-            let mut part = |linear: &Linear, seed: u64| -> candle_core::Result<MlpProjection> {
-                Ok(match &linear.lora {
-                    Some(lora) => {
-                        flat.push(lora.a.as_tensor().flatten_all()?);
-                        flat.push(lora.b.as_tensor().flatten_all()?);
-                        MlpProjection::Lora(linear.lora_op(lora, mode, seed), lora.a.dim(0)?)
-                    }
-                    None => MlpProjection::Frozen(FrozenLinear(linear.base.clone())),
-                })
-            };
-            let gate = part(&m.gate, seed + 4)?;
-            let up = part(&m.up, seed + 5)?;
-            let down = part(&m.down, seed + 6)?;
-            let norm = RmsNorm {
-                weight: block.post_norm.weight.clone(),
-                eps: block.post_norm.eps as f32,
-            };
-            let adapters = (!flat.is_empty())
-                .then(|| Tensor::cat(&flat, 0))
-                .transpose()?;
-            return SwiGluMlp::new(norm, gate, up, down).forward(x, adapters.as_ref());
+            let (parts, adapters) = fused_parts(
+                [(&m.gate, seed + 4), (&m.up, seed + 5), (&m.down, seed + 6)],
+                mode,
+            )?;
+            return SwiGluMlp::new(block.post_norm.fused(), parts).forward(x, adapters.as_ref());
         }
         let h = block.post_norm.forward(x, mode.ops)?;
         let gate = m.gate.forward(&h, mode, seed + 4)?;
@@ -765,24 +811,6 @@ impl Llama {
             self.config.head_dim(),
         );
         let mode = self.mode;
-        if let (true, OpSet::Fused, None, Some((cos, sin))) =
-            (mode.train, mode.ops, past, &pass.from_zero)
-        {
-            // Training: rotary embedding and causal attention as one op on the projections.
-            let op = CausalAttention {
-                heads: nh,
-                kv_heads: nkv,
-                head_dim: hd,
-                cos: cos.clone(),
-                sin: sin.clone(),
-            };
-            let y = op.forward(
-                &a.q.forward(x, mode, seed)?,
-                &a.k.forward(x, mode, seed + 1)?,
-                &a.v.forward(x, mode, seed + 2)?,
-            )?;
-            return Ok((a.o.forward(&y, mode, seed + 3)?, None));
-        }
         let q =
             a.q.forward(x, mode, seed)?
                 .reshape((b, t, nh, hd))?

@@ -112,6 +112,102 @@ impl CausalAttention {
         (qr, kr)
     }
 
+    /// The attention output (B, T, heads·d) of q, k and v over slices: the op's forward pass.
+    pub(super) fn attend(&self, q: &[f32], k: &[f32], v: &[f32], b: usize, t: usize) -> Vec<f32> {
+        let (nh, d) = (self.heads, self.head_dim);
+        let rep = nh / self.kv_heads;
+        let heads: Vec<Vec<f32>> = (0..b * nh)
+            .into_par_iter()
+            .map(|bh| {
+                let (bi, h) = (bh / nh, bh % nh);
+                let (qr, kr) = self.rotated(q, k, bi, t, h);
+                let vr = head_rows(v, bi, t, self.kv_heads, d, h / rep);
+                let p = self.probs(&qr, &kr, t);
+                let mut y = vec![0f32; t * d];
+                matmul_serial(
+                    &mut y,
+                    d,
+                    View::rows(&p, t, t),
+                    View::rows(&vr, t, d),
+                    1.0,
+                    false,
+                );
+                y
+            })
+            .collect();
+        let mut y = vec![0f32; b * t * nh * d];
+        for (bh, rows) in heads.iter().enumerate() {
+            put_head(&mut y, rows, bh / nh, t, nh, d, bh % nh);
+        }
+        y
+    }
+
+    /// The gradients (dq, dk, dv) of [`CausalAttention::attend`] for the output gradient `dy`.
+    pub(super) fn attend_backward(
+        &self,
+        qs: &[f32],
+        ks: &[f32],
+        vs: &[f32],
+        dy: &[f32],
+        b: usize,
+        t: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let rep = nh / nkv;
+        let scale = 1.0 / (d as f32).sqrt();
+        // One task per key head: it owns dk and dv of that head and dq of its query heads.
+        let groups: Vec<GroupGrads> = (0..b * nkv)
+            .into_par_iter()
+            .map(|bg| {
+                let (bi, g) = (bg / nkv, bg % nkv);
+                let vr = head_rows(vs, bi, t, nkv, d, g);
+                let mut dk = vec![0f32; t * d];
+                let mut dv = vec![0f32; t * d];
+                let mut dqs = Vec::with_capacity(rep);
+                let mut dp = vec![0f32; t * t];
+                for h in g * rep..(g + 1) * rep {
+                    let (qr, kr) = self.rotated(qs, ks, bi, t, h);
+                    let dyh = head_rows(dy, bi, t, nh, d, h);
+                    let p = self.probs(&qr, &kr, t);
+                    let (pv, dyv) = (View::rows(&p, t, t), View::rows(&dyh, t, d));
+                    // dV += Pᵀ dY;  dP = dY Vᵀ;  dS = P ⊙ (dP - rowsum(P ⊙ dP));
+                    // d(qr) = dS K;  d(kr) += dSᵀ qr.
+                    matmul_serial(&mut dv, d, pv.t(), dyv, 1.0, true);
+                    matmul_serial(&mut dp, t, dyv, View::rows(&vr, t, d).t(), 1.0, false);
+                    for (i, (ds, pr)) in dp.chunks_mut(t).zip(p.chunks(t)).enumerate() {
+                        let mean: f32 = ds[..=i].iter().zip(&pr[..=i]).map(|(a, b)| a * b).sum();
+                        for (v, pv) in ds[..=i].iter_mut().zip(&pr[..=i]) {
+                            *v = pv * (*v - mean);
+                        }
+                        ds[i + 1..].fill(0.0);
+                    }
+                    let dsv = View::rows(&dp, t, t);
+                    let mut dq = vec![0f32; t * d];
+                    matmul_serial(&mut dq, d, dsv, View::rows(&kr, t, d), 1.0, false);
+                    matmul_serial(&mut dk, d, dsv.t(), View::rows(&qr, t, d), 1.0, true);
+                    // The queries were scaled after rotation.
+                    dq.iter_mut().for_each(|v| *v *= scale);
+                    self.rotate(&mut dq, true);
+                    dqs.push(dq);
+                }
+                self.rotate(&mut dk, true);
+                (dqs, dk, dv)
+            })
+            .collect();
+        let mut dq = vec![0f32; qs.len()];
+        let mut dk = vec![0f32; ks.len()];
+        let mut dv = vec![0f32; vs.len()];
+        for (bg, (dqs, dkg, dvg)) in groups.iter().enumerate() {
+            let (bi, g) = (bg / nkv, bg % nkv);
+            for (i, rows) in dqs.iter().enumerate() {
+                put_head(&mut dq, rows, bi, t, nh, d, g * rep + i);
+            }
+            put_head(&mut dk, dkg, bi, t, nkv, d, g);
+            put_head(&mut dv, dvg, bi, t, nkv, d, g);
+        }
+        (dq, dk, dv)
+    }
+
     fn check(&self, q: &Layout, k: &Layout, v: &Layout) -> R<(usize, usize)> {
         let (b, t, qw) = q.shape().dims3()?;
         let d = self.head_dim;
@@ -155,32 +251,10 @@ impl CustomOp3 for CausalAttention {
             input(s2, l2, self.name())?,
             input(s3, l3, self.name())?,
         );
-        let (nh, d) = (self.heads, self.head_dim);
-        let rep = nh / self.kv_heads;
-        let heads: Vec<Vec<f32>> = (0..b * nh)
-            .into_par_iter()
-            .map(|bh| {
-                let (bi, h) = (bh / nh, bh % nh);
-                let (qr, kr) = self.rotated(q, k, bi, t, h);
-                let vr = head_rows(v, bi, t, self.kv_heads, d, h / rep);
-                let p = self.probs(&qr, &kr, t);
-                let mut y = vec![0f32; t * d];
-                matmul_serial(
-                    &mut y,
-                    d,
-                    View::rows(&p, t, t),
-                    View::rows(&vr, t, d),
-                    1.0,
-                    false,
-                );
-                y
-            })
-            .collect();
-        let mut y = vec![0f32; b * t * nh * d];
-        for (bh, rows) in heads.iter().enumerate() {
-            put_head(&mut y, rows, bh / nh, t, nh, d, bh % nh);
-        }
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.attend(q, k, v, b, t)),
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -198,59 +272,7 @@ impl CustomOp3 for CausalAttention {
             Values::of(v)?,
             Values::of(grad)?,
         );
-        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let rep = nh / nkv;
-        let scale = 1.0 / (d as f32).sqrt();
-        // One task per key head: it owns dk and dv of that head and dq of its query heads.
-        let groups: Vec<GroupGrads> = (0..b * nkv)
-            .into_par_iter()
-            .map(|bg| {
-                let (bi, g) = (bg / nkv, bg % nkv);
-                let vr = head_rows(&vs, bi, t, nkv, d, g);
-                let mut dk = vec![0f32; t * d];
-                let mut dv = vec![0f32; t * d];
-                let mut dqs = Vec::with_capacity(rep);
-                let mut dp = vec![0f32; t * t];
-                for h in g * rep..(g + 1) * rep {
-                    let (qr, kr) = self.rotated(&qs, &ks, bi, t, h);
-                    let dyh = head_rows(&dy, bi, t, nh, d, h);
-                    let p = self.probs(&qr, &kr, t);
-                    let (pv, dyv) = (View::rows(&p, t, t), View::rows(&dyh, t, d));
-                    // dV += Pᵀ dY;  dP = dY Vᵀ;  dS = P ⊙ (dP - rowsum(P ⊙ dP));
-                    // d(qr) = dS K;  d(kr) += dSᵀ qr.
-                    matmul_serial(&mut dv, d, pv.t(), dyv, 1.0, true);
-                    matmul_serial(&mut dp, t, dyv, View::rows(&vr, t, d).t(), 1.0, false);
-                    for (i, (ds, pr)) in dp.chunks_mut(t).zip(p.chunks(t)).enumerate() {
-                        let mean: f32 = ds[..=i].iter().zip(&pr[..=i]).map(|(a, b)| a * b).sum();
-                        for (v, pv) in ds[..=i].iter_mut().zip(&pr[..=i]) {
-                            *v = pv * (*v - mean);
-                        }
-                        ds[i + 1..].fill(0.0);
-                    }
-                    let dsv = View::rows(&dp, t, t);
-                    let mut dq = vec![0f32; t * d];
-                    matmul_serial(&mut dq, d, dsv, View::rows(&kr, t, d), 1.0, false);
-                    matmul_serial(&mut dk, d, dsv.t(), View::rows(&qr, t, d), 1.0, true);
-                    // The queries were scaled after rotation.
-                    dq.iter_mut().for_each(|v| *v *= scale);
-                    self.rotate(&mut dq, true);
-                    dqs.push(dq);
-                }
-                self.rotate(&mut dk, true);
-                (dqs, dk, dv)
-            })
-            .collect();
-        let mut dq = vec![0f32; qs.len()];
-        let mut dk = vec![0f32; ks.len()];
-        let mut dv = vec![0f32; vs.len()];
-        for (bg, (dqs, dkg, dvg)) in groups.iter().enumerate() {
-            let (bi, g) = (bg / nkv, bg % nkv);
-            for (i, rows) in dqs.iter().enumerate() {
-                put_head(&mut dq, rows, bi, t, nh, d, g * rep + i);
-            }
-            put_head(&mut dk, dkg, bi, t, nkv, d, g);
-            put_head(&mut dv, dvg, bi, t, nkv, d, g);
-        }
+        let (dq, dk, dv) = self.attend_backward(&qs, &ks, &vs, &dy, b, t);
         Ok((
             Some(tensor(dq, q.shape())?),
             Some(tensor(dk, k.shape())?),

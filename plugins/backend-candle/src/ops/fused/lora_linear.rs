@@ -187,3 +187,118 @@ impl CustomOp3 for LoraLinear {
         ))
     }
 }
+
+/// One projection of the ops that fuse half a layer ([`super::SwiGluMlp`],
+/// [`super::SelfAttention`]): a frozen weight alone, or one with a LoRA adapter whose matrices
+/// the op reads from its flat adapter input.
+#[derive(Clone)]
+pub enum LayerProjection {
+    Frozen(FrozenLinear),
+    /// The projection's op (weight, scale, dropout and its seed, bf16) and the adapter's rank.
+    Lora(LoraLinear, usize),
+}
+
+impl LayerProjection {
+    /// (out, in).
+    pub(super) fn dims(&self) -> R<(usize, usize)> {
+        match self {
+            LayerProjection::Frozen(f) => f.0.dims(),
+            LayerProjection::Lora(op, _) => op.base.dims(),
+        }
+    }
+
+    /// Floats of the adapter in the flat input: A (r, in) then B (out, r).
+    fn adapter_len(&self) -> R<usize> {
+        let (out, inp) = self.dims()?;
+        Ok(match self {
+            LayerProjection::Frozen(_) => 0,
+            LayerProjection::Lora(_, r) => r * (inp + out),
+        })
+    }
+
+    fn adapter<'a>(&self, flat: &'a [f32]) -> R<Option<AdapterRef<'a>>> {
+        let LayerProjection::Lora(_, r) = self else {
+            return Ok(None);
+        };
+        let inp = self.dims()?.1;
+        let (a, b) = flat.split_at(r * inp);
+        Ok(Some(AdapterRef { a, b, r: *r }))
+    }
+
+    /// `x` (m, in) projected to (m, out), the adapter read from `flat` (its own part).
+    pub(super) fn forward(&self, x: &[f32], m: usize, flat: &[f32]) -> R<Vec<f32>> {
+        match (self, self.adapter(flat)?) {
+            (LayerProjection::Lora(op, _), Some(ad)) => {
+                let mut y = vec![0f32; m * self.dims()?.0];
+                op.project(x, m, ad, &mut y)?;
+                Ok(y)
+            }
+            (LayerProjection::Frozen(f), _) => f.product(x, m),
+            (LayerProjection::Lora(..), None) => unreachable!("a LoRA projection has an adapter"),
+        }
+    }
+
+    /// The input's gradient (m, in) for the output gradient `dy`, and the adapter's (dA then
+    /// dB, empty without one).
+    pub(super) fn backward(
+        &self,
+        x: &[f32],
+        m: usize,
+        flat: &[f32],
+        dy: &[f32],
+    ) -> R<(Vec<f32>, Vec<f32>)> {
+        let mut dx = vec![0f32; m * self.dims()?.1];
+        let grads = match (self, self.adapter(flat)?) {
+            (LayerProjection::Lora(op, _), Some(ad)) => {
+                let (mut da, db) = op.project_backward(x, m, ad, dy, &mut dx)?;
+                da.extend_from_slice(&db);
+                da
+            }
+            (LayerProjection::Frozen(f), _) => {
+                f.product_backward(dy, m, &mut dx)?;
+                Vec::new()
+            }
+            (LayerProjection::Lora(..), None) => unreachable!("a LoRA projection has an adapter"),
+        };
+        Ok((dx, grads))
+    }
+}
+
+/// The parts of `flat` (the adapters' matrices, flattened and concatenated in the order of
+/// `parts`) that belong to each of `parts`.
+pub(super) fn split_adapters<'a, const N: usize>(
+    op: &str,
+    parts: [&LayerProjection; N],
+    mut flat: &'a [f32],
+) -> R<[&'a [f32]; N]> {
+    let lens = parts
+        .iter()
+        .map(|p| p.adapter_len())
+        .collect::<R<Vec<_>>>()?;
+    if lens.iter().sum::<usize>() != flat.len() {
+        candle_core::bail!(
+            "{op}: {} adapter values given for adapters of {lens:?}",
+            flat.len()
+        );
+    }
+    Ok(std::array::from_fn(|i| {
+        let (part, rest) = flat.split_at(lens[i]);
+        flat = rest;
+        part
+    }))
+}
+
+/// What an op's forward pass leaves for its backward pass beyond its inputs: held by the op,
+/// which autograd keeps until the backward pass, and taken there, so the memory is handed back as
+/// the backward pass leaves the layer rather than when it ends.
+pub(super) type Kept<T> = Arc<std::sync::Mutex<Option<T>>>;
+
+pub(super) fn keep<T>(kept: &Kept<T>, value: T) {
+    *kept.lock().expect("not poisoned") = Some(value);
+}
+
+/// The kept value, taken; none when the backward pass runs a second time over the same graph
+/// (the op then recomputes it).
+pub(super) fn take<T>(kept: &Kept<T>) -> Option<T> {
+    kept.lock().expect("not poisoned").take()
+}

@@ -1,83 +1,9 @@
 //! A layer's feed-forward half in training, as one op.
 
-use std::sync::Mutex;
-
-use super::lora_linear::AdapterRef;
+use super::lora_linear::{keep, split_adapters, take, Kept, LayerProjection};
 use super::rms_norm::{rms_norm_rows, rms_norm_rows_backward};
 use super::swiglu::{swiglu_backward, swiglu_rows};
 use super::*;
-
-/// One projection of [`SwiGluMlp`]: a frozen weight alone, or one with a LoRA adapter whose
-/// matrices the op reads from its flat adapter input.
-#[derive(Clone)]
-pub enum MlpProjection {
-    Frozen(FrozenLinear),
-    /// The projection's op (weight, scale, dropout and its seed, bf16) and the adapter's rank.
-    Lora(LoraLinear, usize),
-}
-
-impl MlpProjection {
-    /// (out, in).
-    fn dims(&self) -> R<(usize, usize)> {
-        match self {
-            MlpProjection::Frozen(f) => f.0.dims(),
-            MlpProjection::Lora(op, _) => op.base.dims(),
-        }
-    }
-
-    /// Floats of the adapter in the flat input: A (r, in) then B (out, r).
-    fn adapter_len(&self) -> R<usize> {
-        let (out, inp) = self.dims()?;
-        Ok(match self {
-            MlpProjection::Frozen(_) => 0,
-            MlpProjection::Lora(_, r) => r * (inp + out),
-        })
-    }
-
-    fn adapter<'a>(&self, flat: &'a [f32]) -> R<Option<AdapterRef<'a>>> {
-        let MlpProjection::Lora(_, r) = self else {
-            return Ok(None);
-        };
-        let inp = self.dims()?.1;
-        let (a, b) = flat.split_at(r * inp);
-        Ok(Some(AdapterRef { a, b, r: *r }))
-    }
-
-    /// `x` (m, in) projected to (m, out), the adapter read from `flat` (its own part).
-    fn forward(&self, x: &[f32], m: usize, flat: &[f32]) -> R<Vec<f32>> {
-        match (self, self.adapter(flat)?) {
-            (MlpProjection::Lora(op, _), Some(ad)) => {
-                let mut y = vec![0f32; m * self.dims()?.0];
-                op.project(x, m, ad, &mut y)?;
-                Ok(y)
-            }
-            (MlpProjection::Frozen(f), _) => f.product(x, m),
-            (MlpProjection::Lora(..), None) => unreachable!("a LoRA projection has an adapter"),
-        }
-    }
-
-    /// The input's gradient (m, in) for the output gradient `dy`, and the adapter's (dA then
-    /// dB, empty without one).
-    fn backward(&self, x: &[f32], m: usize, flat: &[f32], dy: &[f32]) -> R<(Vec<f32>, Vec<f32>)> {
-        let mut dx = vec![0f32; m * self.dims()?.1];
-        let grads = match (self, self.adapter(flat)?) {
-            (MlpProjection::Lora(op, _), Some(ad)) => {
-                let (mut da, db) = op.project_backward(x, m, ad, dy, &mut dx)?;
-                da.extend_from_slice(&db);
-                da
-            }
-            (MlpProjection::Frozen(f), _) => {
-                f.product_backward(dy, m, &mut dx)?;
-                Vec::new()
-            }
-            (MlpProjection::Lora(..), None) => unreachable!("a LoRA projection has an adapter"),
-        };
-        Ok((dx, grads))
-    }
-}
-
-/// What the forward pass leaves for the backward pass: the gate and up projections.
-type Saved = Arc<Mutex<Option<(Vec<f32>, Vec<f32>)>>>;
 
 /// The feed-forward half of a LLaMA layer in training, as one op:
 /// `y = x + down(silu(gate(n)) ⊙ up(n))` with `n = rms_norm(x)`, each projection with its LoRA
@@ -95,20 +21,21 @@ type Saved = Arc<Mutex<Option<(Vec<f32>, Vec<f32>)>>>;
 #[derive(Clone)]
 pub struct SwiGluMlp {
     pub norm: RmsNorm,
-    pub gate: MlpProjection,
-    pub up: MlpProjection,
-    pub down: MlpProjection,
-    saved: Saved,
+    pub gate: LayerProjection,
+    pub up: LayerProjection,
+    pub down: LayerProjection,
+    /// The gate and up projections.
+    kept: Kept<(Vec<f32>, Vec<f32>)>,
 }
 
 impl SwiGluMlp {
-    pub fn new(norm: RmsNorm, gate: MlpProjection, up: MlpProjection, down: MlpProjection) -> Self {
+    pub fn new(norm: RmsNorm, [gate, up, down]: [LayerProjection; 3]) -> Self {
         SwiGluMlp {
             norm,
             gate,
             up,
             down,
-            saved: Arc::default(),
+            kept: Arc::default(),
         }
     }
 
@@ -124,20 +51,7 @@ impl SwiGluMlp {
 
     /// The adapters' parts of `flat`, in the order gate, up, down.
     fn split<'a>(&self, flat: &'a [f32]) -> R<[&'a [f32]; 3]> {
-        let lens = [
-            self.gate.adapter_len()?,
-            self.up.adapter_len()?,
-            self.down.adapter_len()?,
-        ];
-        if lens.iter().sum::<usize>() != flat.len() {
-            candle_core::bail!(
-                "swiglu-mlp: {} adapter values given for adapters of {lens:?}",
-                flat.len()
-            );
-        }
-        let (g, rest) = flat.split_at(lens[0]);
-        let (u, d) = rest.split_at(lens[1]);
-        Ok([g, u, d])
+        split_adapters("swiglu-mlp", [&self.gate, &self.up, &self.down], flat)
     }
 
     /// (hidden, rows) of the input `x`.
@@ -172,7 +86,7 @@ impl SwiGluMlp {
                     *y += x;
                 }
             });
-        *self.saved.lock().expect("not poisoned") = Some((g, u));
+        keep(&self.kept, (g, u));
         Ok((CpuStorage::F32(y), shape.clone()))
     }
 
@@ -181,10 +95,7 @@ impl SwiGluMlp {
         let xs = Values::of(x)?;
         let (_, m) = self.rows(&xs, x.shape())?;
         let [fg, fu, fd] = self.split(flat)?;
-        // The projections the forward pass kept (taken: the backward pass runs once); a second
-        // backward pass over the same graph recomputes them.
-        let kept = self.saved.lock().expect("not poisoned").take();
-        let (n, g, u) = match kept {
+        let (n, g, u) = match take(&self.kept) {
             Some((g, u)) => {
                 let w = values(&self.norm.weight)?;
                 (rms_norm_rows(&xs, &w, self.norm.eps), g, u)

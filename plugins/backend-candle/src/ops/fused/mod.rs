@@ -99,6 +99,7 @@ mod frozen;
 mod lora_linear;
 mod mlp;
 mod rms_norm;
+mod self_attention;
 mod swiglu;
 #[cfg(test)]
 mod tests;
@@ -106,7 +107,8 @@ mod tests;
 pub use attention::{CausalAttention, RopeTable};
 pub use cross_entropy::CrossEntropy;
 pub use frozen::{Frozen, FrozenLinear};
-pub use lora_linear::LoraLinear;
-pub use mlp::{MlpProjection, SwiGluMlp};
+pub use lora_linear::{LayerProjection, LoraLinear};
+pub use mlp::SwiGluMlp;
 pub use rms_norm::RmsNorm;
+pub use self_attention::SelfAttention;
 pub use swiglu::{SiluMul, SwiGlu};

@@ -288,96 +288,157 @@ fn bits(t: &Tensor) -> Vec<u32> {
     values(t).unwrap().iter().map(|v| v.to_bits()).collect()
 }
 
-#[test]
-fn swiglu_mlp_gives_the_composed_layers_values_and_gradients_bit_for_bit() {
-    // hidden 64, intermediate 96 (two weight tiles would need more rows: one is enough for the
-    // composition to be the same products), rows 2 x 5 (more than the decoding kernel's few).
-    let (hidden, inter, r, m) = (64, 96, 4, 5);
-    let weight = |rows, cols, seed| {
-        let w = crate::model::llama::testing::uniform(rows * cols, 0.5, seed);
-        Frozen::Dense(Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap())
-    };
-    let (wg, wu, wd) = (
-        weight(inter, hidden, 7),
-        weight(inter, hidden, 8),
-        weight(hidden, inter, 9),
-    );
-    let norm = RmsNorm {
+/// A layer half's projections for the bit-for-bit tests: each frozen weight (out, in) and, where
+/// `adapted`, a LoRA adapter of rank 4 with dropout, as the composed layer and the fused op
+/// take them.
+struct Projections {
+    bases: Vec<Frozen>,
+    adapters: Vec<Option<(Var, Var)>>,
+}
+
+impl Projections {
+    fn new(shapes: &[(usize, usize)], adapted: &[bool]) -> Self {
+        let r = 4;
+        let mut bases = Vec::new();
+        let mut adapters = Vec::new();
+        for (i, (&(out, inp), &on)) in shapes.iter().zip(adapted).enumerate() {
+            let w = crate::model::llama::testing::uniform(out * inp, 0.5, 7 + i as u64);
+            bases.push(Frozen::Dense(
+                Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap(),
+            ));
+            adapters.push(on.then(|| {
+                let a = Var::from_tensor(&rand(&[r, inp], 20 + i as u64)).unwrap();
+                let b = Var::from_tensor(&rand(&[out, r], 30 + i as u64)).unwrap();
+                (a, b)
+            }));
+        }
+        Projections { bases, adapters }
+    }
+
+    fn lora(&self, i: usize) -> LoraLinear {
+        LoraLinear {
+            base: self.bases[i].clone(),
+            scale: 2.0,
+            dropout: 0.2,
+            seed: 4 + i as u64,
+            bf16: false,
+        }
+    }
+
+    /// Projection `i` of `h` as the composed layer runs it.
+    fn composed(&self, i: usize, h: &Tensor) -> Tensor {
+        match &self.adapters[i] {
+            Some((a, b)) => self.lora(i).forward(h, a, b).unwrap(),
+            None => FrozenLinear(self.bases[i].clone()).forward(h).unwrap(),
+        }
+    }
+
+    /// The fused op's projections and its flat adapter input.
+    fn fused<const N: usize>(&self) -> ([LayerProjection; N], Option<Tensor>) {
+        let mut flat = Vec::new();
+        let parts = std::array::from_fn(|i| match &self.adapters[i] {
+            Some((a, b)) => {
+                flat.push(a.flatten_all().unwrap());
+                flat.push(b.flatten_all().unwrap());
+                LayerProjection::Lora(self.lora(i), a.dim(0).unwrap())
+            }
+            None => LayerProjection::Frozen(FrozenLinear(self.bases[i].clone())),
+        });
+        (
+            parts,
+            (!flat.is_empty()).then(|| Tensor::cat(&flat, 0).unwrap()),
+        )
+    }
+
+    /// Checks that `fused` gives `composed`'s value and gradients (x's and the adapters') bit
+    /// for bit, also on a second backward pass over the same graph (where the fused ops find
+    /// what they kept gone and recompute it).
+    fn same_bits(&self, x: &Var, fused: &Tensor, composed: &Tensor, what: &str) {
+        assert_eq!(bits(fused), bits(composed), "values, {what}");
+        let c = rand(fused.dims(), 99);
+        let loss = |y: &Tensor| (y * &c).unwrap().sum_all().unwrap();
+        let gc = loss(composed).backward().unwrap();
+        let gf = loss(fused).backward().unwrap();
+        let gf2 = loss(fused).backward().unwrap();
+        let mut vars = vec![x];
+        for (a, b) in self.adapters.iter().flatten() {
+            vars.extend([a, b]);
+        }
+        for (i, v) in vars.iter().enumerate() {
+            let want = bits(gc.get(v).unwrap());
+            assert_eq!(bits(gf.get(v).unwrap()), want, "gradient {i}, {what}");
+            assert_eq!(
+                bits(gf2.get(v).unwrap()),
+                want,
+                "recomputed gradient {i}, {what}"
+            );
+        }
+    }
+}
+
+fn test_norm(hidden: usize) -> RmsNorm {
+    RmsNorm {
         weight: (rand(&[hidden], 10) + 1.5).unwrap(),
         eps: 1e-5,
-    };
-    let lora = |base: &Frozen, seed| LoraLinear {
-        base: base.clone(),
-        scale: 2.0,
-        dropout: 0.2,
-        seed,
-        bf16: false,
-    };
+    }
+}
+
+#[test]
+fn swiglu_mlp_gives_the_composed_layers_values_and_gradients_bit_for_bit() {
+    // Rows 2 x 5: more than the decoding kernel's few, as in training.
+    let (hidden, inter, m) = (64, 96, 5);
+    let norm = test_norm(hidden);
+    let shapes = [(inter, hidden), (inter, hidden), (hidden, inter)];
     // Which projections have an adapter: all, some, none.
     for adapted in [
         [true, true, true],
         [true, false, true],
         [false, false, false],
     ] {
+        let p = Projections::new(&shapes, &adapted);
         let x = Var::from_tensor(&rand(&[2, m, hidden], 1)).unwrap();
-        let shapes = [(inter, hidden), (inter, hidden), (hidden, inter)];
-        let adapters: Vec<Option<(Var, Var)>> = shapes
-            .iter()
-            .zip(adapted)
-            .enumerate()
-            .map(|(i, (&(out, inp), on))| {
-                on.then(|| {
-                    let a = Var::from_tensor(&rand(&[r, inp], 20 + i as u64)).unwrap();
-                    let b = Var::from_tensor(&rand(&[out, r], 30 + i as u64)).unwrap();
-                    (a, b)
-                })
-            })
-            .collect();
-        let bases = [&wg, &wu, &wd];
         // The composition the model ran before: norm, three projections, gate, residual.
-        let project = |i: usize, h: &Tensor| match &adapters[i] {
-            Some((a, b)) => lora(bases[i], 4 + i as u64).forward(h, a, b).unwrap(),
-            None => FrozenLinear(bases[i].clone()).forward(h).unwrap(),
-        };
         let n = norm.forward(&x).unwrap();
-        let g = SwiGlu::forward(&project(0, &n), &project(1, &n)).unwrap();
-        let composed = (x.as_tensor() + project(2, &g)).unwrap();
-        // The fused op.
-        let mut flat = Vec::new();
-        let parts: Vec<MlpProjection> = (0..3)
-            .map(|i| match &adapters[i] {
-                Some((a, b)) => {
-                    flat.push(a.flatten_all().unwrap());
-                    flat.push(b.flatten_all().unwrap());
-                    MlpProjection::Lora(lora(bases[i], 4 + i as u64), r)
-                }
-                None => MlpProjection::Frozen(FrozenLinear(bases[i].clone())),
-            })
-            .collect();
-        let op = SwiGluMlp::new(
-            norm.clone(),
-            parts[0].clone(),
-            parts[1].clone(),
-            parts[2].clone(),
-        );
-        let flat = (!flat.is_empty()).then(|| Tensor::cat(&flat, 0).unwrap());
-        let fused = op.forward(&x, flat.as_ref()).unwrap();
-        assert_eq!(bits(&fused), bits(&composed), "values, {adapted:?}");
+        let g = SwiGlu::forward(&p.composed(0, &n), &p.composed(1, &n)).unwrap();
+        let composed = (x.as_tensor() + p.composed(2, &g)).unwrap();
+        let (parts, flat) = p.fused();
+        let fused = SwiGluMlp::new(norm.clone(), parts)
+            .forward(&x, flat.as_ref())
+            .unwrap();
+        p.same_bits(&x, &fused, &composed, &format!("{adapted:?}"));
+    }
+}
 
-        let c = rand(fused.dims(), 99);
-        let loss = |y: &Tensor| (y * &c).unwrap().sum_all().unwrap();
-        let gc = loss(&composed).backward().unwrap();
-        let gf = loss(&fused).backward().unwrap();
-        // Twice: the second backward pass finds the kept projections gone and recomputes them.
-        let gf2 = loss(&fused).backward().unwrap();
-        let mut vars = vec![&x];
-        for (a, b) in adapters.iter().flatten() {
-            vars.extend([a, b]);
-        }
-        for (i, v) in vars.iter().enumerate() {
-            let want = bits(gc.get(v).unwrap());
-            assert_eq!(bits(gf.get(v).unwrap()), want, "gradient {i}, {adapted:?}");
-            assert_eq!(bits(gf2.get(v).unwrap()), want, "recomputed gradient {i}");
-        }
+#[test]
+fn self_attention_gives_the_composed_layers_values_and_gradients_bit_for_bit() {
+    let (nh, nkv, d, t) = (4, 2, 16, 7);
+    let hidden = nh * d;
+    let norm = test_norm(hidden);
+    let attention = CausalAttention {
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: d,
+        cos: Arc::new(crate::model::llama::testing::uniform(t * d / 2, 1.0, 40)),
+        sin: Arc::new(crate::model::llama::testing::uniform(t * d / 2, 1.0, 41)),
+    };
+    let shapes = [
+        (hidden, hidden),
+        (nkv * d, hidden),
+        (nkv * d, hidden),
+        (hidden, hidden),
+    ];
+    for adapted in [[true; 4], [true, false, true, false], [false; 4]] {
+        let p = Projections::new(&shapes, &adapted);
+        let x = Var::from_tensor(&rand(&[2, t, hidden], 1)).unwrap();
+        // The composition the model ran before: norm, q/k/v, attention, output, residual.
+        let n = norm.forward(&x).unwrap();
+        let (q, k, v) = (p.composed(0, &n), p.composed(1, &n), p.composed(2, &n));
+        let y = attention.forward(&q, &k, &v).unwrap();
+        let composed = (x.as_tensor() + p.composed(3, &y)).unwrap();
+        let (parts, flat) = p.fused();
+        let fused = SelfAttention::new(norm.clone(), attention.clone(), parts)
+            .forward(&x, flat.as_ref())
+            .unwrap();
+        p.same_bits(&x, &fused, &composed, &format!("{adapted:?}"));
     }
 }
