@@ -14,8 +14,8 @@ use crate::error::{BackendError, Result};
 use crate::model::weights::{Projection, Weights};
 use crate::ops::blocks::BlockMatrix;
 use crate::ops::fused::{
-    CausalAttention, Frozen, FrozenLinear, LayerProjection, LoraLinear, RmsNorm, RopeTable,
-    SelfAttention, SwiGluMlp,
+    Adapter, CausalAttention, Frozen, FrozenLinear, LayerProjection, LoraLinear, RmsNorm,
+    RopeTable, SelfAttention, SwiGluMlp,
 };
 use crate::ops::nf4::Nf4Matrix;
 use crate::ops::portable::Nf4Tensors;
@@ -157,31 +157,16 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// The projections of a fused training op ([`SelfAttention`], [`SwiGluMlp`]) with their dropout
-/// seeds, and the op's flat adapter input: each adapter's A and B flattened and concatenated in
-/// the projections' order (none where no projection has an adapter).
-fn fused_parts<const N: usize>(
-    linears: [(&Linear, u64); N],
-    mode: Mode,
-) -> candle_core::Result<([LayerProjection; N], Option<Tensor>)> {
-    let mut flat = Vec::new();
-    for (linear, _) in &linears {
-        if let Some(lora) = &linear.lora {
-            flat.push(lora.a.as_tensor().flatten_all()?);
-            flat.push(lora.b.as_tensor().flatten_all()?);
-        }
-    }
-    let parts = linears.map(|(linear, seed)| match &linear.lora {
-        Some(lora) => {
-            let r = lora.a.as_tensor().dims()[0];
-            LayerProjection::Lora(linear.lora_op(lora, mode, seed), r)
-        }
+/// The projections of a fused training op ([`SelfAttention`], [`SwiGluMlp`]), each with its
+/// dropout seed.
+fn fused_parts<const N: usize>(linears: [(&Linear, u64); N], mode: Mode) -> [LayerProjection; N] {
+    linears.map(|(linear, seed)| match &linear.lora {
+        Some(lora) => LayerProjection::Lora(
+            linear.lora_op(lora, mode, seed),
+            Adapter::new(lora.a.as_tensor(), lora.b.as_tensor()),
+        ),
         None => LayerProjection::Frozen(FrozenLinear(linear.base.clone())),
-    });
-    let adapters = (!flat.is_empty())
-        .then(|| Tensor::cat(&flat, 0))
-        .transpose()?;
-    Ok((parts, adapters))
+    })
 }
 
 /// An RMSNorm layer: its weight and epsilon (the op set computes it).
@@ -701,7 +686,7 @@ impl Llama {
                     sin: sin.clone(),
                 };
                 let a = &block.attn;
-                let (parts, adapters) = fused_parts(
+                let parts = fused_parts(
                     [
                         (&a.q, seed),
                         (&a.k, seed + 1),
@@ -709,9 +694,9 @@ impl Llama {
                         (&a.o, seed + 3),
                     ],
                     mode,
-                )?;
+                );
                 let op = SelfAttention::new(block.input_norm.fused(), attention, parts);
-                (op.forward(x, adapters.as_ref())?, None)
+                (op.forward(x)?, None)
             }
             _ => {
                 let h = block.input_norm.forward(x, mode.ops)?;
@@ -729,11 +714,11 @@ impl Llama {
         let (m, mode) = (&block.mlp, self.mode);
         let adapted = [&m.gate, &m.up, &m.down].iter().any(|l| l.lora.is_some());
         if mode.train && mode.ops == OpSet::Fused && (adapted || x.track_op()) {
-            let (parts, adapters) = fused_parts(
+            let parts = fused_parts(
                 [(&m.gate, seed + 4), (&m.up, seed + 5), (&m.down, seed + 6)],
                 mode,
-            )?;
-            return SwiGluMlp::new(block.post_norm.fused(), parts).forward(x, adapters.as_ref());
+            );
+            return SwiGluMlp::new(block.post_norm.fused(), parts).forward(x);
         }
         let h = block.post_norm.forward(x, mode.ops)?;
         let gate = m.gate.forward(&h, mode, seed + 4)?;

@@ -96,6 +96,7 @@ fn tensor(data: Vec<f32>, shape: &Shape) -> R<Tensor> {
 mod attention;
 mod cross_entropy;
 mod frozen;
+mod layer_half;
 mod lora_linear;
 mod mlp;
 mod rms_norm;
@@ -107,7 +108,8 @@ mod tests;
 pub use attention::{CausalAttention, RopeTable};
 pub use cross_entropy::CrossEntropy;
 pub use frozen::{Frozen, FrozenLinear};
-pub use lora_linear::{LayerProjection, LoraLinear};
+pub use layer_half::{Adapter, LayerProjection};
+pub use lora_linear::LoraLinear;
 pub use mlp::SwiGluMlp;
 pub use rms_norm::RmsNorm;
 pub use self_attention::SelfAttention;

@@ -333,21 +333,12 @@ impl Projections {
         }
     }
 
-    /// The fused op's projections and its flat adapter input.
-    fn fused<const N: usize>(&self) -> ([LayerProjection; N], Option<Tensor>) {
-        let mut flat = Vec::new();
-        let parts = std::array::from_fn(|i| match &self.adapters[i] {
-            Some((a, b)) => {
-                flat.push(a.flatten_all().unwrap());
-                flat.push(b.flatten_all().unwrap());
-                LayerProjection::Lora(self.lora(i), a.dim(0).unwrap())
-            }
+    /// The fused op's projections.
+    fn fused<const N: usize>(&self) -> [LayerProjection; N] {
+        std::array::from_fn(|i| match &self.adapters[i] {
+            Some((a, b)) => LayerProjection::Lora(self.lora(i), Adapter::new(a, b)),
             None => LayerProjection::Frozen(FrozenLinear(self.bases[i].clone())),
-        });
-        (
-            parts,
-            (!flat.is_empty()).then(|| Tensor::cat(&flat, 0).unwrap()),
-        )
+        })
     }
 
     /// Checks that `fused` gives `composed`'s value and gradients (x's and the adapters') bit
@@ -401,10 +392,7 @@ fn swiglu_mlp_gives_the_composed_layers_values_and_gradients_bit_for_bit() {
         let n = norm.forward(&x).unwrap();
         let g = SwiGlu::forward(&p.composed(0, &n), &p.composed(1, &n)).unwrap();
         let composed = (x.as_tensor() + p.composed(2, &g)).unwrap();
-        let (parts, flat) = p.fused();
-        let fused = SwiGluMlp::new(norm.clone(), parts)
-            .forward(&x, flat.as_ref())
-            .unwrap();
+        let fused = SwiGluMlp::new(norm.clone(), p.fused()).forward(&x).unwrap();
         p.same_bits(&x, &fused, &composed, &format!("{adapted:?}"));
     }
 }
@@ -435,9 +423,8 @@ fn self_attention_gives_the_composed_layers_values_and_gradients_bit_for_bit() {
         let (q, k, v) = (p.composed(0, &n), p.composed(1, &n), p.composed(2, &n));
         let y = attention.forward(&q, &k, &v).unwrap();
         let composed = (x.as_tensor() + p.composed(3, &y)).unwrap();
-        let (parts, flat) = p.fused();
-        let fused = SelfAttention::new(norm.clone(), attention.clone(), parts)
-            .forward(&x, flat.as_ref())
+        let fused = SelfAttention::new(norm.clone(), attention.clone(), p.fused())
+            .forward(&x)
             .unwrap();
         p.same_bits(&x, &fused, &composed, &format!("{adapted:?}"));
     }
