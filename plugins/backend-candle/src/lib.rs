@@ -256,6 +256,7 @@ impl CandleBackend {
         let pack = match config.base {
             BaseKind::Nf4Packed => Packing::Nf4 {
                 double_quant: config.double_quant,
+                tables_in_blocks: device.is_cpu(),
             },
             BaseKind::Gguf => Packing::Blocks,
             BaseKind::F32 | BaseKind::Nf4 => Packing::F32,

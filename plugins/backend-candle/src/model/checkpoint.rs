@@ -207,8 +207,12 @@ fn load_gguf(path: &Path, device: &Device, pack: Packing) -> Result<Checkpoint> 
             t = unpermute(&t, heads)?;
         }
         // The blocks stay beside the f32 copy for decoding on the CPU (see `ops::blocks`), or
-        // replace it (`Packing::Blocks`).
-        let keep = !matches!(pack, Packing::Nf4 { .. }) && device.is_cpu();
+        // replace it where the packing says so.
+        let keep = device.is_cpu()
+            && match pack {
+                Packing::Nf4 { .. } => pack.blocks_alone(&hf_name),
+                Packing::F32 | Packing::Blocks => true,
+            };
         let blocks = match (BlockKind::of_gguf(q.dtype()), t.dims2()) {
             (Some(kind), Ok((rows, cols))) if keep => {
                 let bytes = q

@@ -28,11 +28,31 @@ pub enum Projection {
 pub enum Packing {
     /// f32 (a GGUF's blocks kept beside, for decoding).
     F32,
-    /// Packed to NF4 at once (with double quantization of the block maxima or not).
-    Nf4 { double_quant: bool },
+    /// Packed to NF4 at once (with double quantization of the block maxima or not). With
+    /// `tables_in_blocks` (on the CPU), the embedding and output projection are held in a GGUF's
+    /// own blocks alone, as [`Packing::Blocks`] holds them: they are frozen and not quantized by
+    /// QLoRA, their values are those of the f32 copy, and for SmolLM2 the copy was the largest
+    /// part of a training step's memory (113 MB against 30 for its Q8_0 blocks).
+    Nf4 {
+        double_quant: bool,
+        tables_in_blocks: bool,
+    },
     /// In the GGUF's own blocks where it has a kind we keep, the f32 copy dropped (the
     /// embedding and output projection too).
     Blocks,
+}
+
+impl Packing {
+    /// Whether the weight `name` is held in the checkpoint's blocks alone, where it has them.
+    pub fn blocks_alone(self, name: &str) -> bool {
+        match self {
+            Packing::F32 => false,
+            Packing::Nf4 {
+                tables_in_blocks, ..
+            } => tables_in_blocks && is_embedding(name),
+            Packing::Blocks => is_projection(name) || is_embedding(name),
+        }
+    }
 }
 
 pub struct Weights {
@@ -86,7 +106,7 @@ impl Weights {
         // New values: any blocks kept for the name no longer hold them.
         self.blocks.remove(&name);
         match self.packing {
-            Packing::Nf4 { double_quant } if is_projection(&name) => {
+            Packing::Nf4 { double_quant, .. } if is_projection(&name) => {
                 let (rows, cols) = tensor.dims2()?;
                 let data = tensor.flatten_all()?.to_vec1::<f32>()?;
                 drop(tensor);
@@ -101,12 +121,12 @@ impl Weights {
     }
 
     /// Keeps `blocks`, the checkpoint's own encoding of the f32 tensor `name` just inserted:
-    /// beside it, or instead of it for a projection when packing is [`Packing::Blocks`].
+    /// beside it, or instead of it where the packing holds that weight in blocks alone.
     pub fn insert_blocks(&mut self, name: String, blocks: BlockMatrix) {
         if !self.tensors.contains_key(&name) {
             return;
         }
-        if self.packing == Packing::Blocks && (is_projection(&name) || is_embedding(&name)) {
+        if self.packing.blocks_alone(&name) {
             self.tensors.remove(&name);
             self.block_projections.insert(name, Arc::new(blocks));
         } else {
@@ -196,7 +216,10 @@ mod tests {
 
     #[test]
     fn packing_stores_projections_as_nf4_and_keeps_the_rest() {
-        let mut w = Weights::empty(Packing::Nf4 { double_quant: true });
+        let mut w = Weights::empty(Packing::Nf4 {
+            double_quant: true,
+            tables_in_blocks: true,
+        });
         let t = |n: usize| Tensor::ones((n, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
         w.insert("model.layers.0.self_attn.q_proj.weight".into(), t(64))
             .unwrap();
