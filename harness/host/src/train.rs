@@ -154,13 +154,14 @@ pub(crate) fn execute(
         backend_opts.insert("double_quant".into(), dq.clone());
     }
     let backend_opts = backend_opts.to_string();
+    // Loaded before the run is announced, so that a base the backend refuses is the only line.
+    let (_, mut backend) = reg.backend(&p.backend, &backend_opts)?;
     println!(
         "{} on {} examples -> {}",
         if resumed { "resume training" } else { "train" },
         examples.len(),
         p.out.display()
     );
-    let (_, mut backend) = reg.backend(&p.backend, &backend_opts)?;
     let info = backend_entry.outcome(backend.info())?;
 
     crate::interrupt::install();
