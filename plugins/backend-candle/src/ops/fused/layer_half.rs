@@ -50,8 +50,14 @@ impl Adapter {
         self.a.apply_op2(&self.b, StandIn(self.grads.clone()))
     }
 
-    fn rank(&self) -> R<usize> {
-        self.a.dim(0)
+    /// `f` of the matrices, read in place.
+    fn read<T>(&self, f: impl FnOnce(AdapterRef) -> R<T>) -> R<T> {
+        let (a, b) = (Values::of(&self.a)?, Values::of(&self.b)?);
+        f(AdapterRef {
+            a: &a,
+            b: &b,
+            r: self.a.dim(0)?,
+        })
     }
 }
 
@@ -117,14 +123,8 @@ impl LayerProjection {
         match self {
             LayerProjection::Frozen(f) => f.product(x, m),
             LayerProjection::Lora(op, adapter) => {
-                let (a, b) = (Values::of(&adapter.a)?, Values::of(&adapter.b)?);
-                let ad = AdapterRef {
-                    a: &a,
-                    b: &b,
-                    r: adapter.rank()?,
-                };
                 let mut y = vec![0f32; m * self.dims()?.0];
-                op.project(x, m, ad, &mut y)?;
+                adapter.read(|ad| op.project(x, m, ad, &mut y))?;
                 Ok(y)
             }
         }
@@ -137,13 +137,7 @@ impl LayerProjection {
         match self {
             LayerProjection::Frozen(f) => f.product_backward(dy, m, &mut dx)?,
             LayerProjection::Lora(op, adapter) => {
-                let (a, b) = (Values::of(&adapter.a)?, Values::of(&adapter.b)?);
-                let ad = AdapterRef {
-                    a: &a,
-                    b: &b,
-                    r: adapter.rank()?,
-                };
-                let grads = op.project_backward(x, m, ad, dy, &mut dx)?;
+                let grads = adapter.read(|ad| op.project_backward(x, m, ad, dy, &mut dx))?;
                 keep(&adapter.grads, grads);
             }
         }
