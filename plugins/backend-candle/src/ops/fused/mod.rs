@@ -9,6 +9,11 @@
 //! small enough that a short micro-batch can keep the whole graph instead of recomputing every
 //! layer (see `trainer::loss_and_grads`).
 //!
+//! Training runs each layer as two ops built from those ([`SelfAttention`], [`SwiGluMlp`]),
+//! which keep less still: their input and the projections a product would recompute. The
+//! one-step ops ([`LoraLinear`], [`CausalAttention`], [`SwiGlu`]) remain the pieces they are
+//! made of, and in the tests the composition they must match bit for bit.
+//!
 //! Each op is checked against the same function composed of candle ops, values and gradients.
 
 use std::sync::Arc;
