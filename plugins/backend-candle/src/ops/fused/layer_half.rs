@@ -231,6 +231,14 @@ impl<T: HalfLayer> CustomOp2 for Node<T> {
     }
 }
 
+/// The gradient of a half layer's input `x`, `y = x + f(norm(x))`, given the gradient `dn` that
+/// reached the normalised input and the output gradient `dy` (the residual path's share).
+pub(super) fn input_gradient(norm: &RmsNorm, x: &[f32], dn: &[f32], dy: &[f32]) -> R<Vec<f32>> {
+    let mut dx = norm.rows_backward(x, dn)?;
+    add_residual(&mut dx, dy);
+    Ok(dx)
+}
+
 /// `y += x`, the residual connection, in parallel chunks.
 pub(super) fn add_residual(y: &mut [f32], x: &[f32]) {
     y.par_chunks_mut(CHUNK)

@@ -1,7 +1,8 @@
 //! A layer's feed-forward half in training, as one op.
 
-use super::layer_half::{add_residual, apply, keep, take, HalfLayer, Kept, LayerProjection};
-use super::rms_norm::{rms_norm_rows, rms_norm_rows_backward};
+use super::layer_half::{
+    add_residual, apply, input_gradient, keep, take, HalfLayer, Kept, LayerProjection,
+};
 use super::swiglu::{swiglu_backward, swiglu_rows};
 use super::*;
 
@@ -54,10 +55,6 @@ impl SwiGluMlp {
         }
         Ok(shape.elem_count() / hidden)
     }
-
-    fn normed(&self, x: &[f32]) -> R<Vec<f32>> {
-        Ok(rms_norm_rows(x, &values(&self.norm.weight)?, self.norm.eps))
-    }
 }
 
 impl HalfLayer for SwiGluMlp {
@@ -69,7 +66,7 @@ impl HalfLayer for SwiGluMlp {
 
     fn fwd(&self, x: &[f32], shape: &Shape) -> R<Vec<f32>> {
         let m = self.rows(shape)?;
-        let n = self.normed(x)?;
+        let n = self.norm.rows(x)?;
         let (g, u) = (self.gate.forward(&n, m)?, self.up.forward(&n, m)?);
         drop(n);
         let mut y = self.down.forward(&swiglu_rows(&g, &u), m)?;
@@ -81,7 +78,7 @@ impl HalfLayer for SwiGluMlp {
     fn bwd(&self, x: &Tensor, dy: &[f32]) -> R<Vec<f32>> {
         let m = self.rows(x.shape())?;
         let xs = Values::of(x)?;
-        let n = self.normed(&xs)?;
+        let n = self.norm.rows(&xs)?;
         let (g, u) = match take(&self.kept) {
             Some(gu) => gu,
             None => (self.gate.forward(&n, m)?, self.up.forward(&n, m)?),
@@ -95,12 +92,6 @@ impl HalfLayer for SwiGluMlp {
         for (a, b) in dn.iter_mut().zip(&self.up.backward(&n, m, &du)?) {
             *a += b;
         }
-        let w = values(&self.norm.weight)?;
-        let mut dx = rms_norm_rows_backward(&xs, &dn, &w, self.norm.eps);
-        // The residual path: x's gradient is also dy.
-        for (a, b) in dx.iter_mut().zip(dy) {
-            *a += b;
-        }
-        Ok(dx)
+        input_gradient(&self.norm, &xs, &dn, dy)
     }
 }

@@ -13,6 +13,21 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> R<Tensor> {
         x.contiguous()?.apply_op1(self.clone())
     }
+
+    /// The op's value over slices: each row of `x` normalised.
+    pub(super) fn rows(&self, x: &[f32]) -> R<Vec<f32>> {
+        Ok(rms_norm_rows(x, &values(&self.weight)?, self.eps))
+    }
+
+    /// The gradient of [`RmsNorm::rows`] at `x` for the output gradient `dy`.
+    pub(super) fn rows_backward(&self, x: &[f32], dy: &[f32]) -> R<Vec<f32>> {
+        Ok(rms_norm_rows_backward(
+            x,
+            dy,
+            &values(&self.weight)?,
+            self.eps,
+        ))
+    }
 }
 
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
@@ -21,7 +36,7 @@ fn inv_rms(x: &[f32], eps: f32) -> f32 {
 }
 
 /// RMSNorm of each row of `x` (rows of `w.len()`), over slices.
-pub(super) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let n = w.len();
     let mut y = vec![0f32; x.len()];
     y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
@@ -34,7 +49,7 @@ pub(super) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 }
 
 /// The gradient of [`rms_norm_rows`] at `x` for the output gradient `dy`.
-pub(super) fn rms_norm_rows_backward(x: &[f32], dy: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+fn rms_norm_rows_backward(x: &[f32], dy: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let n = w.len();
     let mut dx = vec![0f32; x.len()];
     // With r = 1/sqrt(mean(x²) + eps) and g = dy ⊙ w: dx = r · (g - x · r² · mean(g ⊙ x)).

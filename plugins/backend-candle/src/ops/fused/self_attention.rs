@@ -1,7 +1,8 @@
 //! A layer's attention half in training, as one op.
 
-use super::layer_half::{add_residual, apply, keep, take, HalfLayer, Kept, LayerProjection};
-use super::rms_norm::{rms_norm_rows, rms_norm_rows_backward};
+use super::layer_half::{
+    add_residual, apply, input_gradient, keep, take, HalfLayer, Kept, LayerProjection,
+};
 use super::*;
 
 /// The attention half of a LLaMA layer in training, for sequences that start at position 0
@@ -72,10 +73,6 @@ impl SelfAttention {
         Ok((b, t))
     }
 
-    fn normed(&self, x: &[f32]) -> R<Vec<f32>> {
-        Ok(rms_norm_rows(x, &values(&self.norm.weight)?, self.norm.eps))
-    }
-
     /// q, k and v of the normalised input `n` (m rows).
     fn qkv(&self, n: &[f32], m: usize) -> R<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         Ok((
@@ -95,7 +92,7 @@ impl HalfLayer for SelfAttention {
 
     fn fwd(&self, x: &[f32], shape: &Shape) -> R<Vec<f32>> {
         let (b, t) = self.batch(shape)?;
-        let (q, k, v) = self.qkv(&self.normed(x)?, b * t)?;
+        let (q, k, v) = self.qkv(&self.norm.rows(x)?, b * t)?;
         let att = self.attention.attend(&q, &k, &v, b, t);
         let mut y = self.o.forward(&att, b * t)?;
         add_residual(&mut y, x);
@@ -107,7 +104,7 @@ impl HalfLayer for SelfAttention {
         let (b, t) = self.batch(x.shape())?;
         let m = b * t;
         let xs = Values::of(x)?;
-        let n = self.normed(&xs)?;
+        let n = self.norm.rows(&xs)?;
         let (q, k, v) = match take(&self.kept) {
             Some(qkv) => qkv,
             None => self.qkv(&n, m)?,
@@ -125,12 +122,6 @@ impl HalfLayer for SelfAttention {
         for ((a, k), q) in dn.iter_mut().zip(&dn_k).zip(&dn_q) {
             *a = *a + k + q;
         }
-        let w = values(&self.norm.weight)?;
-        let mut dx = rms_norm_rows_backward(&xs, &dn, &w, self.norm.eps);
-        // The residual path: x's gradient is also dy.
-        for (a, b) in dx.iter_mut().zip(dy) {
-            *a += b;
-        }
-        Ok(dx)
+        input_gradient(&self.norm, &xs, &dn, dy)
     }
 }
