@@ -14,8 +14,8 @@ use crate::error::{BackendError, Result};
 use crate::model::weights::{Projection, Weights};
 use crate::ops::blocks::BlockMatrix;
 use crate::ops::fused::{
-    Adapter, CausalAttention, Frozen, FrozenLinear, LayerProjection, LoraLinear, RmsNorm,
-    RopeTable, SelfAttention, SwiGluMlp,
+    Adapter, CacheInputs, CachedAttention, CausalAttention, Frozen, FrozenLinear, LayerProjection,
+    LoraLinear, RmsNorm, RopeTable, SelfAttention, SwiGluMlp,
 };
 use crate::ops::nf4::Nf4Matrix;
 use crate::ops::portable::Nf4Tensors;
@@ -52,6 +52,15 @@ struct Mode {
     bf16: bool,
     /// The op set the layers run (the portable one off the CPU, where the fused ops cannot).
     ops: OpSet,
+}
+
+impl Mode {
+    /// Whether attention runs as one [`CachedAttention`] op: in evaluation on the fused ops,
+    /// when no gradient flows through the projections (it has no backward pass; training keeps
+    /// the composed ops or its own fused ones).
+    fn cached_attention(self) -> bool {
+        !self.train && self.ops == OpSet::Fused
+    }
 }
 
 /// A linear layer: a frozen base weight (f32, or NF4 for the QLoRA base) and maybe an adapter.
@@ -213,7 +222,11 @@ struct Block {
 pub struct Pass {
     cos: Tensor,
     sin: Tensor,
+    /// The composed attention's additive mask (none where it has nothing to mask, or where the
+    /// cached attention runs, which masks as it goes).
     mask: Option<Tensor>,
+    /// Which cached positions of each row are real, for the cached attention.
+    key_valid: Option<Vec<Vec<bool>>>,
     /// When every row starts at position 0 with nothing cached and no padding mask (training):
     /// the rotary tables of positions 0..T, for the fused causal attention.
     from_zero: Option<(RopeTable, RopeTable)>,
@@ -633,7 +646,12 @@ impl Llama {
         let half = self.config.head_dim() / 2;
         let cos = self.cos.index_select(&pos, 0)?.reshape((b, 1, t, half))?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, 1, t, half))?;
-        let mask = self.mask(b, t, past, key_valid)?;
+        // The cached attention masks as it goes; the composed one adds a mask tensor.
+        let mask = if self.mode.cached_attention() {
+            None
+        } else {
+            self.mask(b, t, past, key_valid)?
+        };
         let from_zero = if self.mode.ops == OpSet::Fused
             && past == 0
             && key_valid.is_none()
@@ -654,6 +672,7 @@ impl Llama {
                 cos,
                 sin,
                 mask,
+                key_valid: key_valid.map(<[Vec<bool>]>::to_vec),
                 from_zero,
             },
         ))
@@ -796,18 +815,29 @@ impl Llama {
             self.config.head_dim(),
         );
         let mode = self.mode;
-        let q =
-            a.q.forward(x, mode, seed)?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?;
-        let k =
-            a.k.forward(x, mode, seed + 1)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-        let v =
-            a.v.forward(x, mode, seed + 2)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
+        let (q, k, v) = (
+            a.q.forward(x, mode, seed)?,
+            a.k.forward(x, mode, seed + 1)?,
+            a.v.forward(x, mode, seed + 2)?,
+        );
+        if mode.cached_attention() && ![&q, &k, &v].iter().any(|p| p.track_op()) {
+            let op = CachedAttention {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+            };
+            let cache = CacheInputs {
+                cos: &pass.cos,
+                sin: &pass.sin,
+                past: past.map(|(k, v)| (k, v)),
+                key_valid: pass.key_valid.as_deref(),
+            };
+            let (y, k, v) = op.forward(&q, &k, &v, &cache)?;
+            return Ok((a.o.forward(&y, mode, seed + 3)?, Some((k, v))));
+        }
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let q = rope(&q, &pass.cos, &pass.sin)?;
         let k = rope(&k, &pass.cos, &pass.sin)?;
         let v = v.contiguous()?;
@@ -822,7 +852,13 @@ impl Llama {
         let scale = 1.0 / (hd as f64).sqrt();
         let att = (qg.matmul(&k.t()?)? * scale)?;
         let att = att.reshape((b, nh, t, total))?;
-        let att = match &pass.mask {
+        // Evaluation builds no mask for the cached attention; a graph through it (gradients
+        // taken outside training, as the tests do) needs one here.
+        let built = match mode.cached_attention() {
+            true => self.mask(b, t, total - t, pass.key_valid.as_deref())?,
+            false => None,
+        };
+        let att = match built.as_ref().or(pass.mask.as_ref()) {
             Some(m) => att.broadcast_add(m)?,
             None => att,
         };
@@ -1075,6 +1111,56 @@ mod tests {
         let a = loss(&fused, &ids).to_scalar::<f32>().unwrap();
         let b = loss(&portable, &ids).to_scalar::<f32>().unwrap();
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+
+    #[test]
+    fn cached_attention_gives_the_composed_attentions_hidden_states() {
+        // Evaluation on the fused ops attends in one op over the cache; the portable ops compose
+        // rotation, concatenation, an additive mask and softmax. Both runs: a prefix alone, two
+        // rows continuing it by different lengths (the shorter one right-padded), and a decoding
+        // step whose padded key is masked out.
+        let fused = tiny();
+        let mut portable = tiny();
+        portable.set_ops(OpSet::Portable).unwrap();
+        let run = |m: &Llama| -> Vec<f32> {
+            let flat = |h: Tensor| h.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut cache = KvCache::default();
+            let mut out = flat(
+                m.forward(&[vec![3, 17, 42]], &[0], None, &mut cache)
+                    .unwrap(),
+            );
+            let mut cache = KvCache::stack(&[cache.clone(), cache]).unwrap();
+            let rows = [vec![8, 8, 25], vec![1, 49, 49]];
+            out.extend(flat(m.forward(&rows, &[3, 3], None, &mut cache).unwrap()));
+            let valid = [vec![true; 6], vec![true, true, true, true, true, false]];
+            let step = m.forward(&[vec![30], vec![12]], &[6, 5], Some(&valid), &mut cache);
+            out.extend(flat(step.unwrap()));
+            assert_eq!(cache.len(), 7);
+            out
+        };
+        let (a, b) = (run(&fused), run(&portable));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
+        }
+        // The padded key is really masked: changing what the padding holds changes nothing.
+        let mut cache = KvCache::default();
+        fused
+            .forward(&[vec![3, 17, 42]], &[0], None, &mut cache)
+            .unwrap();
+        let mut cache = KvCache::stack(&[cache.clone(), cache]).unwrap();
+        fused
+            .forward(&[vec![8, 8, 25], vec![1, 49, 7]], &[3, 3], None, &mut cache)
+            .unwrap();
+        let valid = [vec![true; 6], vec![true, true, true, true, true, false]];
+        let step = fused
+            .forward(&[vec![30], vec![12]], &[6, 5], Some(&valid), &mut cache)
+            .unwrap();
+        let n = step.elem_count();
+        assert_eq!(
+            step.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            a[a.len() - n..]
+        );
     }
 
     #[test]

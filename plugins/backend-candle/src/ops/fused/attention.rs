@@ -1,5 +1,6 @@
 //! Causal grouped-query attention with rotary embeddings.
 
+use super::cached_attention::rotate_half;
 use super::*;
 
 /// A rotary table: d/2 values per position, positions 0.. .
@@ -49,24 +50,10 @@ impl CausalAttention {
     /// Rotates each row (position p) of `x` (T, d) in place; `inverse` applies the transpose
     /// (the backward pass of the rotation).
     fn rotate(&self, x: &mut [f32], inverse: bool) {
-        let d = self.head_dim;
-        let half = d / 2;
-        for (p, row) in x.chunks_mut(d).enumerate() {
-            let (c, s) = (
-                &self.cos[p * half..(p + 1) * half],
-                &self.sin[p * half..(p + 1) * half],
-            );
-            let (x1, x2) = row.split_at_mut(half);
-            for i in 0..half {
-                let (a, b) = (x1[i], x2[i]);
-                if inverse {
-                    x1[i] = a * c[i] + b * s[i];
-                    x2[i] = b * c[i] - a * s[i];
-                } else {
-                    x1[i] = a * c[i] - b * s[i];
-                    x2[i] = b * c[i] + a * s[i];
-                }
-            }
+        let half = self.head_dim / 2;
+        for (p, row) in x.chunks_mut(self.head_dim).enumerate() {
+            let rows = p * half..(p + 1) * half;
+            rotate_half(row, &self.cos[rows.clone()], &self.sin[rows], inverse);
         }
     }
 

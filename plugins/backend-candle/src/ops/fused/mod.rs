@@ -99,6 +99,7 @@ fn tensor(data: Vec<f32>, shape: &Shape) -> R<Tensor> {
 }
 
 mod attention;
+mod cached_attention;
 mod cross_entropy;
 mod frozen;
 mod layer_half;
@@ -111,6 +112,7 @@ mod swiglu;
 mod tests;
 
 pub use attention::{CausalAttention, RopeTable};
+pub use cached_attention::{CacheInputs, CachedAttention};
 pub use cross_entropy::CrossEntropy;
 pub use frozen::{Frozen, FrozenLinear};
 pub use layer_half::{Adapter, LayerProjection};
