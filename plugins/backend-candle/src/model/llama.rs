@@ -854,9 +854,10 @@ impl Llama {
         let att = att.reshape((b, nh, t, total))?;
         // Evaluation builds no mask for the cached attention; a graph through it (gradients
         // taken outside training, as the tests do) needs one here.
-        let built = match mode.cached_attention() {
-            true => self.mask(b, t, total - t, pass.key_valid.as_deref())?,
-            false => None,
+        let built = if mode.cached_attention() {
+            self.mask(b, t, total - t, pass.key_valid.as_deref())?
+        } else {
+            None
         };
         let att = match built.as_ref().or(pass.mask.as_ref()) {
             Some(m) => att.broadcast_add(m)?,
