@@ -55,9 +55,9 @@ struct Mode {
 }
 
 impl Mode {
-    /// Whether attention runs as one [`CachedAttention`] op: in evaluation on the fused ops,
-    /// when no gradient flows through the projections (it has no backward pass; training keeps
-    /// the composed ops or its own fused ones).
+    /// Whether attention may run as one [`CachedAttention`] op: in evaluation on the fused ops.
+    /// The op has no backward pass, so `attention` still composes it when a gradient flows
+    /// through the projections; training keeps the composed ops or its own fused ones.
     fn cached_attention(self) -> bool {
         !self.train && self.ops == OpSet::Fused
     }

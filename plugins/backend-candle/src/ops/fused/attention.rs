@@ -1,6 +1,5 @@
 //! Causal grouped-query attention with rotary embeddings.
 
-use super::cached_attention::rotate_half;
 use super::*;
 
 /// A rotary table: d/2 values per position, positions 0.. .
@@ -21,6 +20,23 @@ pub struct CausalAttention {
     pub head_dim: usize,
     pub cos: RopeTable,
     pub sin: RopeTable,
+}
+
+/// Rotates `x` (a head's d values) by the rotate-half rotary embedding with tables `c`, `s`
+/// (d/2 each); `inverse` applies the transpose (the rotation's backward pass).
+pub(super) fn rotate_half(x: &mut [f32], c: &[f32], s: &[f32], inverse: bool) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at_mut(half);
+    for i in 0..half {
+        let (a, b) = (x1[i], x2[i]);
+        if inverse {
+            x1[i] = a * c[i] + b * s[i];
+            x2[i] = b * c[i] - a * s[i];
+        } else {
+            x1[i] = a * c[i] - b * s[i];
+            x2[i] = b * c[i] + a * s[i];
+        }
+    }
 }
 
 /// One head's rows of a (B, T, H·d) tensor: (T, d).

@@ -1,5 +1,6 @@
 //! Grouped-query attention of new tokens over a key/value cache, for evaluation.
 
+use super::attention::rotate_half;
 use super::*;
 
 /// Attention of new tokens over the keys and values already cached, in one pass over slices:
@@ -29,23 +30,6 @@ pub struct CacheInputs<'a> {
     /// Which cached positions of each row are real (the rest is padding, never attended to);
     /// `None`: all of them.
     pub key_valid: Option<&'a [Vec<bool>]>,
-}
-
-/// Rotates `x` (a head's d values) by the rotate-half rotary embedding with tables `c`, `s`
-/// (d/2 each); `inverse` applies the transpose (the rotation's backward pass).
-pub(super) fn rotate_half(x: &mut [f32], c: &[f32], s: &[f32], inverse: bool) {
-    let half = x.len() / 2;
-    let (x1, x2) = x.split_at_mut(half);
-    for i in 0..half {
-        let (a, b) = (x1[i], x2[i]);
-        if inverse {
-            x1[i] = a * c[i] + b * s[i];
-            x2[i] = b * c[i] - a * s[i];
-        } else {
-            x1[i] = a * c[i] - b * s[i];
-            x2[i] = b * c[i] + a * s[i];
-        }
-    }
 }
 
 impl CachedAttention {
@@ -177,7 +161,6 @@ impl CachedAttention {
                 y[at..at + d].copy_from_slice(row);
             }
         }
-        drop((qs, ks, vs, cos, sin, past_kv));
         Ok((
             Tensor::from_vec(y, (b, t, nh * d), &Device::Cpu)?,
             Tensor::from_vec(k_all, (b, nkv, total, d), &Device::Cpu)?,
