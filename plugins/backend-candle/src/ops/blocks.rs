@@ -71,6 +71,12 @@ impl BlockMatrix {
         self.cols / BLOCK * self.kind.block_bytes()
     }
 
+    /// Row `r`'s blocks as the checkpoint stores them.
+    pub fn row_blocks(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.bytes[r * rb..(r + 1) * rb]
+    }
+
     /// The same matrix with its rows reordered: row `i` of the result is row `order[i]`.
     pub fn permute_rows(&self, order: &[usize]) -> Self {
         let rb = self.row_bytes();
@@ -93,8 +99,7 @@ impl BlockMatrix {
     /// portable; the two give the same bits (a multiply and an add, each rounded).
     #[inline]
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let rb = self.row_bytes();
-        let row = &self.bytes[r * rb..(r + 1) * rb];
+        let row = self.row_blocks(r);
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx2")
@@ -170,41 +175,72 @@ fn dequantize_portable(kind: BlockKind, row: &[u8], out: &mut [f32]) {
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn dequantize_avx2(kind: BlockKind, row: &[u8], out: &mut [f32]) {
     use std::arch::x86_64::*;
-    const AHEAD: usize = 768;
     let bb = kind.block_bytes();
     for (block, ys) in row.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
-        // A prefetch never faults, so the address may run past the row.
-        _mm_prefetch::<_MM_HINT_T0>(block.as_ptr().wrapping_add(AHEAD) as *const i8);
-        // d (and m for Q4_1) from the block's first four bytes.
-        let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
-            block[0], block[1], block[2], block[3],
-        ])));
-        let d = _mm256_broadcastss_ps(scales);
+        prefetch_ahead(block);
         let yp = ys.as_mut_ptr();
-        match kind {
-            BlockKind::Q4_1 => {
-                let m = _mm256_broadcastss_ps(_mm_shuffle_ps::<0b01>(scales, scales));
-                let qs = _mm_loadu_si128(block.as_ptr().add(4) as *const __m128i);
-                let mask = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(qs, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-                for (at, bytes) in [
-                    (0, lo),
-                    (8, _mm_srli_si128(lo, 8)),
-                    (16, hi),
-                    (24, _mm_srli_si128(hi, 8)),
-                ] {
-                    let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-                    _mm256_storeu_ps(yp.add(at), _mm256_add_ps(_mm256_mul_ps(q, d), m));
-                }
+        for (at, v) in block_avx2(kind, block).into_iter().enumerate() {
+            _mm256_storeu_ps(yp.add(8 * at), v);
+        }
+    }
+}
+
+/// Asks for the blocks a few cache lines past `block` (a prefetch never faults, so the address
+/// may run past the row).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_ahead(block: &[u8]) {
+    use std::arch::x86_64::*;
+    const AHEAD: usize = 768;
+    // SAFETY: a prefetch reads nothing the program sees and never faults.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(block.as_ptr().wrapping_add(AHEAD) as *const i8) };
+}
+
+/// The 32 weights of one block (`block` holds at least its bytes), in order, as four vectors of
+/// eight: bytes widened to i32, converted (exactly: they are small integers), multiplied by the
+/// scale and, for Q4_1, the minimum added, two roundings as in the portable loop. Shared by the
+/// expansion into a row and by the decoding kernel that multiplies blocks in registers
+/// ([`crate::ops::kernels`]), so both use the very same numbers.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C, and `block` holds the block's bytes (20 for Q4_1, 34 for Q8_0).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+pub(crate) unsafe fn block_avx2(kind: BlockKind, block: &[u8]) -> [std::arch::x86_64::__m256; 4] {
+    use std::arch::x86_64::*;
+    // d (and m for Q4_1) from the block's first four bytes.
+    let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+        block[0], block[1], block[2], block[3],
+    ])));
+    let d = _mm256_broadcastss_ps(scales);
+    match kind {
+        BlockKind::Q4_1 => {
+            debug_assert!(block.len() >= 20);
+            let m = _mm256_broadcastss_ps(_mm_shuffle_ps::<0b01>(scales, scales));
+            let qs = _mm_loadu_si128(block.as_ptr().add(4) as *const __m128i);
+            let mask = _mm_set1_epi8(0x0F);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+            let mut out = [_mm256_setzero_ps(); 4];
+            // No closures here: they would not inherit this function's target features.
+            for (v, bytes) in
+                out.iter_mut()
+                    .zip([lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)])
+            {
+                let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+                *v = _mm256_add_ps(_mm256_mul_ps(q, d), m);
             }
-            BlockKind::Q8_0 => {
-                for at in [0, 8, 16, 24] {
-                    let bytes = _mm_loadl_epi64(block.as_ptr().add(2 + at) as *const __m128i);
-                    let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-                    _mm256_storeu_ps(yp.add(at), _mm256_mul_ps(q, d));
-                }
+            out
+        }
+        BlockKind::Q8_0 => {
+            debug_assert!(block.len() >= 34);
+            let mut out = [_mm256_setzero_ps(); 4];
+            for (i, v) in out.iter_mut().enumerate() {
+                let bytes = _mm_loadl_epi64(block.as_ptr().add(2 + 8 * i) as *const __m128i);
+                *v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), d);
             }
+            out
         }
     }
 }

@@ -8,8 +8,10 @@
 //! same bits.
 //!
 //! Weight rows come from a [`WeightRows`]: an f32 matrix, or a checkpoint's quantized blocks
-//! ([`BlockMatrix`]) expanded one row at a time into a buffer in L1 cache, which reads several
-//! times fewer bytes per step and multiplies the same f32 numbers.
+//! ([`BlockMatrix`]), which read several times fewer bytes per step and multiply the same f32
+//! numbers: on AVX2 CPUs each block is expanded in registers right where it is multiplied
+//! (expanding a row into a buffer first cost as much as its products at batch 1), elsewhere
+//! one row at a time into a buffer in L1 cache.
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -20,6 +22,12 @@ use crate::ops::blocks::BlockMatrix;
 pub trait WeightRows: Sync {
     /// Row `j` (`k` weights), borrowed or expanded into `buf` (`k` long).
     fn row<'a>(&'a self, j: usize, k: usize, buf: &'a mut [f32]) -> &'a [f32];
+
+    /// `out[i] = dot(x[i], row j)` for each row of `x` (rows of `k` values), bit for bit
+    /// [`dot_lanes`]: row `j` (expanded into `buf` if need be) through `dots`.
+    fn dots(&self, j: usize, x: &[f32], k: usize, buf: &mut [f32], out: &mut [f32], dots: DotsFn) {
+        dots(x, k, self.row(j, k, buf), out);
+    }
 }
 
 /// A row-major f32 matrix.
@@ -34,6 +42,28 @@ impl WeightRows for BlockMatrix {
         self.dequantize_row(j, buf);
         buf
     }
+
+    fn dots(&self, j: usize, x: &[f32], k: usize, buf: &mut [f32], out: &mut [f32], dots: DotsFn) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if blocks_in_registers() {
+                debug_assert!(k == self.cols && x.len() >= out.len() * k);
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked), the row holds `k / 32`
+                // whole blocks, and `x` holds `out.len()` rows of `k` values.
+                unsafe { block_dots_avx2(self.kind, self.row_blocks(j), x, k, out) };
+                return;
+            }
+        }
+        dots(x, k, self.row(j, k, buf), out);
+    }
+}
+
+/// Whether [`block_dots_avx2`] can run here.
+#[cfg(target_arch = "x86_64")]
+fn blocks_in_registers() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 /// Whether `x` qualifies for the few-row kernel: a contiguous f32 CPU matrix of at most
@@ -117,15 +147,14 @@ pub fn skinny_matmul<W: WeightRows + ?Sized>(
             let first = task * ROWS_PER_TASK;
             let mut buf = vec![0f32; k];
             for (r, cells) in dst.chunks_mut(m).enumerate() {
-                let row = w.row(first + r, k, &mut buf);
-                dots(x, k, row, cells);
+                w.dots(first + r, x, k, &mut buf, cells, dots);
             }
         });
     out_t
 }
 
 /// `out[i] = dot(x[i], w)` for every row of x (rows of `k` values).
-type DotsFn = fn(&[f32], usize, &[f32], &mut [f32]);
+pub type DotsFn = fn(&[f32], usize, &[f32], &mut [f32]);
 
 fn dots_fn() -> DotsFn {
     #[cfg(target_arch = "x86_64")]
@@ -155,10 +184,7 @@ unsafe fn dots_avx2(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
     const L: usize = 16;
     let chunks = k / L;
     let finish = |lo: __m256, hi: __m256, xr: &[f32]| -> f32 {
-        let mut lanes = [0f32; L];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
-        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
-        let mut sum: f32 = lanes.iter().sum();
+        let mut sum = sum_lanes(lo, hi);
         for i in chunks * L..k {
             sum = xr[i].mul_add(w[i], sum);
         }
@@ -195,6 +221,88 @@ unsafe fn dots_avx2(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
         }
         out[i] = finish(lo, hi, &x[i * k..(i + 1) * k]);
         i += 1;
+    }
+}
+
+/// The sixteen lanes of two accumulators added in [`dot_lanes`]' order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn sum_lanes(lo: std::arch::x86_64::__m256, hi: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let mut lanes = [0f32; 16];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+    lanes.iter().sum()
+}
+
+/// [`dots_avx2`] over a row of quantized blocks, each block expanded in registers
+/// ([`crate::ops::blocks::block_avx2`], the values `BlockMatrix::dequantize_row` writes) and
+/// multiplied at once: the lanes accumulate the same products in the same order as
+/// [`dot_lanes`] on the expanded row, so each result is its bits. Four rows of `x` at a time
+/// share each expanded block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_dots_avx2(
+    kind: crate::ops::blocks::BlockKind,
+    row: &[u8],
+    x: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
+    let m = out.len();
+    let mut i = 0;
+    while i + 4 <= m {
+        block_dots_group::<4>(kind, row, &x[i * k..], k, &mut out[i..i + 4]);
+        i += 4;
+    }
+    match m - i {
+        3 => block_dots_group::<3>(kind, row, &x[i * k..], k, &mut out[i..]),
+        2 => block_dots_group::<2>(kind, row, &x[i * k..], k, &mut out[i..]),
+        1 => block_dots_group::<1>(kind, row, &x[i * k..], k, &mut out[i..]),
+        _ => {}
+    }
+}
+
+/// `X` rows of `x` against one row of blocks (see [`block_dots_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn block_dots_group<const X: usize>(
+    kind: crate::ops::blocks::BlockKind,
+    row: &[u8],
+    x: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
+    use crate::ops::blocks::{block_avx2, prefetch_ahead, BLOCK};
+    use std::arch::x86_64::*;
+    let blocks = k / BLOCK;
+    assert!(
+        k.is_multiple_of(BLOCK)
+            && row.len() == blocks * kind.block_bytes()
+            && x.len() >= (X - 1) * k + k
+            && out.len() >= X,
+        "block dots: the row, x or out do not fit"
+    );
+    let xp = x.as_ptr();
+    let mut lo = [_mm256_setzero_ps(); X];
+    let mut hi = [_mm256_setzero_ps(); X];
+    for (b, block) in row.chunks_exact(kind.block_bytes()).enumerate() {
+        prefetch_ahead(block);
+        // A block is two of dot_lanes' 16-value chunks: w[0], w[1] and then w[2], w[3].
+        let w = block_avx2(kind, block);
+        for (half, (w_lo, w_hi)) in [(w[0], w[1]), (w[2], w[3])].into_iter().enumerate() {
+            let at = b * BLOCK + half * 16;
+            for r in 0..X {
+                let xr = xp.add(r * k + at);
+                lo[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w_lo, lo[r]);
+                hi[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w_hi, hi[r]);
+            }
+        }
+    }
+    for r in 0..X {
+        out[r] = sum_lanes(lo[r], hi[r]);
     }
 }
 
@@ -269,8 +377,9 @@ mod tests {
     fn block_rows_give_the_f32_copys_products_bit_for_bit() {
         use candle_core::quantized::{GgmlDType, QTensor};
         let dev = Device::Cpu;
+        // Every group size of the kernel that expands blocks in registers (4, 3, 2, 1 rows).
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            for m in [1, 3, 8, 16] {
+            for m in [1, 2, 3, 5, 7, 8, 16] {
                 let (n, k) = (70, 96);
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
                 let q = QTensor::quantize(&w, dtype).unwrap();
