@@ -149,8 +149,17 @@ fn matmul_t_blocks(x: &Tensor, b: &BlockMatrix) -> candle_core::Result<Tensor> {
     if let Some(y) = crate::ops::kernels::skinny_matmul_blocks_t(x, b)? {
         return Ok(y);
     }
-    let w = Tensor::from_vec(b.dequantize(), (b.rows, b.cols), x.device())?;
-    x.matmul(&w.t()?)
+    let x = x.contiguous()?;
+    let (m, k) = x.dims2()?;
+    let y = {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("a weight held as blocks multiplies CPU inputs only");
+        };
+        let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k];
+        crate::ops::matmul::matmul_t_expanded(xs, m, b)
+    };
+    Tensor::from_vec(y, (m, b.rows), x.device())
 }
 
 /// `x` (m, k) times `w` (n, k) transposed: the decoding kernel for a few rows, else gemm; when a

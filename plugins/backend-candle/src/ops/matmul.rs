@@ -7,6 +7,8 @@
 
 use gemm::Parallelism;
 
+use crate::ops::blocks::BlockMatrix;
+
 /// A read-only strided view of a matrix: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub struct View<'a> {
@@ -69,6 +71,53 @@ pub fn matmul(dst: &mut [f32], dst_rs: usize, lhs: View, rhs: View, scale: f32, 
         rayon::current_num_threads(),
     );
 }
+
+/// `x` (m, k) times the transpose of a weight held as blocks, `w` (n, k): the weight expanded
+/// into a buffer kept by the calling thread (one fresh allocation per product, zeroed and
+/// faulted in page by page, had cost prompt processing about a tenth of its time), then the
+/// very gemm call candle's matmul makes on the f32 copy (the same arguments, `x · wᵀ` with
+/// `wᵀ` a strided view), so the result is that copy's to the bit. A weight larger than
+/// [`EXPANDED_KEPT`] values gets a buffer of its own for the product, so a model's largest
+/// matrix (the output projection) does not stay expanded.
+pub fn matmul_t_expanded(x: &[f32], m: usize, w: &BlockMatrix) -> Vec<f32> {
+    use std::cell::RefCell;
+    thread_local! {
+        static EXPANDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+    let (n, k) = (w.rows, w.cols);
+    let mut y = vec![0f32; m * n];
+    let mut product = |weight: &mut [f32]| {
+        w.dequantize_rows(0, weight);
+        matmul(
+            &mut y,
+            n,
+            View::rows(x, m, k),
+            View::rows(weight, n, k).t(),
+            1.0,
+            false,
+        );
+    };
+    let kept = n * k <= EXPANDED_KEPT
+        && EXPANDED.with(|cell| {
+            // Busy only if a rayon worker, waiting inside a product, took on another one.
+            let Ok(mut buf) = cell.try_borrow_mut() else {
+                return false;
+            };
+            if buf.len() < n * k {
+                buf.resize(n * k, 0.0);
+            }
+            product(&mut buf[..n * k]);
+            true
+        });
+    if !kept {
+        product(&mut vec![0f32; n * k]);
+    }
+    y
+}
+
+/// The most weights [`matmul_t_expanded`] keeps expanded between products (64 MiB): every
+/// projection of a model up to a few billion parameters.
+pub const EXPANDED_KEPT: usize = 16 << 20;
 
 /// [`matmul`] on the calling thread alone, for products inside a parallel task.
 pub fn matmul_serial(
