@@ -47,9 +47,8 @@ impl WeightRows for BlockMatrix {
         #[cfg(target_arch = "x86_64")]
         {
             if blocks_in_registers() {
-                debug_assert!(k == self.cols && x.len() >= out.len() * k);
-                // SAFETY: the CPU has AVX2, FMA and F16C (checked), the row holds `k / 32`
-                // whole blocks, and `x` holds `out.len()` rows of `k` values.
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked); the kernel asserts that
+                // the row, `x` and `out` fit.
                 unsafe { block_dots_avx2(self.kind, self.row_blocks(j), x, k, out) };
                 return;
             }
@@ -281,7 +280,7 @@ unsafe fn block_dots_group<const X: usize>(
     assert!(
         k.is_multiple_of(BLOCK)
             && row.len() == blocks * kind.block_bytes()
-            && x.len() >= (X - 1) * k + k
+            && x.len() >= X * k
             && out.len() >= X,
         "block dots: the row, x or out do not fit"
     );

@@ -117,7 +117,7 @@ pub fn matmul_t_expanded(x: &[f32], m: usize, w: &BlockMatrix) -> Vec<f32> {
 
 /// The most weights [`matmul_t_expanded`] keeps expanded between products (64 MiB): every
 /// projection of a model up to a few billion parameters.
-pub const EXPANDED_KEPT: usize = 16 << 20;
+const EXPANDED_KEPT: usize = 16 << 20;
 
 /// [`matmul`] on the calling thread alone, for products inside a parallel task.
 pub fn matmul_serial(

@@ -186,8 +186,8 @@ impl Nf4Matrix {
             .for_each(|(b, (bytes, block))| {
                 let scale = absmax.get(b);
                 let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                let code = |x: f32| nearest_level((x * inv).clamp(-1.0, 1.0));
                 for (byte, pair) in bytes.iter_mut().zip(block.chunks(2)) {
-                    let code = |x: f32| nearest_level((x * inv).clamp(-1.0, 1.0));
                     *byte = code(pair[0]) << 4 | pair.get(1).map_or(0, |&x| code(x));
                 }
             });
