@@ -141,6 +141,43 @@ fn batch_sizes_1_8_and_32_give_identical_predictions() {
 }
 
 #[test]
+fn compute_bf16_is_recorded_and_keeps_batch_independence() {
+    let (model, dir) = tiny_model("compute-bf16");
+    let run = |batch: &str, compute: &str| -> PathBuf {
+        let out = dir.join(format!("{compute}-b{batch}"));
+        ok(harness()
+            .args(["eval", "--task", "addition", "--digits", "1-4", "--n", "12"])
+            .args(["--metric", "exact-match", "--seed", "7", "--batch", batch])
+            .args(["--compute", compute])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out));
+        out
+    };
+    let b1 = run("1", "bf16");
+    let b8 = run("8", "bf16");
+    let record = std::fs::read_to_string(b1.join("run.toml")).unwrap();
+    assert!(record.contains("compute = \"bf16\""), "{record}");
+    assert_eq!(predictions(&b1).len(), 48);
+    assert_eq!(predictions(&b1), predictions(&b8), "batch 1 vs 8");
+    // A wrong name is refused before any work.
+    let err = fails(
+        harness()
+            .args(["eval", "--task", "addition", "--n", "2", "--compute", "f16"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(dir.join("bad")),
+    );
+    assert!(
+        err.contains("`compute` must be one of `f32`, `bf16`"),
+        "{err}"
+    );
+    assert!(!dir.join("bad").join("samples.jsonl").exists());
+}
+
+#[test]
 fn an_interrupted_run_resumes_to_identical_results() {
     let (model, dir) = tiny_model("resume");
     ok(&mut addition_eval(&model, &dir.join("full")));

@@ -162,7 +162,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 /// The CPU kernels the candle backend picks on this machine for f32 evaluation: the decoding
 /// dot products (AVX2+FMA, also on AVX-512 CPUs, else portable) and gemm for prompts; and the
-/// bf16 units its training products use.
+/// bf16 units its training products and `compute = "bf16"` use.
 fn kernel_path() -> String {
     #[cfg(target_arch = "x86_64")]
     {
@@ -186,7 +186,8 @@ fn kernel_path() -> String {
             .map(|(_, name)| name)
             .collect();
         let bf16 = if bf16.is_empty() {
-            "none (training's bf16 products run in f32)".to_string()
+            "none (training's bf16 products run in f32, and compute=bf16 is emulated in f32)"
+                .to_string()
         } else {
             bf16.join(", ")
         };
@@ -223,6 +224,7 @@ pub fn eval(reg: &Registry, args: &BenchEvalArgs) -> Result<()> {
     let model = model_path(args.model.as_deref())?;
     let mut table = BackendFlags {
         model: Some(&model),
+        compute: args.compute.as_deref(),
         device: args.device.as_deref(),
         max_batch: Some(args.batch.max(8)),
         ..BackendFlags::default()

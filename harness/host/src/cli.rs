@@ -407,6 +407,13 @@ pub struct EvalArgs {
     #[arg(long, value_name = "f32|nf4|gguf")]
     pub base: Option<String>,
 
+    /// Precision of the matrix products: `f32` (default; exact, the reference answers) or
+    /// `bf16` (both operands of every projection's product rounded to bf16, sums in f32, as
+    /// QLoRA's bf16 compute dtype: fast on CPUs with AMX or AVX512-BF16, emulated at f32 speed
+    /// elsewhere; it changes some answers, see the README).
+    #[arg(long, value_name = "f32|bf16")]
+    pub compute: Option<String>,
+
     /// Where the model runs: `cpu` (default) or `cuda`/`cuda:N` (a backend built with the
     /// `cuda` feature; see the README).
     #[arg(long, value_name = "cpu|cuda[:N]")]
@@ -642,6 +649,9 @@ pub struct BenchEvalArgs {
     /// Repetitions of each workload.
     #[arg(long = "workload-runs", value_name = "N", default_value_t = 3)]
     pub workload_runs: u64,
+    /// Precision of the matrix products: `f32` (default) or `bf16` (as `harness eval --compute`).
+    #[arg(long, value_name = "f32|bf16")]
+    pub compute: Option<String>,
     /// Any other backend option, as KEY=VALUE (repeatable), passed to every measurement.
     #[arg(long = "backend-option", value_name = "KEY=VALUE")]
     pub backend_options: Vec<String>,

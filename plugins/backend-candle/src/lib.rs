@@ -49,6 +49,21 @@ pub struct Options {
     pub max_batch: u64,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// The precision of evaluation's products: `f32` (exact) or `bf16`.
+    pub compute: Compute,
+}
+
+/// The precision of evaluation's matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compute {
+    /// f32 throughout: the checkpoint's numbers, the reference fixtures' answers.
+    #[default]
+    F32,
+    /// The projections' and output projection's products with both operands rounded to bf16
+    /// and f32 sums, on the CPU's bf16 units (AMX, AVX512-BF16) where it has them and emulated
+    /// in f32 elsewhere (the same numbers, no faster): see `ops::bf16::Bf16Matrix`.
+    Bf16,
 }
 
 impl Default for Options {
@@ -60,6 +75,7 @@ impl Default for Options {
             double_quant: true,
             max_batch: 8,
             device: "cpu".into(),
+            compute: Compute::F32,
         }
     }
 }
@@ -79,6 +95,8 @@ pub struct Config {
     pub max_batch: usize,
     /// Where the model runs.
     pub device: DeviceSpec,
+    /// The precision of evaluation's products.
+    pub compute: Compute,
 }
 
 /// The device a model runs on, as the `device` option names it.
@@ -211,6 +229,11 @@ impl Config {
             }
             _ => {}
         }
+        if o.compute == Compute::Bf16 && device != DeviceSpec::Cpu {
+            return Err(BackendError::Options(
+                "compute = \"bf16\" runs on the CPU's bf16 kernels; on a GPU evaluate with compute = \"f32\"".into(),
+            ));
+        }
         o.model = Some(model.clone());
         o.adapter = adapter.clone();
         o.base = Some(base);
@@ -222,6 +245,7 @@ impl Config {
             double_quant: o.double_quant,
             max_batch: o.max_batch as usize,
             device,
+            compute: o.compute,
         })
     }
 }
@@ -274,6 +298,9 @@ impl CandleBackend {
             // An error unless some projection is in blocks (a GGUF of a kind kept, on the CPU).
             model.keep_projections_in_blocks()?;
         }
+        if config.compute == Compute::Bf16 {
+            model.compute_in_bf16()?;
+        }
         let info = ModelInfo {
             name: ckpt.name.clone().into(),
             path: config.model.display().to_string().into(),
@@ -303,7 +330,7 @@ fn text(e: BackendError) -> String {
 impl BackendPlugin for CandleBackend {
     type Options = Options;
     type TrainOptions = TrainArgs;
-    const DESCRIPTION: &'static str = "LLaMA-family models (GGUF or HF safetensors) on candle, CPU or CUDA (options: model, adapter, base, double_quant, max_batch, device)";
+    const DESCRIPTION: &'static str = "LLaMA-family models (GGUF or HF safetensors) on candle, CPU or CUDA (options: model, adapter, base, double_quant, max_batch, device, compute)";
 
     fn new(options: &mut Options) -> std::result::Result<Self, String> {
         let config = Config::new(options).map_err(text)?;

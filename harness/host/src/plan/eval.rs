@@ -121,6 +121,7 @@ pub fn from_args(args: &EvalArgs) -> Result<EvalPlan> {
         model: args.model.as_deref(),
         adapter: adapter_dir.as_deref(),
         base: args.base.as_deref(),
+        compute: args.compute.as_deref(),
         device: args.device.as_deref(),
         max_batch: Some(args.batch),
     }
@@ -167,6 +168,7 @@ fn resume(args: &EvalArgs, dir: &std::path::Path) -> Result<EvalPlan> {
         ("--model", args.model.is_some()),
         ("--adapter", args.adapter.is_some()),
         ("--base", args.base.is_some()),
+        ("--compute", args.compute.is_some()),
         ("--device", args.device.is_some()),
         ("--data", args.data.is_some()),
         ("--option", !args.options.is_empty()),

@@ -13,14 +13,15 @@ use toml::{Table, Value};
 
 pub use eval::{from_args, EvalPlan};
 
-/// The backend options the host's own flags set (`--model`, `--adapter`, `--base`, `--device`,
-/// `--batch`): the one place their keys are written. Every backend is asked to accept these
+/// The backend options the host's own flags set (`--model`, `--adapter`, `--base`, `--compute`,
+/// `--device`, `--batch`): the one place their keys are written. Every backend is asked to accept these
 /// names; `--backend-option KEY=VALUE` passes anything else through untouched.
 #[derive(Debug, Default)]
 pub struct BackendFlags<'a> {
     pub model: Option<&'a Path>,
     pub adapter: Option<&'a Path>,
     pub base: Option<&'a str>,
+    pub compute: Option<&'a str>,
     pub device: Option<&'a str>,
     pub max_batch: Option<u64>,
 }
@@ -47,6 +48,7 @@ impl BackendFlags<'_> {
             ("model", self.model.map(path)),
             ("adapter", self.adapter.map(path)),
             ("base", self.base.map(text)),
+            ("compute", self.compute.map(text)),
             ("device", self.device.map(text)),
             (
                 "max_batch",

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{BackendError, Result};
 use crate::model::weights::{Projection, Weights};
+use crate::ops::bf16::Bf16Matrix;
 use crate::ops::blocks::BlockMatrix;
 use crate::ops::fused::{
     Adapter, CacheInputs, CachedAttention, CausalAttention, Frozen, FrozenLinear, LayerProjection,
@@ -69,6 +70,8 @@ struct Linear {
     /// The checkpoint's quantized blocks of an f32 base, which decoding reads instead (the
     /// same numbers in fewer bytes; see `ops::blocks`).
     blocks: Option<Arc<BlockMatrix>>,
+    /// The weight in bf16, which evaluation with `compute = "bf16"` multiplies instead.
+    bf16: Option<Arc<Bf16Matrix>>,
     lora: Option<Lora>,
 }
 
@@ -77,6 +80,7 @@ impl Linear {
         Linear {
             base: Frozen::Dense(weight),
             blocks,
+            bf16: None,
             lora: None,
         }
     }
@@ -117,6 +121,9 @@ impl Linear {
         let (b, t, i) = x.dims3()?;
         let x = x.reshape((b * t, i))?;
         let mut y = match &self.base {
+            _ if self.bf16.is_some() && !mode.train && !x.track_op() => {
+                matmul_t_bf16(&x, self.bf16.as_deref().expect("checked"))?
+            }
             Frozen::Dense(w) => matmul_t_with(&x, w, self.blocks.as_deref())?,
             Frozen::Blocks(b) if !x.track_op() => matmul_t_blocks(&x, b)?,
             frozen => FrozenLinear(frozen.clone()).forward(&x)?,
@@ -157,9 +164,23 @@ fn matmul_t_blocks(x: &Tensor, b: &BlockMatrix) -> candle_core::Result<Tensor> {
             candle_core::bail!("a weight held as blocks multiplies CPU inputs only");
         };
         let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k];
-        crate::ops::matmul::matmul_t_expanded(xs, m, b)
+        crate::ops::matmul::matmul_t_expanded(xs, m, (b.rows, b.cols), |w| b.dequantize_rows(0, w))
     };
     Tensor::from_vec(y, (m, b.rows), x.device())
+}
+
+/// `x` (m, k) times a bf16 weight's transpose, with `x` rounded to bf16 (see [`Bf16Matrix`]).
+fn matmul_t_bf16(x: &Tensor, w: &Bf16Matrix) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let (m, k) = x.dims2()?;
+    let y = {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("a bf16 weight multiplies CPU inputs only");
+        };
+        w.product_t(&cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k], m)
+    };
+    Tensor::from_vec(y, (m, w.rows), x.device())
 }
 
 /// `x` (m, k) times `w` (n, k) transposed: the decoding kernel for a few rows, else gemm; when a
@@ -314,6 +335,8 @@ pub struct Llama {
     lm_head: Frozen,
     /// The checkpoint's blocks of an f32 `lm_head`, for decoding.
     lm_head_blocks: Option<Arc<BlockMatrix>>,
+    /// `lm_head` in bf16, for evaluation with `compute = "bf16"`.
+    lm_head_bf16: Option<Arc<Bf16Matrix>>,
     /// (max_positions, head_dim / 2)
     cos: Tensor,
     sin: Tensor,
@@ -346,11 +369,13 @@ impl Llama {
                 Projection::Nf4(weight) => Linear {
                     base: Frozen::Nf4(weight),
                     blocks: None,
+                    bf16: None,
                     lora: None,
                 },
                 Projection::Blocks(b) => Linear {
                     base: Frozen::Blocks(b),
                     blocks: None,
+                    bf16: None,
                     lora: None,
                 },
             })
@@ -415,6 +440,7 @@ impl Llama {
             norm: norm_w,
             lm_head,
             lm_head_blocks,
+            lm_head_bf16: None,
             cos,
             sin,
             device: device.clone(),
@@ -514,6 +540,29 @@ impl Llama {
             ));
         }
         Ok(in_blocks)
+    }
+
+    /// Evaluation from now on multiplies bf16 copies of the projections and the output
+    /// projection, rounding their inputs to bf16 ([`Bf16Matrix`]): `compute = "bf16"`. The
+    /// embeddings, norms, attention and adapters stay f32, as under QLoRA's bf16 compute dtype.
+    pub fn compute_in_bf16(&mut self) -> Result<()> {
+        if !self.device.is_cpu() || self.mode.ops.is_portable() {
+            return Err(BackendError::Options(
+                "compute = \"bf16\" runs on the CPU's bf16 kernels; on a GPU evaluate in f32"
+                    .into(),
+            ));
+        }
+        let copy = |frozen: &Frozen| -> Result<Arc<Bf16Matrix>> {
+            let (rows, cols) = frozen.dims()?;
+            let mut w = Bf16Matrix::new(rows, cols);
+            frozen.tiles(|first, _, values| w.set_rows(first, values))?;
+            Ok(Arc::new(w))
+        };
+        for (_, _, lin) in self.linears_mut() {
+            lin.bf16 = Some(copy(&lin.base)?);
+        }
+        self.lm_head_bf16 = Some(copy(&self.lm_head)?);
+        Ok(())
     }
 
     /// Adds fresh LoRA adapters to the projections named in `targets` and returns their
@@ -772,6 +821,9 @@ impl Llama {
     /// Logits (N, vocab) of hidden states (N, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(match &self.lm_head {
+            _ if self.lm_head_bf16.is_some() && !self.mode.train && !hidden.track_op() => {
+                matmul_t_bf16(hidden, self.lm_head_bf16.as_deref().expect("checked"))?
+            }
             _ if self.mode.ops.is_portable() => hidden.matmul(&self.lm_head.weight()?.t()?)?,
             Frozen::Dense(w) => matmul_t_with(hidden, w, self.lm_head_blocks.as_deref())?,
             Frozen::Blocks(b) if !hidden.track_op() => matmul_t_blocks(hidden, b)?,
@@ -1189,6 +1241,37 @@ mod tests {
             let (a, b) = (loss(&dense, &ids), loss(&blocks, &ids));
             let (a, b) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
             assert_eq!(a.to_bits(), b.to_bits(), "{len} tokens: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn bf16_compute_changes_logits_by_rounding_alone_on_either_base() {
+        use crate::model::weights::Packing;
+        let (config, mut weights) = super::testing::tiny_weights_q4_1(Packing::F32);
+        let dense = Llama::new(config, &mut weights, &Device::Cpu).unwrap();
+        let (config, mut weights) = super::testing::tiny_weights_q4_1(Packing::F32);
+        let mut bf16 = Llama::new(config, &mut weights, &Device::Cpu).unwrap();
+        bf16.compute_in_bf16().unwrap();
+        let (config, mut weights) = super::testing::tiny_weights_q4_1(Packing::Blocks);
+        let mut blocks = Llama::new(config, &mut weights, &Device::Cpu).unwrap();
+        blocks.keep_projections_in_blocks().unwrap();
+        blocks.compute_in_bf16().unwrap();
+        // 3 rows take the decoding kernel, 24 the prompt path.
+        for len in [3usize, 24] {
+            let ids: Vec<u32> = (0..len as u32).map(|i| (i * 11 + 3) % 50).collect();
+            let f32_loss = loss(&dense, &ids).to_scalar::<f32>().unwrap();
+            let bf16_loss = loss(&bf16, &ids).to_scalar::<f32>().unwrap();
+            assert_ne!(
+                f32_loss, bf16_loss,
+                "{len} tokens: compute = bf16 changed nothing"
+            );
+            assert!(
+                (f32_loss - bf16_loss).abs() < 1e-2 * f32_loss.abs(),
+                "{len} tokens: {f32_loss} vs {bf16_loss}"
+            );
+            // The same bf16 weights whichever form the base is held in.
+            let from_blocks = loss(&blocks, &ids).to_scalar::<f32>().unwrap();
+            assert_eq!(bf16_loss.to_bits(), from_blocks.to_bits());
         }
     }
 

@@ -7,8 +7,6 @@
 
 use gemm::Parallelism;
 
-use crate::ops::blocks::BlockMatrix;
-
 /// A read-only strided view of a matrix: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub struct View<'a> {
@@ -72,22 +70,27 @@ pub fn matmul(dst: &mut [f32], dst_rs: usize, lhs: View, rhs: View, scale: f32, 
     );
 }
 
-/// `x` (m, k) times the transpose of a weight held as blocks, `w` (n, k): the weight expanded
-/// into a buffer kept by the calling thread (with one fresh allocation per product, zeroed and
-/// faulted in page by page, prompts over blocks ran 8-15% slower than over the f32 copy), then the
-/// very gemm call candle's matmul makes on the f32 copy (the same arguments, `x · wᵀ` with
-/// `wᵀ` a strided view), so the result is that copy's to the bit. A weight larger than
-/// [`EXPANDED_KEPT`] values gets a buffer of its own for the product, so a model's largest
-/// matrix (the output projection) does not stay expanded.
-pub fn matmul_t_expanded(x: &[f32], m: usize, w: &BlockMatrix) -> Vec<f32> {
+/// `x` (m, k) times the transpose of a weight (n, k) held in a compact form (the checkpoint's
+/// blocks, bf16) that `expand` writes out in f32, row-major: the weight expanded into a buffer
+/// kept by the calling thread (with one fresh allocation per product, zeroed and faulted in page
+/// by page, prompts over blocks ran 8-15% slower than over the f32 copy), then the very gemm call
+/// candle's matmul makes on an f32 copy (the same arguments, `x · wᵀ` with `wᵀ` a strided view),
+/// so the result is that copy's to the bit. A weight larger than [`EXPANDED_KEPT`] values gets a
+/// buffer of its own for the product, so a model's largest matrix (the output projection) does
+/// not stay expanded.
+pub fn matmul_t_expanded(
+    x: &[f32],
+    m: usize,
+    (n, k): (usize, usize),
+    expand: impl Fn(&mut [f32]),
+) -> Vec<f32> {
     use std::cell::RefCell;
     thread_local! {
         static EXPANDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
-    let (n, k) = (w.rows, w.cols);
     let mut y = vec![0f32; m * n];
     let mut product = |weight: &mut [f32]| {
-        w.dequantize_rows(0, weight);
+        expand(weight);
         matmul(
             &mut y,
             n,

@@ -1,4 +1,5 @@
-//! bf16 matrix products for training (frozen weights and adapters), on whichever of two kinds
+//! bf16 matrix products for training (frozen weights and adapters) and for evaluation with
+//! `compute = "bf16"` ([`Bf16Matrix`]), on whichever of two kinds
 //! of hardware the CPU has: AMX tiles ([`amx`], Intel Xeon since Sapphire Rapids) or AVX512-BF16
 //! dot products ([`avx512`], AMD Zen 4 and later, some Intel Xeons). Either is several times (AMX)
 //! or about twice (AVX512-BF16) as fast as f32 gemm on the same cores. [`kernel`] picks one once;
@@ -13,6 +14,9 @@
 
 mod amx;
 mod avx512;
+mod rows;
+
+pub use rows::{rounded, Bf16Matrix};
 
 use std::sync::OnceLock;
 
