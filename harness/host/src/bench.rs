@@ -438,6 +438,9 @@ fn time_workload(
         if let Some(d) = &args.device {
             c.args(["--device", d]);
         }
+        if let Some(compute) = &args.compute {
+            c.args(["--compute", compute]);
+        }
         for pair in &args.backend_options {
             c.args(["--backend-option", pair]);
         }

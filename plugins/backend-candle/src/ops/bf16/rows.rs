@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::{bf16, fits, kernel, matmul as bf16_matmul, PackedA, PackedB};
-use crate::ops::kernels::{skinny_matmul, WeightRows, SKINNY_MAX_ROWS};
+use crate::ops::kernels::{skinny_matmul, DotsFn, WeightRows, SKINNY_MAX_ROWS};
 use crate::ops::matmul::{matmul_t_expanded, View};
 
 /// The f32 value of a bf16 (its top 16 bits).
@@ -121,6 +121,22 @@ impl WeightRows for Bf16Matrix {
     fn row<'a>(&'a self, j: usize, k: usize, buf: &'a mut [f32]) -> &'a [f32] {
         self.expand_row(j, &mut buf[..k]);
         &buf[..k]
+    }
+
+    fn dots(&self, j: usize, x: &[f32], k: usize, buf: &mut [f32], out: &mut [f32], dots: DotsFn) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                let row = &self.data[j * self.cols..(j + 1) * self.cols];
+                // SAFETY: the CPU has AVX2 and FMA (checked); the kernel asserts that the row,
+                // `x` and `out` fit.
+                unsafe { crate::ops::kernels::bf16_dots_avx2(row, x, k, out) };
+                return;
+            }
+        }
+        dots(x, k, self.row(j, k, buf), out);
     }
 }
 
