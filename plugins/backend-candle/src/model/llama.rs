@@ -150,50 +150,63 @@ fn matmul_t_with(
 }
 
 /// `x` (m, k) times a weight held only as blocks, by the very products [`matmul_t_with`] runs on
-/// its f32 copy (the decoding kernel over the blocks, else candle's matmul on the weight expanded
-/// for this product alone), so that `base = "gguf"` predicts bit for bit what `f32` does.
+/// its f32 copy (the decoding kernel over the blocks, else the f32 copy's gemm call on the weight
+/// expanded for this product), so that `base = "gguf"` predicts bit for bit what `f32` does.
 fn matmul_t_blocks(x: &Tensor, b: &BlockMatrix) -> candle_core::Result<Tensor> {
     if let Some(y) = crate::ops::kernels::skinny_matmul_blocks_t(x, b)? {
         return Ok(y);
     }
-    let x = x.contiguous()?;
-    let (m, k) = x.dims2()?;
-    let y = {
-        let (storage, layout) = x.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("a weight held as blocks multiplies CPU inputs only");
-        };
-        let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k];
+    on_slices(x, b.rows, |xs, m| {
         crate::ops::matmul::matmul_t_expanded(xs, m, (b.rows, b.cols), |w| b.dequantize_rows(0, w))
-    };
-    Tensor::from_vec(y, (m, b.rows), x.device())
+    })
 }
 
 /// `x` (m, k) times a bf16 weight's transpose, with `x` rounded to bf16 (see [`Bf16Matrix`]).
 fn matmul_t_bf16(x: &Tensor, w: &Bf16Matrix) -> candle_core::Result<Tensor> {
-    let x = x.contiguous()?;
-    let (m, k) = x.dims2()?;
-    let y = {
-        let (storage, layout) = x.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("a bf16 weight multiplies CPU inputs only");
-        };
-        w.product_t(&cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k], m)
-    };
-    Tensor::from_vec(y, (m, w.rows), x.device())
+    on_slices(x, w.rows, |xs, m| w.product_t(xs, m))
 }
 
-/// `x` (m, k) times `w` (n, k) transposed: the decoding kernel for a few rows, else gemm; when a
-/// gradient must flow through `x`, the frozen-weight op that computes no weight gradient.
+/// `x` (m, k) times `w` (n, k) transposed: the decoding kernel for a few rows, else the gemm
+/// call of [`crate::ops::matmul::matmul_t`]; when a gradient must flow through `x`, the
+/// frozen-weight op that computes no weight gradient.
 fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if x.track_op() {
         // Frozen weight: the gradient goes to x only.
         return FrozenLinear(Frozen::Dense(w.clone())).forward(x);
     }
-    match crate::ops::kernels::skinny_matmul_t(x, w)? {
-        Some(y) => Ok(y),
-        None => x.matmul(&w.t()?),
+    if let Some(y) = crate::ops::kernels::skinny_matmul_t(x, w)? {
+        return Ok(y);
     }
+    let (n, k) = w.dims2()?;
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("the fused ops multiply CPU weights only");
+    };
+    if !layout.is_contiguous() {
+        candle_core::bail!("a weight must be contiguous");
+    }
+    let ws = &cpu.as_slice::<f32>()?[layout.start_offset()..][..n * k];
+    on_slices(x, n, |xs, m| {
+        crate::ops::matmul::matmul_t(xs, m, ws, (n, k))
+    })
+}
+
+/// The (m, n) tensor of `product(x's values, m)` for a CPU tensor `x` (m, k).
+fn on_slices(
+    x: &Tensor,
+    n: usize,
+    product: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let (m, k) = x.dims2()?;
+    let y = {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("the fused ops multiply CPU inputs only");
+        };
+        product(&cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k], m)
+    };
+    Tensor::from_vec(y, (m, n), x.device())
 }
 
 /// The projections of a fused training op ([`SelfAttention`], [`SwiGluMlp`]), each with its

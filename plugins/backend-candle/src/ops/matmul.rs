@@ -70,12 +70,28 @@ pub fn matmul(dst: &mut [f32], dst_rs: usize, lhs: View, rhs: View, scale: f32, 
     );
 }
 
+/// `x` (m, k) times the transpose of an f32 weight `w` (n, k): the very gemm call candle's
+/// matmul makes for `x.matmul(&w.t())` (the same arguments, `wᵀ` a strided view). Every f32
+/// prompt product goes through here, over the f32 copy or over a weight expanded from blocks
+/// ([`matmul_t_expanded`]), so the two give the same bits by construction.
+pub fn matmul_t(x: &[f32], m: usize, w: &[f32], (n, k): (usize, usize)) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    matmul(
+        &mut y,
+        n,
+        View::rows(x, m, k),
+        View::rows(w, n, k).t(),
+        1.0,
+        false,
+    );
+    y
+}
+
 /// `x` (m, k) times the transpose of a weight (n, k) held in a compact form (the checkpoint's
 /// blocks, bf16) that `expand` writes out in f32, row-major: the weight expanded into a buffer
 /// kept by the calling thread (with one fresh allocation per product, zeroed and faulted in page
-/// by page, prompts over blocks ran 8-15% slower than over the f32 copy), then the very gemm call
-/// candle's matmul makes on an f32 copy (the same arguments, `x · wᵀ` with `wᵀ` a strided view),
-/// so the result is that copy's to the bit. A weight larger than [`EXPANDED_KEPT`] values gets a
+/// by page, prompts over blocks ran 8-15% slower than over the f32 copy), then [`matmul_t`],
+/// so the result is an f32 copy's to the bit. A weight larger than [`EXPANDED_KEPT`] values gets a
 /// buffer of its own for the product, so a model's largest matrix (the output projection) does
 /// not stay expanded.
 pub fn matmul_t_expanded(
@@ -88,17 +104,10 @@ pub fn matmul_t_expanded(
     thread_local! {
         static EXPANDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
-    let mut y = vec![0f32; m * n];
+    let mut y = Vec::new();
     let mut product = |weight: &mut [f32]| {
         expand(weight);
-        matmul(
-            &mut y,
-            n,
-            View::rows(x, m, k),
-            View::rows(weight, n, k).t(),
-            1.0,
-            false,
-        );
+        y = matmul_t(x, m, weight, (n, k));
     };
     let kept = n * k <= EXPANDED_KEPT
         && EXPANDED.with(|cell| {
