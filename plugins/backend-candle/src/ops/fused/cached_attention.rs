@@ -1,5 +1,7 @@
 //! Grouped-query attention of new tokens over a key/value cache, for evaluation.
 
+use std::mem::MaybeUninit;
+
 use super::attention::rotate_half;
 use super::*;
 
@@ -82,27 +84,30 @@ impl CachedAttention {
         let rep = nh / nkv;
         let scale = 1.0 / (d as f32).sqrt();
         let span = total * d;
-        let mut k_all = vec![0f32; b * nkv * span];
-        let mut v_all = vec![0f32; b * nkv * span];
+        // The grown cache is written in full below (the past, then the new positions), so it
+        // is not zeroed first: zeroing it was a serial pass over the whole cache in every layer
+        // of every decoding step.
+        let mut k_all: Vec<f32> = Vec::with_capacity(b * nkv * span);
+        let mut v_all: Vec<f32> = Vec::with_capacity(b * nkv * span);
         // One task per (row, key head): it grows that head's cache, then computes the outputs
         // of its query heads.
-        let groups: Vec<Vec<f32>> = k_all
+        let groups: Vec<Vec<f32>> = k_all.spare_capacity_mut()[..b * nkv * span]
             .par_chunks_mut(span)
-            .zip(v_all.par_chunks_mut(span))
+            .zip(v_all.spare_capacity_mut()[..b * nkv * span].par_chunks_mut(span))
             .enumerate()
             .map(|(bg, (kc, vc))| {
                 let (bi, g) = (bg / nkv, bg % nkv);
-                if let Some((pk, pv)) = &past_kv {
-                    kc[..past * d].copy_from_slice(&pk[bg * past * d..(bg + 1) * past * d]);
-                    vc[..past * d].copy_from_slice(&pv[bg * past * d..(bg + 1) * past * d]);
-                }
+                let old = bg * past * d..(bg + 1) * past * d;
+                let (pk, pv): (&[f32], &[f32]) = match &past_kv {
+                    Some((pk, pv)) => (&pk[old.clone()], &pv[old]),
+                    None => (&[], &[]),
+                };
+                let at = (bi, g, t, nkv, d);
+                let (kc, vc) = (filled(kc, pk, &ks, at), filled(vc, pv, &vs, at));
                 let rows = |p: usize| (bi * t + p) * half..(bi * t + p + 1) * half;
                 for p in 0..t {
-                    let at = ((bi * t + p) * nkv + g) * d;
                     let key = &mut kc[(past + p) * d..(past + p + 1) * d];
-                    key.copy_from_slice(&ks[at..at + d]);
                     rotate_half(key, &cos[rows(p)], &sin[rows(p)], false);
-                    vc[(past + p) * d..(past + p + 1) * d].copy_from_slice(&vs[at..at + d]);
                 }
                 // The group's queries, rotated: rows (head, position), rep·T of them.
                 let mut qr = vec![0f32; rep * t * d];
@@ -152,6 +157,12 @@ impl CachedAttention {
                 y
             })
             .collect();
+        // SAFETY: every task initialised its whole chunk (`filled`), and the chunks cover the
+        // first b·nkv·span values.
+        unsafe {
+            k_all.set_len(b * nkv * span);
+            v_all.set_len(b * nkv * span);
+        }
         let mut y = vec![0f32; b * t * nh * d];
         for (bg, rows) in groups.iter().enumerate() {
             let (bi, g) = (bg / nkv, bg % nkv);
@@ -167,4 +178,33 @@ impl CachedAttention {
             Tensor::from_vec(v_all, (b, nkv, total, d), &Device::Cpu)?,
         ))
     }
+}
+
+/// One (row, key head) of the grown cache, `span` values not yet initialised: the `past`
+/// positions, then the head's `t` new ones from `new` (B, T, kv_heads·d) as the projection
+/// emitted them. Returns the chunk, now initialised in full.
+fn filled<'a>(
+    chunk: &'a mut [MaybeUninit<f32>],
+    past: &[f32],
+    new: &[f32],
+    (bi, g, t, nkv, d): (usize, usize, usize, usize, usize),
+) -> &'a mut [f32] {
+    assert_eq!(
+        chunk.len(),
+        past.len() + t * d,
+        "cache chunk of the wrong size"
+    );
+    let (old, fresh) = chunk.split_at_mut(past.len());
+    for (dst, &src) in old.iter_mut().zip(past) {
+        dst.write(src);
+    }
+    for (p, position) in fresh.chunks_exact_mut(d).enumerate() {
+        let at = ((bi * t + p) * nkv + g) * d;
+        for (dst, &src) in position.iter_mut().zip(&new[at..at + d]) {
+            dst.write(src);
+        }
+    }
+    // SAFETY: the assert and the two loops wrote every element of `chunk`: `past.len()` of
+    // them, then t positions of d, and MaybeUninit<f32> has f32's layout.
+    unsafe { &mut *(chunk as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
