@@ -255,12 +255,18 @@ impl Config {
 /// activations every time, and a decoding step its growing key/value caches, and fresh pages
 /// cost a page fault and zeroing each (measured: about 4% of a training step). Peak memory is
 /// unchanged, since the same sizes come back every step.
+///
+/// All threads share one arena: evaluation runs on whichever rayon worker picks it up
+/// ([`on_pool`]), and with an arena per thread each worker kept a whole working set of its own
+/// (an addition eval peaked at 0.40-0.43 GiB instead of 0.31; the same speed, and the same
+/// training speed, with one arena).
 pub(crate) fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; it is safe to call at any time.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
@@ -323,6 +329,16 @@ impl CandleBackend {
     }
 }
 
+/// Runs `f` on one of rayon's worker threads and waits for it. The model's parallel products
+/// (several hundred per decoding step) then start from a worker, which works on them itself and
+/// hands halves to the other workers, instead of from the host's thread, which must wake a worker
+/// for each one and sleep until it is done: decoding at batch 1 went from 69-72 to 82-85
+/// tokens/s with that alone (2 cores).
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // `join` called outside the pool runs both closures on the pool and blocks until they end.
+    rayon::join(f, || ()).0
+}
+
 fn text(e: BackendError) -> String {
     e.to_string()
 }
@@ -349,22 +365,26 @@ impl BackendPlugin for CandleBackend {
         &mut self,
         requests: Vec<GenerateRequest>,
     ) -> std::result::Result<Vec<Generation>, String> {
-        self.engine.generate(&requests).map_err(text)
+        let engine = &mut self.engine;
+        on_pool(|| engine.generate(&requests).map_err(text))
     }
 
     fn score_choices(
         &mut self,
         requests: Vec<ChoiceRequest>,
     ) -> std::result::Result<Vec<Vec<ChoiceScore>>, String> {
-        requests
-            .iter()
-            .map(|r| {
-                let options: Vec<String> = r.options.iter().map(|o| o.to_string()).collect();
-                self.engine
-                    .score_choices(r.context.as_str(), &options)
-                    .map_err(text)
-            })
-            .collect()
+        let engine = &mut self.engine;
+        on_pool(|| {
+            requests
+                .iter()
+                .map(|r| {
+                    let options: Vec<String> = r.options.iter().map(|o| o.to_string()).collect();
+                    engine
+                        .score_choices(r.context.as_str(), &options)
+                        .map_err(text)
+                })
+                .collect()
+        })
     }
 
     fn next_token_logprobs(
@@ -372,10 +392,8 @@ impl BackendPlugin for CandleBackend {
         text_in: &str,
         top: u32,
     ) -> std::result::Result<Vec<TokenLogprob>, String> {
-        let top = self
-            .engine
-            .next_token_logprobs(text_in, top as usize)
-            .map_err(text)?;
+        let engine = &mut self.engine;
+        let top = on_pool(|| engine.next_token_logprobs(text_in, top as usize)).map_err(text)?;
         top.into_iter()
             .map(|(id, logprob)| {
                 let piece = self
@@ -397,10 +415,13 @@ impl BackendPlugin for CandleBackend {
         prompts: Vec<Prompt>,
         top: u32,
     ) -> std::result::Result<Vec<Vec<PromptToken>>, String> {
-        prompts
-            .iter()
-            .map(|p| self.engine.prompt_logprobs(p, top as usize).map_err(text))
-            .collect()
+        let engine = &mut self.engine;
+        on_pool(|| {
+            prompts
+                .iter()
+                .map(|p| engine.prompt_logprobs(p, top as usize).map_err(text))
+                .collect()
+        })
     }
 
     fn detokenize(&self, ids: &[u32]) -> std::result::Result<String, String> {
