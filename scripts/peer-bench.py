@@ -10,9 +10,11 @@ the same f32 weights) and the same shapes:
     projections, AdamW (tokens/s and the process's peak memory, each in its own process);
   * lm-evaluation-harness (transformers backend, fp32 and bf16) on the very prompts of a
     harness run: addition k=1..12 x 20 (3-shot, greedy, until a newline, k+6 tokens at most)
-    and MMLU machine_learning (letter log-likelihoods), whole process wall time;
-  * `harness bench eval --workloads`, `harness bench eval --compute bf16` (prefill and decoding)
-    and `harness bench train` (release build),
+    and MMLU machine_learning (letter log-likelihoods), whole process wall time, each run right
+    after a `harness eval` of the same workload (--workload-runs such pairs; the ratio is the
+    median of the pairs', which holds up on a shared machine whose load drifts);
+  * `harness bench eval`, `harness bench eval --compute bf16` (prefill and decoding) and
+    `harness bench train` (release build),
 
 and prints one table of ratios (harness / peer, higher is better for rates, lower for times).
 
@@ -150,13 +152,25 @@ def harness(args, *rest, capture=True):
     return subprocess.run([str(args.harness), *rest], check=True, capture_output=capture, text=True)
 
 
+# The two workloads, as `harness eval` arguments (the same as `harness bench eval --workloads`).
+WORKLOADS = {
+    "addition": ["--task", "addition", "--digits", "1-12", "--n", "20", "--metric", "levenshtein"],
+    "mmlu": ["--task", "mmlu", "--subject", "machine_learning", "--metric", "exact-match"],
+}
+
+
+def time_harness(args, workload, out):
+    """Wall time of one whole `harness eval` process of a workload, into the fresh folder `out`."""
+    start = time.perf_counter()
+    harness(args, "eval", *WORKLOADS[workload], "--model", str(args.gguf), "--out", str(out))
+    return time.perf_counter() - start
+
+
 def export_runs(args, work):
     """The harness's own runs of the two workloads, whose prompts lm-eval then answers."""
     add, mmlu = work / "addition", work / "mmlu"
-    harness(args, "eval", "--task", "addition", "--digits", "1-12", "--n", "20",
-            "--metric", "levenshtein", "--model", str(args.gguf), "--out", str(add))
-    harness(args, "eval", "--task", "mmlu", "--subject", "machine_learning",
-            "--metric", "exact-match", "--model", str(args.gguf), "--out", str(mmlu))
+    time_harness(args, "addition", add)
+    time_harness(args, "mmlu", mmlu)
     return add, mmlu
 
 
@@ -218,6 +232,7 @@ metric_list:
 
 
 def time_lm_eval(args, work, tasks, dtype):
+    """Wall time of one whole lm-eval process over `tasks`."""
     cmd = [
         sys.executable, "-m", "lm_eval", "--model", "hf",
         "--model_args", f"pretrained={args.gguf.parent},gguf_file={args.gguf.name},dtype={dtype}",
@@ -225,12 +240,25 @@ def time_lm_eval(args, work, tasks, dtype):
         "--batch_size", str(args.lm_eval_batch), "--device", "cpu",
     ]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    times = []
-    for _ in range(args.workload_runs):
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return time.perf_counter() - start
+
+
+def paired(args, work, workload, tasks, dtype):
+    """--workload-runs pairs of a harness run and an lm-eval run of one workload, one right after
+    the other, so that both sides of each pair meet the same load on a shared machine: the
+    medians of each side and of the pairs' ratios."""
+    pairs = []
+    for r in range(args.workload_runs):
+        ours = time_harness(args, workload, work / f"paired-{workload}-{dtype}-{r}")
+        pairs.append((ours, time_lm_eval(args, work, tasks, dtype)))
+    return {
+        "harness_s": statistics.median(h for h, _ in pairs),
+        "peer_s": statistics.median(p for _, p in pairs),
+        "ratio": statistics.median(h / p for h, p in pairs),
+        "pairs": pairs,
+    }
 
 
 def main():
@@ -238,7 +266,7 @@ def main():
     p.add_argument("--harness", type=pathlib.Path, default=ROOT / "target" / "release" / "harness")
     p.add_argument("--gguf", type=pathlib.Path, default=GGUF)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--workload-runs", type=int, default=1)
+    p.add_argument("--workload-runs", type=int, default=1, help="alternating pairs of harness and lm-eval runs of each workload (the ratio is the median of the pairs')")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -273,8 +301,7 @@ def main():
             out = pathlib.Path(tmp) / "bench.json"
             harness(args, "bench", "eval", "--model", str(args.gguf), "--runs", str(args.runs),
                     "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
-                    "--new-tokens", str(args.new_tokens), "--workloads",
-                    "--workload-runs", str(args.workload_runs), "--json", str(out))
+                    "--new-tokens", str(args.new_tokens), "--json", str(out))
             fig["harness_eval"] = json.loads(out.read_text())
             if "harness-bf16" not in skip:
                 print("harness bench eval --compute bf16 ...", file=sys.stderr)
@@ -297,10 +324,10 @@ def main():
             for dtype in ("float32", "bfloat16"):
                 if not wanted("lm-eval", dtype):
                     continue
-                print(f"lm-eval {dtype} ...", file=sys.stderr)
+                print(f"lm-eval {dtype}, alternating with the harness ...", file=sys.stderr)
                 fig[f"lm_eval_{dtype}"] = {
-                    "addition_wall_s": time_lm_eval(args, work, add_tasks, dtype),
-                    "mmlu_wall_s": time_lm_eval(args, work, mmlu_tasks, dtype),
+                    "addition": paired(args, work, "addition", add_tasks, dtype),
+                    "mmlu": paired(args, work, "mmlu", mmlu_tasks, dtype),
                 }
     if args.out:
         args.out.write_text(json.dumps(fig, indent=2) + "\n")
@@ -322,7 +349,6 @@ def machine():
 def print_table(fig, args):
     h = fig.get("harness_eval", {})
     ht = fig.get("harness_train", {})
-    work = {w["name"].split()[0]: w for w in h.get("workloads", [])}
     rows = []
 
     def rate(what, ours, peer_key, field, goal):
@@ -331,11 +357,13 @@ def print_table(fig, args):
             return
         rows.append((what, f"{ours:.1f}", f"{peer:.1f}", f"{ours / peer:.2f}x", goal))
 
-    def wall(what, ours, peer_key, field, goal):
-        peer = fig.get(peer_key, {}).get(field)
-        if ours is None or peer is None:
+    def wall(what, peer_key, field, goal):
+        p = fig.get(peer_key, {}).get(field)
+        if p is None:
             return
-        rows.append((what, f"{ours:.1f} s", f"{peer:.1f} s", f"{ours / peer:.2f}x", goal))
+        n = len(p["pairs"])
+        rows.append((f"{what} ({n} alternating pair{'s' if n > 1 else ''})", f"{p['harness_s']:.1f} s",
+                     f"{p['peer_s']:.1f} s", f"{p['ratio']:.2f}x", goal))
 
     pre = h.get("prefill", {}).get("tokens_per_s")
     d1 = h.get("decode_batch_1", {}).get("tokens_per_s")
@@ -348,12 +376,10 @@ def print_table(fig, args):
     rate("decode batch 1 tok/s vs transformers fp32", d1, "transformers_float32", "decode_batch_1", "")
     rate(f"decode batch {b} tok/s vs transformers fp32", dn, "transformers_float32", f"decode_batch_{b}", "")
     rate(f"decode batch {b} tok/s vs transformers bf16", dn, "transformers_bfloat16", f"decode_batch_{b}", ">= 2.0x")
-    add = work.get("addition", {}).get("wall_s")
-    mm = work.get("mmlu", {}).get("wall_s")
-    wall("addition 1-12 x 20 wall vs lm-eval fp32", add, "lm_eval_float32", "addition_wall_s", "<= 0.33x")
-    wall("addition 1-12 x 20 wall vs lm-eval bf16", add, "lm_eval_bfloat16", "addition_wall_s", "")
-    wall("MMLU machine_learning wall vs lm-eval fp32", mm, "lm_eval_float32", "mmlu_wall_s", "")
-    wall("MMLU machine_learning wall vs lm-eval bf16", mm, "lm_eval_bfloat16", "mmlu_wall_s", "")
+    wall("addition 1-12 x 20 wall vs lm-eval fp32", "lm_eval_float32", "addition", "<= 0.33x")
+    wall("addition 1-12 x 20 wall vs lm-eval bf16", "lm_eval_bfloat16", "addition", "")
+    wall("MMLU machine_learning wall vs lm-eval fp32", "lm_eval_float32", "mmlu", "")
+    wall("MMLU machine_learning wall vs lm-eval bf16", "lm_eval_bfloat16", "mmlu", "")
     rate("QLoRA train tok/s vs PEFT fp32", ht.get("train"), "peft_float32", "train", "")
     rate("QLoRA train tok/s vs PEFT bf16", ht.get("train"), "peft_bfloat16", "train", ">= 2.0x")
     for dtype, name, goal in (("float32", "fp32", ""), ("bfloat16", "bf16", "<= 0.25x")):

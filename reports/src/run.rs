@@ -88,6 +88,11 @@ impl Run {
             .get("base")
             .and_then(|b| b.as_str())
             .map(str::to_string);
+        // Only a precision other than the default f32 is named.
+        let compute = backend_options
+            .get("compute")
+            .and_then(|c| c.as_str())
+            .filter(|c| *c != "f32");
         let model = record
             .get("model")
             .and_then(|m| m.get("name"))
@@ -95,7 +100,7 @@ impl Run {
             .unwrap_or("model");
         let label = match record.get("label").and_then(|l| l.as_str()) {
             Some(l) if !l.is_empty() => l.to_string(),
-            _ => default_label(model, adapter.as_deref(), base.as_deref()),
+            _ => default_label(model, adapter.as_deref(), base.as_deref(), compute),
         };
         let trained_digits = adapter
             .as_deref()
@@ -136,8 +141,14 @@ impl Run {
     }
 }
 
-/// `model + adapter NAME (base)`, e.g. `SmolLM2-135M-Instruct + addition-1-7 (nf4)`.
-fn default_label(model: &str, adapter: Option<&Path>, base: Option<&str>) -> String {
+/// `model + adapter NAME (base, compute)`, e.g. `SmolLM2-135M-Instruct + addition-1-7 (nf4)` or
+/// `SmolLM2-135M-Instruct (gguf, bf16)`.
+fn default_label(
+    model: &str,
+    adapter: Option<&Path>,
+    base: Option<&str>,
+    compute: Option<&str>,
+) -> String {
     let mut s = model.to_string();
     if let Some(a) = adapter {
         let name = a
@@ -146,8 +157,9 @@ fn default_label(model: &str, adapter: Option<&Path>, base: Option<&str>) -> Str
             .unwrap_or_else(|| a.display().to_string());
         s.push_str(&format!(" + {name}"));
     }
-    if let Some(b) = base {
-        s.push_str(&format!(" ({b})"));
+    let notes: Vec<&str> = base.into_iter().chain(compute).collect();
+    if !notes.is_empty() {
+        s.push_str(&format!(" ({})", notes.join(", ")));
     }
     s
 }
@@ -270,12 +282,16 @@ mod tests {
     }
 
     #[test]
-    fn labels_name_model_adapter_and_base() {
+    fn labels_name_model_adapter_base_and_a_precision_other_than_f32() {
         assert_eq!(
-            default_label("M", Some(Path::new("adapters/a-1-7")), Some("nf4")),
+            default_label("M", Some(Path::new("adapters/a-1-7")), Some("nf4"), None),
             "M + a-1-7 (nf4)"
         );
-        assert_eq!(default_label("M", None, Some("f32")), "M (f32)");
+        assert_eq!(default_label("M", None, Some("f32"), None), "M (f32)");
+        assert_eq!(
+            default_label("M", None, Some("gguf"), Some("bf16")),
+            "M (gguf, bf16)"
+        );
     }
 
     #[test]

@@ -442,7 +442,8 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DIR", conflicts_with = "resume")]
     pub out: Option<PathBuf>,
 
-    /// What reports call this run in legends and tables (default: model + adapter + base).
+    /// What reports call this run in legends and tables (default: model + adapter + base, and
+    /// the precision when it is not f32).
     #[arg(long, value_name = "TEXT", conflicts_with = "resume")]
     pub label: Option<String>,
 

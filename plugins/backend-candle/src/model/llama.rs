@@ -120,13 +120,11 @@ impl Linear {
         // x: (B, T, in) -> (B*T, in) @ (in, out)
         let (b, t, i) = x.dims3()?;
         let x = x.reshape((b * t, i))?;
-        let mut y = match &self.base {
-            _ if self.bf16.is_some() && !mode.train && !x.track_op() => {
-                matmul_t_bf16(&x, self.bf16.as_deref().expect("checked"))?
-            }
-            Frozen::Dense(w) => matmul_t_with(&x, w, self.blocks.as_deref())?,
-            Frozen::Blocks(b) if !x.track_op() => matmul_t_blocks(&x, b)?,
-            frozen => FrozenLinear(frozen.clone()).forward(&x)?,
+        let mut y = match (&self.bf16, &self.base) {
+            (Some(w), _) if !mode.train && !x.track_op() => matmul_t_bf16(&x, w)?,
+            (_, Frozen::Dense(w)) => matmul_t_with(&x, w, self.blocks.as_deref())?,
+            (_, Frozen::Blocks(b)) if !x.track_op() => matmul_t_blocks(&x, b)?,
+            (_, frozen) => FrozenLinear(frozen.clone()).forward(&x)?,
         };
         if let Some(lora) = &self.lora {
             y = (y + lora.forward(&x, mode.train, seed)?)?;
@@ -833,14 +831,12 @@ impl Llama {
 
     /// Logits (N, vocab) of hidden states (N, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(match &self.lm_head {
-            _ if self.lm_head_bf16.is_some() && !self.mode.train && !hidden.track_op() => {
-                matmul_t_bf16(hidden, self.lm_head_bf16.as_deref().expect("checked"))?
-            }
+        Ok(match (&self.lm_head_bf16, &self.lm_head) {
+            (Some(w), _) if !self.mode.train && !hidden.track_op() => matmul_t_bf16(hidden, w)?,
             _ if self.mode.ops.is_portable() => hidden.matmul(&self.lm_head.weight()?.t()?)?,
-            Frozen::Dense(w) => matmul_t_with(hidden, w, self.lm_head_blocks.as_deref())?,
-            Frozen::Blocks(b) if !hidden.track_op() => matmul_t_blocks(hidden, b)?,
-            frozen => FrozenLinear(frozen.clone()).forward(hidden)?,
+            (_, Frozen::Dense(w)) => matmul_t_with(hidden, w, self.lm_head_blocks.as_deref())?,
+            (_, Frozen::Blocks(b)) if !hidden.track_op() => matmul_t_blocks(hidden, b)?,
+            (_, frozen) => FrozenLinear(frozen.clone()).forward(hidden)?,
         })
     }
 
