@@ -16,7 +16,7 @@ mod amx;
 mod avx512;
 mod rows;
 
-pub use rows::{rounded, Bf16Matrix};
+pub use rows::Bf16Matrix;
 
 use std::sync::OnceLock;
 

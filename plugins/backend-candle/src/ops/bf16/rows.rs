@@ -21,7 +21,7 @@ fn widen(v: u16) -> f32 {
 }
 
 /// `x` rounded to bf16's values, as f32.
-pub fn rounded(x: &[f32]) -> Vec<f32> {
+fn rounded(x: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(1 << 14)
         .zip(x.par_chunks(1 << 14))
@@ -45,7 +45,7 @@ pub struct Bf16Matrix {
 }
 
 impl Bf16Matrix {
-    /// An empty (rows, cols) matrix that `fill(first row, rows, values)` calls fill in.
+    /// A (rows, cols) matrix of zeros, for [`Bf16Matrix::set_rows`] to fill.
     pub fn new(rows: usize, cols: usize) -> Self {
         Bf16Matrix {
             rows,
@@ -106,14 +106,6 @@ impl Bf16Matrix {
                 .enumerate()
                 .for_each(|(j, row)| self.expand_row(j, row));
         })
-    }
-
-    /// The path [`Bf16Matrix::product_t`] takes for prompts here, for reports.
-    pub fn prompt_path() -> &'static str {
-        match kernel() {
-            Some(k) => k.name(),
-            None => "emulated in f32 (no bf16 unit)",
-        }
     }
 }
 
