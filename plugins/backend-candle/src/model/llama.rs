@@ -566,7 +566,9 @@ impl Llama {
         let copy = |frozen: &Frozen| -> Result<Arc<Bf16Matrix>> {
             let (rows, cols) = frozen.dims()?;
             let mut w = Bf16Matrix::new(rows, cols);
-            frozen.tiles(|first, _, values| w.set_rows(first, values))?;
+            frozen.tiles(crate::ops::fused::TILE_ROWS, |first, _, values| {
+                w.set_rows(first, values)
+            })?;
             Ok(Arc::new(w))
         };
         for (_, _, lin) in self.linears_mut() {

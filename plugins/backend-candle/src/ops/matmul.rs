@@ -7,6 +7,8 @@
 
 use gemm::Parallelism;
 
+use crate::ops::zeros::zeros;
+
 /// A read-only strided view of a matrix: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub struct View<'a> {
@@ -75,7 +77,7 @@ pub fn matmul(dst: &mut [f32], dst_rs: usize, lhs: View, rhs: View, scale: f32, 
 /// prompt product goes through here, over the f32 copy or over a weight expanded from blocks
 /// ([`matmul_t_expanded`]), so the two give the same bits by construction.
 pub fn matmul_t(x: &[f32], m: usize, w: &[f32], (n, k): (usize, usize)) -> Vec<f32> {
-    let mut y = vec![0f32; m * n];
+    let mut y = zeros(m * n);
     matmul(
         &mut y,
         n,

@@ -10,6 +10,7 @@ pub mod kernels;
 pub mod matmul;
 pub mod nf4;
 pub mod portable;
+pub mod zeros;
 
 use candle_core::Tensor;
 

@@ -138,7 +138,7 @@ impl CausalAttention {
                 y
             })
             .collect();
-        let mut y = vec![0f32; b * t * nh * d];
+        let mut y = zeros(b * t * nh * d);
         for (bh, rows) in heads.iter().enumerate() {
             put_head(&mut y, rows, bh / nh, t, nh, d, bh % nh);
         }
@@ -197,9 +197,9 @@ impl CausalAttention {
                 (dqs, dk, dv)
             })
             .collect();
-        let mut dq = vec![0f32; qs.len()];
-        let mut dk = vec![0f32; ks.len()];
-        let mut dv = vec![0f32; vs.len()];
+        let mut dq = zeros(qs.len());
+        let mut dk = zeros(ks.len());
+        let mut dv = zeros(vs.len());
         for (bg, (dqs, dkg, dvg)) in groups.iter().enumerate() {
             let (bi, g) = (bg / nkv, bg % nkv);
             for (i, rows) in dqs.iter().enumerate() {

@@ -163,7 +163,7 @@ impl CachedAttention {
             k_all.set_len(b * nkv * span);
             v_all.set_len(b * nkv * span);
         }
-        let mut y = vec![0f32; b * t * nh * d];
+        let mut y = zeros(b * t * nh * d);
         for (bg, rows) in groups.iter().enumerate() {
             let (bi, g) = (bg / nkv, bg % nkv);
             for (r, row) in rows.chunks(d).enumerate() {

@@ -49,8 +49,8 @@ impl CustomOp1 for CrossEntropy {
         if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= vocab) {
             candle_core::bail!("cross-entropy: target {t} is outside the vocabulary of {vocab}");
         }
-        let mut grad = vec![0f32; n * dim];
-        let mut logits = vec![0f32; LOGIT_ROWS.min(n) * vocab];
+        let mut grad = zeros(n * dim);
+        let mut logits = zeros(LOGIT_ROWS.min(n) * vocab);
         let mut total = 0f64;
         for first in (0..n).step_by(LOGIT_ROWS) {
             let rows = LOGIT_ROWS.min(n - first);

@@ -39,8 +39,9 @@ impl Frozen {
         }
     }
 
-    /// Calls `f` with each block of rows of the weight, as (first row, rows, values).
-    pub fn tiles(&self, mut f: impl FnMut(usize, usize, &[f32])) -> R<()> {
+    /// Calls `f` with each block of rows of the weight, as (first row, rows, values): `per_tile`
+    /// rows decoded at a time (an f32 weight is one block).
+    pub fn tiles(&self, per_tile: usize, mut f: impl FnMut(usize, usize, &[f32])) -> R<()> {
         match self {
             Frozen::Dense(w) => {
                 let (out, inp) = w.dims2()?;
@@ -51,8 +52,12 @@ impl Frozen {
                 let data = input(cpu, layout, "frozen weight")?;
                 f(0, out, &data[..out * inp]);
             }
-            Frozen::Nf4(q) => decoded_tiles(q.rows, q.cols, |r, t| q.dequantize_rows(r, t), f),
-            Frozen::Blocks(b) => decoded_tiles(b.rows, b.cols, |r, t| b.dequantize_rows(r, t), f),
+            Frozen::Nf4(q) => {
+                decoded_tiles(q.rows, q.cols, per_tile, |r, t| q.dequantize_rows(r, t), f)
+            }
+            Frozen::Blocks(b) => {
+                decoded_tiles(b.rows, b.cols, per_tile, |r, t| b.dequantize_rows(r, t), f)
+            }
             Frozen::Nf4Tensors(_) => {
                 candle_core::bail!(
                     "NF4 tensors are multiplied by the portable path, not the fused CPU ops"
@@ -63,16 +68,17 @@ impl Frozen {
     }
 }
 
-/// Calls `f` with each tile of a (rows, cols) weight that `decode(first row, tile)` expands
-/// into one reused buffer.
+/// Calls `f` with each tile of `per_tile` rows of a (rows, cols) weight that
+/// `decode(first row, tile)` expands into one reused buffer.
 fn decoded_tiles(
     rows: usize,
     cols: usize,
+    per_tile: usize,
     decode: impl Fn(usize, &mut [f32]),
     mut f: impl FnMut(usize, usize, &[f32]),
 ) {
-    let mut buf = vec![0f32; TILE_ROWS.min(rows) * cols];
-    for (first, n) in tile_rows(rows) {
+    let mut buf = vec![0f32; per_tile.min(rows) * cols];
+    for (first, n) in tile_rows(rows, per_tile) {
         let tile = &mut buf[..n * cols];
         decode(first, tile);
         f(first, n, tile);
@@ -102,13 +108,17 @@ impl Frozen {
         let xv = View::rows(x, m, inp);
         let packed = (bf16 && crate::ops::bf16::available()).then(|| PackedA::new(xv));
         if let (Some(a), Some(q)) = (&packed, self.nf4_in_bf16_tiles()) {
-            for (first, rows) in tile_rows(out) {
+            for (first, rows) in tile_rows(out, TILE_ROWS) {
                 let b = PackedB::nf4_transposed(q, first, rows);
                 bf16_matmul(&mut y[first..], out, a, &b, false);
             }
             return Ok(());
         }
-        self.tiles(|first, rows, w| match &packed {
+        let per_tile = match packed {
+            Some(_) => TILE_ROWS,
+            None => f32_tile_rows(inp),
+        };
+        self.tiles(per_tile, |first, rows, w| match &packed {
             Some(a) if fits(inp, rows) => {
                 let b = PackedB::transposed(w, rows, inp);
                 bf16_matmul(&mut y[first..], out, a, &b, false);
@@ -126,13 +136,14 @@ impl Frozen {
         let (out, inp) = self.dims()?;
         let low = bf16 && crate::ops::bf16::available();
         if let Some(q) = self.nf4_in_bf16_tiles().filter(|_| low) {
-            for (first, rows) in tile_rows(out) {
+            for (first, rows) in tile_rows(out, TILE_ROWS) {
                 let a = PackedA::new(View::rows(dy, m, out).cols_range(first, rows));
                 bf16_matmul(dx, inp, &a, &PackedB::nf4_rows(q, first, rows), true);
             }
             return Ok(());
         }
-        self.tiles(|first, rows, w| {
+        let per_tile = if low { TILE_ROWS } else { f32_tile_rows(inp) };
+        self.tiles(per_tile, |first, rows, w| {
             let dy = View::rows(dy, m, out).cols_range(first, rows);
             if low && fits(rows, inp) {
                 let a = PackedA::new(dy);
@@ -159,7 +170,7 @@ impl FrozenLinear {
     /// `x` (m, in) · Wᵀ over slices, in f32: the op's forward pass.
     pub(super) fn product(&self, x: &[f32], m: usize) -> R<Vec<f32>> {
         let (out, inp) = self.0.dims()?;
-        let mut y = vec![0f32; m * out];
+        let mut y = zeros(m * out);
         if m <= crate::ops::kernels::SKINNY_MAX_ROWS {
             // Decoding: each weight row read once, dotted with the few input rows; the kernel
             // gives rows `first..` of the output transposed.
@@ -175,7 +186,7 @@ impl FrozenLinear {
                 Frozen::Blocks(b) => {
                     put(0, crate::ops::kernels::skinny_matmul(x, m, inp, &**b, out))
                 }
-                frozen => frozen.tiles(|first, rows, w| {
+                frozen => frozen.tiles(TILE_ROWS, |first, rows, w| {
                     put(
                         first,
                         crate::ops::kernels::skinny_matmul(x, m, inp, w, rows),
@@ -216,7 +227,7 @@ impl CustomOp1 for FrozenLinear {
         let (_, inp) = self.0.dims()?;
         let dy = Values::of(grad)?;
         let m = x.elem_count() / inp;
-        let mut dx = vec![0f32; m * inp];
+        let mut dx = zeros(m * inp);
         self.product_backward(&dy, m, &mut dx)?;
         Ok(Some(tensor(dx, x.shape())?))
     }

@@ -123,7 +123,7 @@ impl LayerProjection {
         match self {
             LayerProjection::Frozen(f) => f.product(x, m),
             LayerProjection::Lora(op, adapter) => {
-                let mut y = vec![0f32; m * self.dims()?.0];
+                let mut y = zeros(m * self.dims()?.0);
                 adapter.read(|ad| op.project(x, m, ad, &mut y))?;
                 Ok(y)
             }
@@ -133,7 +133,7 @@ impl LayerProjection {
     /// The input's gradient (m, in) for the output gradient `dy`; the adapter's are left for its
     /// stand-in.
     pub(super) fn backward(&self, x: &[f32], m: usize, dy: &[f32]) -> R<Vec<f32>> {
-        let mut dx = vec![0f32; m * self.dims()?.1];
+        let mut dx = zeros(m * self.dims()?.1);
         match self {
             LayerProjection::Frozen(f) => f.product_backward(dy, m, &mut dx)?,
             LayerProjection::Lora(op, adapter) => {

@@ -38,7 +38,7 @@ impl LoraLinear {
         if self.dropout <= 0.0 {
             return std::borrow::Cow::Borrowed(x);
         }
-        let mut xd = vec![0f32; x.len()];
+        let mut xd = zeros(x.len());
         apply_dropout(&mut xd, x, self.dropout, self.seed, false);
         std::borrow::Cow::Owned(xd)
     }
@@ -117,7 +117,7 @@ impl LoraLinear {
         if self.dropout <= 0.0 {
             mm(dx, inp, View::rows(&du, m, r), av, 1.0, true);
         } else {
-            let mut dxd = vec![0f32; m * inp];
+            let mut dxd = zeros(m * inp);
             mm(&mut dxd, inp, View::rows(&du, m, r), av, 1.0, false);
             apply_dropout(dx, &dxd, self.dropout, self.seed, true);
         }
@@ -153,7 +153,7 @@ impl CustomOp3 for LoraLinear {
             );
         }
         let m = x.len() / inp;
-        let mut y = vec![0f32; m * out];
+        let mut y = zeros(m * out);
         self.project(x, m, AdapterRef { a, b, r }, &mut y)?;
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("checked") = out;
@@ -177,7 +177,7 @@ impl CustomOp3 for LoraLinear {
             Values::of(grad)?,
         );
         let m = xs.len() / inp;
-        let mut dx = vec![0f32; m * inp];
+        let mut dx = zeros(m * inp);
         let ad = AdapterRef { a: &av, b: &bv, r };
         let (da, db) = self.project_backward(&xs, m, ad, &dy, &mut dx)?;
         Ok((

@@ -38,7 +38,7 @@ fn inv_rms(x: &[f32], eps: f32) -> f32 {
 /// RMSNorm of each row of `x` (rows of `w.len()`), over slices.
 fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let n = w.len();
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeros(x.len());
     y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
         let r = inv_rms(x, eps);
         for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
@@ -51,7 +51,7 @@ fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 /// The gradient of [`rms_norm_rows`] at `x` for the output gradient `dy`.
 fn rms_norm_rows_backward(x: &[f32], dy: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let n = w.len();
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeros(x.len());
     // With r = 1/sqrt(mean(x²) + eps) and g = dy ⊙ w: dx = r · (g - x · r² · mean(g ⊙ x)).
     dx.par_chunks_mut(n)
         .zip(x.par_chunks(n).zip(dy.par_chunks(n)))

@@ -32,8 +32,8 @@ fn gate(
 
 /// The gradients (dg, du) of [`SwiGlu`] at (g, u) for the output gradient `dy`, over slices.
 pub(super) fn swiglu_backward(gs: &[f32], us: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = vec![0f32; gs.len()];
-    let mut du = vec![0f32; gs.len()];
+    let mut dg = zeros(gs.len());
+    let mut du = zeros(gs.len());
     dg.par_chunks_mut(CHUNK)
         .zip(du.par_chunks_mut(CHUNK))
         .zip(
@@ -61,7 +61,7 @@ pub(super) fn swiglu_rows(g: &[f32], u: &[f32]) -> Vec<f32> {
 
 /// `f(g, u)` element by element over two same-length slices, in parallel chunks.
 fn map2(g: &[f32], u: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut y = vec![0f32; g.len()];
+    let mut y = zeros(g.len());
     y.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
         .for_each(|(y, (g, u))| {
