@@ -7,7 +7,9 @@ the same f32 weights) and the same shapes:
   * transformers fp32 and bf16: forward of B x T prompt tokens (prefill), greedy `generate` at
     batch 1 and B (new tokens forced with min_new_tokens, so no row stops early);
   * PEFT fp32 and bf16: LoRA training steps, micro-batch 8 x 64 tokens, r=32 on all seven
-    projections, AdamW (tokens/s and the process's peak memory, each in its own process);
+    projections, LoRA dropout --lora-dropout (0.1, the harness's default and QLoRA's for small
+    models; both sides get the same), AdamW (tokens/s and the process's peak memory, each in its
+    own process);
   * lm-evaluation-harness (transformers backend, fp32 and bf16) on the very prompts of a
     harness run: addition k=1..12 x 20 (3-shot, greedy, until a newline, k+6 tokens at most)
     and MMLU machine_learning (letter log-likelihoods), whole process wall time, each run right
@@ -109,7 +111,7 @@ def peft_part(args, dtype):
     config = LoraConfig(
         r=32,
         lora_alpha=64,
-        lora_dropout=0.0,
+        lora_dropout=args.lora_dropout,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         task_type="CAUSAL_LM",
     )
@@ -142,7 +144,7 @@ def in_child(part, dtype, args):
         sys.executable, __file__, "--child", part, "--dtype", dtype,
         "--gguf", str(args.gguf), "--runs", str(args.runs), "--batch", str(args.batch),
         "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-        "--train-steps", str(steps),
+        "--train-steps", str(steps), "--lora-dropout", str(args.lora_dropout),
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -271,6 +273,7 @@ def main():
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout of both the harness's and PEFT's training steps (the harness's default and QLoRA's for small models)")
     p.add_argument("--peft-bf16-steps", type=int, help="timed steps of PEFT bf16 (default --train-steps): 1 where torch emulates bf16 and a step takes minutes, to measure its peak memory")
     p.add_argument("--lm-eval-batch", type=int, default=8)
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: transformers, peft, lm-eval, harness, harness-bf16 (its compute=bf16 pass), or one dtype of a part (peft-bfloat16: where the CPU has no bf16 units, torch's bf16 is emulated and takes minutes per step)")
@@ -310,7 +313,8 @@ def main():
                         "--new-tokens", str(args.new_tokens), "--compute", "bf16", "--json", str(out))
                 fig["harness_eval_bf16"] = json.loads(out.read_text())
         print("harness bench train ...", file=sys.stderr)
-        text = harness(args, "bench", "train", "--model", str(args.gguf), "--steps", str(args.train_steps)).stdout
+        text = harness(args, "bench", "train", "--model", str(args.gguf), "--steps", str(args.train_steps),
+                       "--train-option", f"dropout={args.lora_dropout}").stdout
         fig["harness_train"] = {
             "train": float(text.split("median ")[1].split()[0]),
             "peak_gib": float(text.split("peak resident memory: ")[1].split()[0]),
