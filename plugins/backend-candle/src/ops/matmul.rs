@@ -90,47 +90,54 @@ pub fn matmul_t(x: &[f32], m: usize, w: &[f32], (n, k): (usize, usize)) -> Vec<f
 }
 
 /// `x` (m, k) times the transpose of a weight (n, k) held in a compact form (the checkpoint's
-/// blocks, bf16) that `expand` writes out in f32, row-major: the weight expanded into a buffer
-/// kept by the calling thread (with one fresh allocation per product, zeroed and faulted in page
-/// by page, prompts over blocks ran 8-15% slower than over the f32 copy), then [`matmul_t`],
-/// so the result is an f32 copy's to the bit. A weight larger than [`EXPANDED_KEPT`] values gets a
-/// buffer of its own for the product, so a model's largest matrix (the output projection) does
-/// not stay expanded.
+/// blocks, bf16) that `expand` writes out in f32, row-major: the weight expanded into the calling
+/// thread's [`with_expanded`] buffer, then [`matmul_t`], so the result is an f32 copy's to the
+/// bit.
 pub fn matmul_t_expanded(
     x: &[f32],
     m: usize,
     (n, k): (usize, usize),
     expand: impl Fn(&mut [f32]),
 ) -> Vec<f32> {
+    with_expanded(n * k, |weight| {
+        expand(weight);
+        matmul_t(x, m, weight, (n, k))
+    })
+}
+
+/// Calls `f` with `len` values of a buffer the calling thread keeps between calls, for a weight
+/// expanded from a compact form (GGUF or NF4 blocks, bf16): `f` must write every value it reads,
+/// since they hold what the last caller left. With one fresh allocation per product, zeroed (on
+/// the calling thread, while the pool waits) and faulted in page by page, prompts over blocks ran
+/// 8-15% slower than over the f32 copy. More than [`EXPANDED_KEPT`] values get a buffer of their
+/// own, so a model's largest matrix (the output projection) does not stay expanded.
+pub fn with_expanded<T>(len: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
     use std::cell::RefCell;
     thread_local! {
         static EXPANDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
-    let mut y = Vec::new();
-    let mut product = |weight: &mut [f32]| {
-        expand(weight);
-        y = matmul_t(x, m, weight, (n, k));
-    };
-    let kept = n * k <= EXPANDED_KEPT
-        && EXPANDED.with(|cell| {
-            // Busy only if a rayon worker, waiting inside a product, took on another one.
-            let Ok(mut buf) = cell.try_borrow_mut() else {
-                return false;
-            };
-            if buf.len() < n * k {
-                buf.resize(n * k, 0.0);
-            }
-            product(&mut buf[..n * k]);
-            true
-        });
-    if !kept {
-        product(&mut vec![0f32; n * k]);
+    let mut f = Some(f);
+    let kept = (len <= EXPANDED_KEPT)
+        .then(|| {
+            EXPANDED.with(|cell| {
+                // Busy only if a rayon worker, waiting inside a product, took on another one.
+                let mut buf = cell.try_borrow_mut().ok()?;
+                if buf.len() < len {
+                    buf.resize(len, 0.0);
+                }
+                let f = f.take().expect("called once");
+                Some(f(&mut buf[..len]))
+            })
+        })
+        .flatten();
+    match kept {
+        Some(out) => out,
+        None => (f.take().expect("not called yet"))(&mut zeros(len)),
     }
-    y
 }
 
-/// The most weights [`matmul_t_expanded`] keeps expanded between products (64 MiB): every
-/// projection of a model up to a few billion parameters.
+/// The most values [`with_expanded`] keeps between calls (64 MiB): every projection of a model
+/// up to a few billion parameters.
 const EXPANDED_KEPT: usize = 16 << 20;
 
 /// [`matmul`] on the calling thread alone, for products inside a parallel task.

@@ -69,7 +69,8 @@ impl Frozen {
 }
 
 /// Calls `f` with each tile of `per_tile` rows of a (rows, cols) weight that
-/// `decode(first row, tile)` expands into one reused buffer.
+/// `decode(first row, tile)` expands, every value, into the thread's kept buffer
+/// ([`crate::ops::matmul::with_expanded`]: no memset per product).
 fn decoded_tiles(
     rows: usize,
     cols: usize,
@@ -77,12 +78,13 @@ fn decoded_tiles(
     decode: impl Fn(usize, &mut [f32]),
     mut f: impl FnMut(usize, usize, &[f32]),
 ) {
-    let mut buf = vec![0f32; per_tile.min(rows) * cols];
-    for (first, n) in tile_rows(rows, per_tile) {
-        let tile = &mut buf[..n * cols];
-        decode(first, tile);
-        f(first, n, tile);
-    }
+    crate::ops::matmul::with_expanded(per_tile.min(rows) * cols, |buf| {
+        for (first, n) in tile_rows(rows, per_tile) {
+            let tile = &mut buf[..n * cols];
+            decode(first, tile);
+            f(first, n, tile);
+        }
+    })
 }
 
 impl Frozen {

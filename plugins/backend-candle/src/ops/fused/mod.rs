@@ -29,24 +29,26 @@ use crate::train::lora::apply_dropout;
 
 type R<T> = candle_core::Result<T>;
 
-/// Output rows of a weight decoded at once for the few-row kernels of decoding and into bf16
-/// panels for the bf16 kernels: enough for the product to run well, small enough to stay in
-/// cache (256 x 1536 bf16 is 0.75 MiB).
+/// Output rows of a weight decoded at once into bf16 panels for the bf16 kernels, or into f32 for
+/// the few-row kernel of decoding: enough for the product to run well, small enough to stay in
+/// cache (256 x 1536 is 0.75 MiB of bf16, 1.5 MiB of f32).
 pub(crate) const TILE_ROWS: usize = 256;
-// Every tile but the last is a whole number of the bf16 kernels' 32-row blocks.
-const _: () = assert!(TILE_ROWS.is_multiple_of(32));
+// Every tile but the last is a whole number of the bf16 kernels' 32-row blocks, and starts on an
+// NF4 quantization block whatever the width.
+const _: () = assert!(TILE_ROWS.is_multiple_of(64));
 
-/// The most values of a weight decoded into f32 at once for a gemm (4 MiB): a whole projection of
-/// a model of SmolLM2's size, a few tiles of a larger one's, and the output projection in tiles.
-/// Fewer, larger gemm calls pack their operands and wake the pool fewer times: a training step's
-/// gemm calls took about 10% less time in all over whole projections than over 256-row tiles
-/// (two AVX2 cores, each call timed).
+/// The values of a weight decoded into f32 at once for a gemm (4 MiB), unless 64 rows hold more:
+/// a whole projection of a model of SmolLM2's size, a few tiles of a larger one's, and the
+/// output projection in tiles. Fewer, larger gemm calls pack their operands and wake the pool
+/// fewer times: a training step's gemm calls took about 10% less time in all over whole
+/// projections than over 256-row tiles (two AVX2 cores, each call timed).
 const F32_TILE_VALUES: usize = 1 << 20;
 
-/// Rows per tile of a weight with `cols` columns decoded into f32 for a gemm: a multiple of 32
-/// within [`F32_TILE_VALUES`], at least 32.
+/// Rows per tile of a weight with `cols` columns decoded into f32 for a gemm: a multiple of 64
+/// (so a tile starts on an NF4 quantization block whatever the width) within
+/// [`F32_TILE_VALUES`], and at least 64.
 fn f32_tile_rows(cols: usize) -> usize {
-    (F32_TILE_VALUES / cols.max(1) / 32 * 32).max(32)
+    (F32_TILE_VALUES / cols.max(1) / 64 * 64).max(64)
 }
 
 /// The tiles of a weight with `rows` rows, `per_tile` rows each but the last, as (first row,

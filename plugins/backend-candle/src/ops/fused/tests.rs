@@ -259,8 +259,8 @@ fn cross_entropy_matches_log_softmax_and_gather() {
 
 #[test]
 fn frozen_linear_matches_the_dense_layer_in_value_and_input_gradient() {
-    // 600 rows of 2048: decoded into f32 for gemm in two tiles (512 rows, then 88), and for
-    // the few rows of the decoding kernel in three (256, 256, 88).
+    // 600 rows of 2048: an NF4 or block weight is decoded into f32 for gemm in two tiles (512
+    // rows, then 88), and NF4 for the few rows of the decoding kernel in three (256, 256, 88).
     let (out, inp) = (600, 2048);
     assert_eq!(super::f32_tile_rows(inp), 512);
     let w = crate::model::llama::testing::uniform(out * inp, 0.5, 21);
