@@ -116,24 +116,16 @@ pub fn with_expanded<T>(len: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
     thread_local! {
         static EXPANDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
-    let mut f = Some(f);
-    let kept = (len <= EXPANDED_KEPT)
-        .then(|| {
-            EXPANDED.with(|cell| {
-                // Busy only if a rayon worker, waiting inside a product, took on another one.
-                let mut buf = cell.try_borrow_mut().ok()?;
-                if buf.len() < len {
-                    buf.resize(len, 0.0);
-                }
-                let f = f.take().expect("called once");
-                Some(f(&mut buf[..len]))
-            })
-        })
-        .flatten();
-    match kept {
-        Some(out) => out,
-        None => (f.take().expect("not called yet"))(&mut zeros(len)),
-    }
+    EXPANDED.with(|cell| match cell.try_borrow_mut() {
+        // Busy only if a rayon worker, waiting inside a product, took on another one.
+        Ok(mut buf) if len <= EXPANDED_KEPT => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        _ => f(&mut zeros(len)),
+    })
 }
 
 /// The most values [`with_expanded`] keeps between calls (64 MiB): every projection of a model
